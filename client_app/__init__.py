@@ -1,0 +1,1 @@
+"""The ClientApp: reports its device, then executes whatever jobs the server sends."""

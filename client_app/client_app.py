@@ -1,0 +1,108 @@
+"""The ClientApp. It executes jobs and knows nothing about REFT, ProFL or any baseline.
+
+- query:    reply with this node's device report (profile, partition, data size);
+- train:    build the job's model, load its weights, optionally distill soft labels on
+            the public slice, train, and send back what the job asks for;
+- evaluate: accuracy and loss of the job's model on this node's share of the test set.
+
+Known failures (out of memory on an emulated device, a malformed job, missing data)
+come back as error replies that name the problem; the server records them.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client_app.node import LocalNode, NodeConfigError
+from fl_app.config import ConfigError
+from fl_app.data import DataError
+from fl_app.job import Job, JobError
+from fl_app.models import build_model
+from fl_app.profiles import ProfileError
+from fl_app.training import MB, DeviceOutOfMemory, evaluate, predict_logits, train
+from fl_app.wire import decode, encode
+
+app = ClientApp()
+
+ERROR_OOM, ERROR_BAD_INPUT = 1001, 1002
+_EXPECTED = (DeviceOutOfMemory, JobError, DataError, ProfileError, ConfigError, NodeConfigError, KeyError)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    return _handle(msg, context, _query)
+
+
+@app.train()
+def train_handler(msg: Message, context: Context) -> Message:
+    return _handle(msg, context, _train)
+
+
+@app.evaluate()
+def evaluate_handler(msg: Message, context: Context) -> Message:
+    return _handle(msg, context, _evaluate)
+
+
+def _handle(msg: Message, context: Context, fn) -> Message:
+    try:
+        return Message(fn(msg, LocalNode.from_context(context)), reply_to=msg)
+    except _EXPECTED as exc:
+        code = ERROR_OOM if isinstance(exc, DeviceOutOfMemory) else ERROR_BAD_INPUT
+        return Message(Error(code=code, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+
+
+def _query(msg: Message, node: LocalNode) -> RecordDict:
+    p = node.profile
+    report = ConfigRecord({
+        "profile": p.name, "gflops": float(p.gflops), "memory_mb": float(p.memory_mb),
+        "uplink_mbps": float(p.uplink_mbps), "downlink_mbps": float(p.downlink_mbps),
+        "partition_id": node.partition_id, "num_partitions": node.num_partitions,
+        "num_examples": int(len(node.train_indices())),
+    })
+    return RecordDict({"device": report})
+
+
+def _load_job_model(msg: Message) -> tuple[Job, torch.nn.Module]:
+    job = Job.from_json(str(msg.content["job"]["json"]))
+    model = build_model(job.model)
+    weights = decode(msg.content["weights"])
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise JobError(f"the weights sent do not fit the job's model: {str(exc)[:300]}") from exc
+    return job, model
+
+
+def _train(msg: Message, node: LocalNode) -> RecordDict:
+    job, model = _load_job_model(msg)
+    limit = int(node.profile.memory_mb * MB) if job.enforce_memory else None
+    start = time.perf_counter()
+    result = train(model, node.train_batches(job.train.batch_size, job.round), job.train, job.trainable, limit)
+    content = RecordDict()
+    if job.returns == "weights":
+        trainable = set(range(len(model.blocks))) if job.trainable is None else set(job.trainable)
+        content["weights"] = encode(_block_state(model, trainable), job.encoding)
+    else:
+        d = node.dataset
+        public = d.normalize(d.x_train[node.public_indices()])
+        content["logits"] = encode({"logits": predict_logits(model, public)}, job.encoding)
+    content["report"] = MetricRecord({
+        "num-examples": result.num_examples, "train-loss": result.loss,
+        "train-seconds": time.perf_counter() - start, "peak-memory-mb": result.peak_memory_bytes / MB,
+    })
+    return content
+
+
+def _block_state(model: torch.nn.Module, blocks: set[int]) -> dict[str, torch.Tensor]:
+    """The state-dict entries of the given blocks (names as in the full model)."""
+    return {k: v for k, v in model.state_dict().items() if int(k.split(".")[1]) in blocks}
+
+
+def _evaluate(msg: Message, node: LocalNode) -> RecordDict:
+    _, model = _load_job_model(msg)
+    accuracy, loss, n = evaluate(model, node.test_batches())
+    return RecordDict({"report": MetricRecord({"accuracy": accuracy, "loss": loss, "num-examples": n})})

@@ -1,0 +1,83 @@
+"""What a node knows about itself: its device profile, its run config and its data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from flwr.app import Context
+
+from fl_app.config import RunConfig
+from fl_app.data import Batches, Dataset, federated_split, load_dataset
+from fl_app.profiles import DeviceProfile, load_profile, profile_for_partition
+
+
+class NodeConfigError(ValueError):
+    """A node-config value that cannot be used; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class LocalNode:
+    config: RunConfig
+    profile: DeviceProfile
+    partition_id: int
+    num_partitions: int
+    data_dir: str
+
+    @classmethod
+    def from_context(cls, context: Context) -> LocalNode:
+        """Read partition, profile and data location from node config, falling back to the run config.
+
+        Simulation gives only partition-id/num-partitions: the profile then comes from
+        run-config `device-mix`. A deployed SuperNode sets `profile` (a profile name, a
+        .toml path, or "measure") and may set `data-dir`.
+        """
+        config = RunConfig.from_mapping(dict(context.run_config))
+        nc = dict(context.node_config)
+        try:
+            pid, n = int(nc.get("partition-id", 0)), int(nc.get("num-partitions", 1))
+        except (TypeError, ValueError) as exc:
+            raise NodeConfigError(f"node config partition-id/num-partitions must be integers: {exc}") from exc
+        if not 0 <= pid < n:
+            raise NodeConfigError(f"node config partition-id={pid} must be in [0, num-partitions={n})")
+        profile = node_profile(str(nc["profile"])) if "profile" in nc else profile_for_partition(config.device_mix, pid)
+        return cls(config, profile, pid, n, str(nc.get("data-dir", config.data_dir)))
+
+    @property
+    def dataset(self) -> Dataset:
+        return load_dataset(self.config.dataset, self.data_dir, self.config.seed)
+
+    def train_indices(self) -> torch.Tensor:
+        c = self.config
+        split = federated_split(self.dataset, self.num_partitions, c.partition, c.seed, c.dirichlet_alpha,
+                                c.shards_per_client, c.public_size, c.max_client_examples)
+        return torch.from_numpy(split.clients[self.partition_id])
+
+    def public_indices(self) -> torch.Tensor:
+        c = self.config
+        split = federated_split(self.dataset, self.num_partitions, c.partition, c.seed, c.dirichlet_alpha,
+                                c.shards_per_client, c.public_size, c.max_client_examples)
+        return torch.from_numpy(split.public)
+
+    def train_batches(self, batch_size: int, round_: int) -> Batches:
+        idx = self.train_indices()
+        d = self.dataset
+        return Batches(d.x_train[idx], d.y_train[idx], d, batch_size, shuffle=True,
+                       seed=self.config.seed * 7919 + self.partition_id * 104729 + round_)
+
+    def test_batches(self, batch_size: int = 256) -> Batches:
+        """This node's share of the test set (an even, fixed split)."""
+        d = self.dataset
+        idx = torch.arange(self.partition_id, len(d.y_test), self.num_partitions)
+        return Batches(d.x_test[idx], d.y_test[idx], d, batch_size, shuffle=False)
+
+
+@lru_cache(maxsize=4)
+def node_profile(value: str) -> DeviceProfile:
+    """A profile name, a .toml path, or "measure" (this machine, measured once per process)."""
+    if value == "measure":
+        from fl_app.measure import measure_profile
+
+        return measure_profile("measured", uplink_mbps=50.0, downlink_mbps=100.0)
+    return load_profile(value)

@@ -1,0 +1,119 @@
+"""The run configuration: every key, its type and what values are valid, in one place.
+
+Defaults live in `pyproject.toml` ([tool.flwr.app.config]) because Flower only lets a
+user override keys that are declared there; this module checks every value before
+any training starts and reports all problems at once, each with the valid choices.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from fl_app.data import PARTITIONS
+from fl_app.models import MODEL_NAMES
+from fl_app.profiles import ProfileError, parse_device_mix
+
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+STRATEGY_NAMES = ("fedavg", "exclusivefl")
+_DATASETS = ("synthetic", "mnist", "fashion-mnist", "cifar10", "cifar100")
+
+
+class ConfigError(ValueError):
+    """One or more run-config values are wrong; the message lists each with the fix."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    strategy: str
+    model: str
+    dataset: str
+    data_dir: str
+    partition: str
+    dirichlet_alpha: float
+    shards_per_client: int
+    max_client_examples: int
+    public_size: int
+    test_size: int
+    num_server_rounds: int
+    local_epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    augment: bool
+    fraction_train: float
+    device_mix: str
+    compute_slack: float
+    min_nodes: int
+    seed: int
+    output_dir: str
+    run_name: str
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Validate a Flower run config (keys with dashes); raise ConfigError listing every problem."""
+        merged = {**default_run_config(), **values}
+        problems = []
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        for key in sorted(set(merged) - set(known)):
+            problems.append(f"unknown key {key!r}; valid keys: {', '.join(sorted(known))}")
+        kwargs = {}
+        for key, f in known.items():
+            value, expected = merged.get(key), f.type
+            ok = {"int": isinstance(value, int) and not isinstance(value, bool),
+                  "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+                  "bool": isinstance(value, bool), "str": isinstance(value, str)}[expected]
+            if not ok:
+                problems.append(f"{key} = {value!r}: expected a {expected}")
+                continue
+            kwargs[f.name] = float(value) if expected == "float" else value
+        if not problems:
+            config = cls(**kwargs)
+            problems = config._check_values()
+            if not problems:
+                return config
+        raise ConfigError("invalid run config:\n  - " + "\n  - ".join(problems))
+
+    def _check_values(self) -> list[str]:
+        p = []
+
+        def choice(key: str, value: str, valid: tuple[str, ...]) -> None:
+            if value not in valid:
+                p.append(f"{key} = {value!r}: valid choices are {', '.join(valid)}")
+
+        def at_least(key: str, value: float, low: float, strict: bool = False) -> None:
+            if value < low or (strict and value == low):
+                p.append(f"{key} = {value!r}: must be {'>' if strict else '>='} {low}")
+
+        choice("strategy", self.strategy, STRATEGY_NAMES)
+        choice("model", self.model, MODEL_NAMES)
+        choice("partition", self.partition, PARTITIONS)
+        if not (self.dataset in _DATASETS or self.dataset.startswith(("npz:", "imagefolder:"))):
+            p.append(f"dataset = {self.dataset!r}: valid choices are {', '.join(_DATASETS)}, "
+                     "npz:<file>, imagefolder:<dir>")
+        at_least("dirichlet-alpha", self.dirichlet_alpha, 0, strict=True)
+        for key in ("shards-per-client", "num-server-rounds", "local-epochs", "batch-size", "min-nodes"):
+            at_least(key, getattr(self, key.replace("-", "_")), 1)
+        for key in ("max-client-examples", "public-size", "test-size", "momentum", "weight-decay"):
+            at_least(key, getattr(self, key.replace("-", "_")), 0)
+        at_least("lr", self.lr, 0, strict=True)
+        at_least("compute-slack", self.compute_slack, 0, strict=True)
+        if not 0 < self.fraction_train <= 1:
+            p.append(f"fraction-train = {self.fraction_train!r}: must be in (0, 1]")
+        try:
+            parse_device_mix(self.device_mix)
+        except ProfileError as exc:
+            p.append(f"device-mix = {self.device_mix!r}: {exc}")
+        if "/" in self.run_name or self.run_name.startswith("."):
+            p.append(f"run-name = {self.run_name!r}: must be a plain folder name")
+        return p
+
+
+def default_run_config() -> dict[str, Any]:
+    """The defaults declared in pyproject.toml."""
+    with open(PYPROJECT, "rb") as f:
+        return dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])

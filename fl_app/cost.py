@@ -1,0 +1,112 @@
+"""The cost model every strategy shares: FLOPs, memory, bytes and emulated device time.
+
+FLOPs and saved activations are counted by PyTorch itself (FlopCounterMode and
+saved-tensor hooks) on the meta device, so pricing a model costs no real compute and
+uses the same `forward` that clients run. A FLOP here is one multiply or one add of a
+matmul/convolution (FlopCounterMode's convention, 2 per multiply-accumulate).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from fl_app.models import ModelSpec, build_model
+from fl_app.profiles import DeviceProfile
+from fl_app.training import forward, freeze_except
+
+MB = 2**20
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """What one (sub)model costs, per sample where it scales with the batch."""
+
+    params: int
+    trainable_params: int
+    state_bytes: int  # parameters and buffers, fp32
+    forward_macs_per_sample: float
+    train_flops_per_sample: float  # forward + backward of the trainable part
+    activation_bytes_per_sample: float  # tensors autograd saves for backward
+
+    @property
+    def size_mb(self) -> float:
+        return self.state_bytes / MB
+
+    def peak_train_bytes(self, batch_size: int, image_shape: tuple[int, ...],
+                         optimizer_slots: int = 1) -> int:
+        """Peak tensor memory of a training step at `batch_size`.
+
+        Two moments compete: the end of the forward pass / start of backward
+        (saved activations + gradients being made) and the optimizer step (gradients +
+        optimizer state, e.g. one momentum buffer for SGD). Parameters and the batch
+        are alive throughout.
+        """
+        grads = 4 * self.trainable_params
+        optim = 4 * self.trainable_params * optimizer_slots
+        batch = 4 * batch_size * _numel(image_shape)
+        activations = self.activation_bytes_per_sample * batch_size
+        return int(self.state_bytes + batch + max(activations + grads, grads + optim))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def model_cost(spec: ModelSpec, image_shape: tuple[int, int, int],
+               trainable: Collection[int] | None = None) -> ModelCost:
+    """Price `spec` on `image_shape` inputs, training only the blocks in `trainable` (all if None)."""
+    key = None if trainable is None else tuple(sorted(trainable))
+    return _model_cost(spec.to_json(), tuple(image_shape), key)
+
+
+@lru_cache(maxsize=4096)
+def _model_cost(spec_json: str, image_shape: tuple[int, ...], trainable: tuple[int, ...] | None) -> ModelCost:
+    spec = ModelSpec.from_json(spec_json)
+    with torch.device("meta"):
+        model = build_model(spec)
+    freeze_except(model, trainable)
+    params = sum(p.numel() for p in model.parameters())
+    trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    # Two batch sizes: the difference is per-sample; what does not scale (weights that
+    # autograd also saves) cancels out.
+    flops2, saved2, macs2 = _count(model, image_shape, 2, trainable)
+    flops4, saved4, macs4 = _count(model, image_shape, 4, trainable)
+    return ModelCost(params, trainable_params, state_bytes, (macs4 - macs2) / 2,
+                     (flops4 - flops2) / 2, (saved4 - saved2) / 2)
+
+
+def _count(model: torch.nn.Module, image_shape: tuple[int, ...], batch: int,
+           trainable: tuple[int, ...] | None) -> tuple[float, int, float]:
+    x = torch.zeros(batch, *image_shape, device="meta")
+    saved: dict[int, torch.Tensor] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[id(t)] = t  # keep a reference so ids stay unique
+        return t
+
+    with FlopCounterMode(display=False) as fwd_counter:
+        with torch.no_grad():
+            forward(model, x, trainable)
+    with FlopCounterMode(display=False) as counter:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = forward(model, x, trainable)
+        if out.requires_grad:
+            out.sum().backward()
+    saved_bytes = sum(t.numel() * t.element_size() for t in saved.values())
+    return float(counter.get_total_flops()), saved_bytes, fwd_counter.get_total_flops() / 2
+
+
+def device_time_s(profile: DeviceProfile, train_flops: float, bytes_down: int, bytes_up: int) -> float:
+    """Emulated wall time on `profile`: compute at its sustained GFLOPS plus transfers."""
+    compute = train_flops / (profile.gflops * 1e9)
+    transfer = 8 * bytes_down / (profile.downlink_mbps * 1e6) + 8 * bytes_up / (profile.uplink_mbps * 1e6)
+    return compute + transfer

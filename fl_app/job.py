@@ -1,0 +1,61 @@
+"""A job: everything a client needs to run one round's work, and nothing about the strategy.
+
+The server plans jobs; the ClientApp executes them. A job travels as JSON inside a
+ConfigRecord, beside the tensors it refers to.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from fl_app.models import ModelSpec
+from fl_app.training import TrainConfig
+
+RETURNS = ("weights", "logits")
+
+
+class JobError(ValueError):
+    """A job that cannot be run as written."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of client work.
+
+    - `model`: the (sub)model to build; the weights it needs arrive in the "weights" record.
+    - `trainable`: block indices to train (None = all); the rest stays frozen.
+    - `returns`: "weights" (the trainable part) or "logits" (on the public slice).
+    - `enforce_memory`: False lets an emulated device exceed its memory budget (FedAvg's
+      upper bound pretends every device fits); True makes it fail as a real one would.
+    - `distill_epochs`/`temperature`: first distill the "soft-labels" record into the
+      model on the public slice (REFT), then train on private data.
+    """
+
+    round: int
+    model: ModelSpec
+    train: TrainConfig = field(default_factory=TrainConfig)
+    trainable: list[int] | None = None
+    returns: str = "weights"
+    encoding: str = "fp32"
+    enforce_memory: bool = True
+    distill_epochs: int = 0
+    temperature: float = 1.0
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["model"] = asdict(self.model)
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Job:
+        try:
+            d = json.loads(text)
+            d["model"] = ModelSpec(**d["model"])
+            d["train"] = TrainConfig(**d["train"])
+            job = cls(**d)
+        except (TypeError, KeyError, ValueError) as exc:
+            raise JobError(f"malformed job: {exc}") from exc
+        if job.returns not in RETURNS:
+            raise JobError(f"job asks to return {job.returns!r}; valid: {', '.join(RETURNS)}")
+        return job

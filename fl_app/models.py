@@ -1,0 +1,220 @@
+"""Models as an explicit sequence of blocks, buildable at any width.
+
+Every model here is a `BlockNet`: a list of blocks run one after another, the last
+one ending in the classifier. ProFL trains these blocks one at a time.
+
+Width is described by *width groups*: a group is a set of channels that must be
+kept or removed together (a residual stage couples its identity shortcuts with
+the outputs of all its blocks, for instance). A model is built from a `ModelSpec`
+whose `widths` maps each group to a channel count, so one mechanism gives the full
+model, a magnitude-pruned REFT submodel and a HeteroFL width-scaled one.
+
+Each Conv2d / Linear / BatchNorm2d is tagged with `width_axes`: the group that
+indexes each of its weight's leading dimensions (None for a fixed dimension such
+as the input image channels or the classes). `fl_app.width` reads these tags to
+slice and scatter weights; no model-specific code is needed there.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+MODEL_NAMES = ("cnn", "resnet18", "resnet34", "vgg11", "vgg16", "vgg11-fc4096", "vgg16-fc4096")
+
+_VGG_STAGES = {  # channels per conv, one inner list per max-pool stage
+    "vgg11": [[64], [128], [256, 256], [512, 512], [512, 512]],
+    "vgg16": [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]],
+}
+_RESNET_BLOCKS = {"resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3]}
+_RESNET_STAGE_WIDTHS = [64, 128, 256, 512]
+_CNN_WIDTHS = {"conv1": 32, "conv2": 64, "conv3": 128}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to build a model: the architecture and its width per group.
+
+    `widths` left empty means full width. Specs travel inside jobs as JSON, so a
+    client can rebuild exactly the (sub)model the server planned.
+    """
+
+    name: str
+    num_classes: int = 10
+    in_channels: int = 3
+    widths: dict[str, int] = field(default_factory=dict)
+
+    def resolved_widths(self) -> dict[str, int]:
+        full = full_widths(self.name)
+        unknown = set(self.widths) - set(full)
+        if unknown:
+            raise ValueError(f"model {self.name!r} has no width groups {sorted(unknown)}")
+        return {**full, **self.widths}
+
+    def with_widths(self, widths: dict[str, int]) -> ModelSpec:
+        return ModelSpec(self.name, self.num_classes, self.in_channels, dict(widths))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelSpec:
+        return cls(**json.loads(text))
+
+
+def full_widths(name: str) -> dict[str, int]:
+    """The width of every group of the full model `name`."""
+    if name == "cnn":
+        return dict(_CNN_WIDTHS)
+    if name.removesuffix("-fc4096") in _VGG_STAGES:
+        widths = {}
+        for s, stage in enumerate(_VGG_STAGES[name.removesuffix("-fc4096")], start=1):
+            for c, channels in enumerate(stage, start=1):
+                widths[f"stage{s}.conv{c}"] = channels
+        if name.endswith("-fc4096"):
+            widths.update({"fc1": 4096, "fc2": 4096})
+        return widths
+    if name in _RESNET_BLOCKS:
+        widths = {f"stage{s}": w for s, w in enumerate(_RESNET_STAGE_WIDTHS, start=1)}
+        for s, n_blocks in enumerate(_RESNET_BLOCKS[name], start=1):
+            for b in range(n_blocks):
+                widths[f"stage{s}.block{b}.mid"] = _RESNET_STAGE_WIDTHS[s - 1]
+        return widths
+    raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODEL_NAMES)}")
+
+
+# --- tagged layers -------------------------------------------------------------------
+
+
+def _tag(module: nn.Module, *groups: str | None) -> nn.Module:
+    module.width_axes = groups  # type: ignore[assignment]
+    return module
+
+
+def conv(w: dict[str, int], out_g: str, in_g: str | None, in_fixed: int = 0, *,
+         kernel: int = 3, stride: int = 1, bias: bool = False) -> nn.Conv2d:
+    cin = w[in_g] if in_g else in_fixed
+    layer = nn.Conv2d(cin, w[out_g], kernel, stride=stride, padding=kernel // 2, bias=bias)
+    return _tag(layer, out_g, in_g)  # type: ignore[return-value]
+
+
+def bn(w: dict[str, int], group: str) -> nn.BatchNorm2d:
+    return _tag(nn.BatchNorm2d(w[group]), group)  # type: ignore[return-value]
+
+
+def linear(w: dict[str, int], out_g: str | None, in_g: str, out_fixed: int = 0) -> nn.Linear:
+    out = w[out_g] if out_g else out_fixed
+    return _tag(nn.Linear(w[in_g], out), out_g, in_g)  # type: ignore[return-value]
+
+
+def classifier_head(w: dict[str, int], in_g: str, num_classes: int) -> nn.Sequential:
+    """Global average pooling then a linear layer: works for 28x28 and 32x32 alike."""
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), linear(w, None, in_g, num_classes))
+
+
+# --- the architectures ---------------------------------------------------------------
+
+
+class BlockNet(nn.Module):
+    """A classifier that is an explicit sequence of blocks (the last one ends in logits)."""
+
+    def __init__(self, spec: ModelSpec, blocks: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.spec = spec
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block; `stage_g` is the stage's (shared) output group."""
+
+    def __init__(self, w: dict[str, int], in_g: str, stage_g: str, mid_g: str, stride: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = conv(w, mid_g, in_g, stride=stride), bn(w, mid_g)
+        self.conv2, self.bn2 = conv(w, stage_g, mid_g), bn(w, stage_g)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_g != stage_g:
+            self.shortcut = nn.Sequential(conv(w, stage_g, in_g, kernel=1, stride=stride), bn(w, stage_g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+def _cnn(spec: ModelSpec, w: dict[str, int]) -> list[nn.Module]:
+    def stage(out_g: str, in_g: str | None, pool: bool) -> nn.Sequential:
+        layers = [conv(w, out_g, in_g, spec.in_channels), bn(w, out_g), nn.ReLU(inplace=True)]
+        return nn.Sequential(*layers, *([nn.MaxPool2d(2)] if pool else []))
+
+    return [stage("conv1", None, True), stage("conv2", "conv1", True),
+            nn.Sequential(stage("conv3", "conv2", False), classifier_head(w, "conv3", spec.num_classes))]
+
+
+def _vgg(spec: ModelSpec, w: dict[str, int]) -> list[nn.Module]:
+    base = spec.name.removesuffix("-fc4096")
+    blocks: list[nn.Module] = []
+    in_g: str | None = None
+    for s, stage in enumerate(_VGG_STAGES[base], start=1):
+        layers: list[nn.Module] = []
+        for c in range(1, len(stage) + 1):
+            g = f"stage{s}.conv{c}"
+            layers += [conv(w, g, in_g, spec.in_channels), bn(w, g), nn.ReLU(inplace=True)]
+            in_g = g
+        # ceil_mode lets 28x28 inputs pass five pools (28-14-7-4-2-1) like 32x32 ones.
+        layers.append(nn.MaxPool2d(2, ceil_mode=True))
+        blocks.append(nn.Sequential(*layers))
+    assert in_g is not None
+    if spec.name.endswith("-fc4096"):
+        head = nn.Sequential(
+            nn.Flatten(), linear(w, "fc1", in_g), nn.ReLU(inplace=True), nn.Dropout(0.5),
+            linear(w, "fc2", "fc1"), nn.ReLU(inplace=True), nn.Dropout(0.5),
+            linear(w, None, "fc2", spec.num_classes))
+    else:
+        head = nn.Sequential(nn.Flatten(), linear(w, None, in_g, spec.num_classes))
+    blocks[-1] = nn.Sequential(*blocks[-1], *head)
+    return blocks
+
+
+def _resnet(spec: ModelSpec, w: dict[str, int]) -> list[nn.Module]:
+    stem = nn.Sequential(conv(w, "stage1", None, spec.in_channels), bn(w, "stage1"), nn.ReLU(inplace=True))
+    stages: list[list[nn.Module]] = []
+    in_g = "stage1"
+    for s, n_blocks in enumerate(_RESNET_BLOCKS[spec.name], start=1):
+        stage_g = f"stage{s}"
+        blocks = []
+        for b in range(n_blocks):
+            stride = 2 if (b == 0 and s > 1) else 1
+            blocks.append(BasicBlock(w, in_g, stage_g, f"{stage_g}.block{b}.mid", stride))
+            in_g = stage_g
+        stages.append(blocks)
+    head = classifier_head(w, "stage4", spec.num_classes)
+    return [nn.Sequential(stem, *stages[0]), nn.Sequential(*stages[1]),
+            nn.Sequential(*stages[2]), nn.Sequential(*stages[3], head)]
+
+
+def build_model(spec: ModelSpec) -> BlockNet:
+    """Build the (sub)model described by `spec` with fresh weights."""
+    widths = spec.resolved_widths()
+    bad = {g: c for g, c in widths.items() if not isinstance(c, int) or c < 1}
+    if bad:
+        raise ValueError(f"model {spec.name!r}: every width must be a positive integer, got {bad}")
+    if spec.name == "cnn":
+        blocks = _cnn(spec, widths)
+    elif spec.name in _RESNET_BLOCKS:
+        blocks = _resnet(spec, widths)
+    else:
+        blocks = _vgg(spec, widths)
+    return BlockNet(spec, blocks)
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,119 @@
+"""Device profiles: what a device can compute, hold and send, and where each number comes from.
+
+A profile is a TOML file in `profiles/` (or anywhere, by path):
+
+    name = "raspberry-pi-4"
+    description = "Raspberry Pi 4 Model B, 4 GB"
+    gflops = 3.2          # sustained fp32 GFLOPS of PyTorch training work
+    memory_mb = 1200      # memory a training job may use, MB (2^20 bytes)
+    uplink_mbps = 20.0
+    downlink_mbps = 40.0
+    [sources]             # where each number comes from: a citation or "measured ..."
+    gflops = "..."
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+NUMERIC_FIELDS = ("gflops", "memory_mb", "uplink_mbps", "downlink_mbps")
+
+
+class ProfileError(ValueError):
+    """A profile name, file or device mix that cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    gflops: float
+    memory_mb: float
+    uplink_mbps: float
+    downlink_mbps: float
+    description: str = ""
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key in NUMERIC_FIELDS:
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value <= 0:
+                raise ProfileError(f"profile {self.name!r}: {key} must be a positive number, got {value!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_toml(self) -> str:
+        # json.dumps escapes quotes, backslashes and control characters as TOML basic strings do.
+        lines = [f"name = {json.dumps(self.name)}", f"description = {json.dumps(self.description)}"]
+        lines += [f"{k} = {float(getattr(self, k)):.6g}" for k in NUMERIC_FIELDS]
+        lines += ["", "[sources]"] + [f"{json.dumps(k)} = {json.dumps(v)}" for k, v in self.sources.items()]
+        return "\n".join(lines) + "\n"
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.toml"))
+
+
+def load_profile(name_or_path: str) -> DeviceProfile:
+    """A profile by name (a file in `profiles/`) or by path to a TOML file."""
+    path = Path(name_or_path).expanduser()
+    if not (path.suffix == ".toml" and path.is_file()):
+        path = PROFILES_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        raise ProfileError(f"unknown device profile {name_or_path!r}; valid names: "
+                           f"{', '.join(available_profiles())} (or a path to a .toml profile file)")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ProfileError(f"profile file {path}: not valid TOML ({exc})") from exc
+    return profile_from_dict(data, str(path))
+
+
+def profile_from_dict(data: dict, where: str) -> DeviceProfile:
+    missing = [k for k in ("name", *NUMERIC_FIELDS) if k not in data]
+    if missing:
+        raise ProfileError(f"profile {where}: missing keys {missing}; a profile needs name, "
+                           f"{', '.join(NUMERIC_FIELDS)} (see profiles/raspberry-pi-4.toml)")
+    known = {"name", "description", "sources", *NUMERIC_FIELDS}
+    unknown = set(data) - known
+    if unknown:
+        raise ProfileError(f"profile {where}: unknown keys {sorted(unknown)}; valid: {sorted(known)}")
+    sources = data.get("sources", {})
+    if not isinstance(sources, dict):
+        raise ProfileError(f"profile {where}: [sources] must be a table of strings")
+    return DeviceProfile(name=str(data["name"]), description=str(data.get("description", "")),
+                         sources={str(k): str(v) for k, v in sources.items()},
+                         **{k: data[k] for k in NUMERIC_FIELDS})
+
+
+def parse_device_mix(mix: str) -> list[str]:
+    """`"raspberry-pi-4:4,laptop:2"` -> 4 x raspberry-pi-4 then 2 x laptop (profile names)."""
+    names: list[str] = []
+    for item in (s.strip() for s in mix.split(",")):
+        if not item:
+            continue
+        name, _, count = item.partition(":")
+        try:
+            n = int(count) if count else 1
+        except ValueError:
+            n = -1
+        if n < 1:
+            raise ProfileError(f"device-mix item {item!r}: the count after ':' must be a positive integer "
+                               f"(e.g. \"raspberry-pi-4:4,laptop:2\")")
+        load_profile(name.strip())  # fail early on an unknown name
+        names += [name.strip()] * n
+    if not names:
+        raise ProfileError("device-mix is empty; e.g. \"raspberry-pi-4:4,jetson-nano:3,laptop:3\"")
+    return names
+
+
+def profile_for_partition(mix: str, partition_id: int) -> DeviceProfile:
+    """The profile the device mix gives a simulated node (the mix repeats past its length)."""
+    names = parse_device_mix(mix)
+    return load_profile(names[partition_id % len(names)])

@@ -1,0 +1,180 @@
+"""Local training, evaluation and distillation, plus a measurement of a real step's peak memory.
+
+The same `forward` runs on clients and inside the cost model, so what the cost model
+prices (FLOPs, saved activations) is what a client actually executes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fl_app.data import Batches
+
+MB = 2**20
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    augment: bool = False
+
+
+def freeze_except(model: nn.Module, trainable: Collection[int] | None) -> None:
+    """Make only the blocks in `trainable` (all if None) learnable.
+
+    Frozen blocks go to eval mode so their BatchNorm statistics stop drifting.
+    """
+    for i, block in enumerate(model.blocks):  # type: ignore[attr-defined]
+        learn = trainable is None or i in trainable
+        block.train(learn)
+        for p in block.parameters():
+            p.requires_grad_(learn)
+
+
+def forward(model: nn.Module, x: torch.Tensor, trainable: Collection[int] | None = None) -> torch.Tensor:
+    """Run the blocks; the frozen prefix runs without autograd, so it stores no activations."""
+    grad_needed = False
+    for i, block in enumerate(model.blocks):  # type: ignore[attr-defined]
+        grad_needed = grad_needed or trainable is None or i in trainable
+        with torch.set_grad_enabled(grad_needed and torch.is_grad_enabled()):
+            x = block(x)
+    return x
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               trainable: Collection[int] | None = None, soft_targets: torch.Tensor | None = None,
+               temperature: float = 1.0) -> float:
+    """One SGD step on cross-entropy, or on KL to `soft_targets` (logits) when given."""
+    optimizer.zero_grad(set_to_none=True)
+    logits = forward(model, x, trainable)
+    if soft_targets is None:
+        loss = F.cross_entropy(logits, y)
+    else:
+        loss = distillation_loss(logits, soft_targets, temperature)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """Hinton's KL(teacher || student) at temperature T, scaled by T^2."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+                    reduction="batchmean", log_target=True) * t * t
+
+
+@dataclass
+class TrainResult:
+    num_examples: int
+    loss: float
+    seconds: float
+    peak_memory_bytes: int
+
+
+def train(model: nn.Module, batches: Batches, cfg: TrainConfig, trainable: Collection[int] | None = None,
+          memory_limit_bytes: int | None = None) -> TrainResult:
+    """Train for `cfg.epochs`; the first step is measured for peak memory.
+
+    With `memory_limit_bytes`, a first step that needs more raises `DeviceOutOfMemory`
+    before any further work, as a device with that much memory would fail.
+    """
+    freeze_except(model, trainable)
+    optimizer = make_optimizer(model, cfg)
+    start = time.perf_counter()
+    seen, loss_sum, peak = 0, 0.0, 0
+    for epoch in range(cfg.epochs):
+        for x, y in batches.epoch(epoch, augment=cfg.augment):
+            if peak == 0:
+                loss, peak = measure_step(model, optimizer, x, y, trainable)
+                if memory_limit_bytes is not None and peak > memory_limit_bytes:
+                    raise DeviceOutOfMemory(peak, memory_limit_bytes)
+            else:
+                loss = train_step(model, optimizer, x, y, trainable)
+            seen += len(y)
+            loss_sum += loss * len(y)
+    return TrainResult(seen, loss_sum / max(seen, 1), time.perf_counter() - start, peak)
+
+
+class DeviceOutOfMemory(RuntimeError):
+    """A training step needed more memory than the (emulated) device has."""
+
+    def __init__(self, needed: int, available: int) -> None:
+        super().__init__(f"out of memory: the training step needs {needed / MB:.1f} MB, "
+                         f"the device has {available / MB:.1f} MB for training")
+        self.needed, self.available = needed, available
+
+
+def measure_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                 trainable: Collection[int] | None = None) -> tuple[float, int]:
+    """Run one real training step and return (loss, peak bytes of tensor memory).
+
+    Peak = what was alive before the step (parameters, buffers, optimizer state, the
+    batch) + the highest point of the allocations made during it (activations,
+    gradients, new optimizer state), read from the PyTorch profiler's allocator
+    events. On CUDA the allocator's own peak counter is used instead.
+    """
+    before = _live_bytes(model, optimizer) + x.numel() * x.element_size()
+    if x.is_cuda:
+        torch.cuda.reset_peak_memory_stats(x.device)
+        base = torch.cuda.memory_allocated(x.device)
+        loss = train_step(model, optimizer, x, y, trainable)
+        return loss, before + torch.cuda.max_memory_allocated(x.device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss = train_step(model, optimizer, x, y, trainable)
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    current = highest = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        current += event.nbytes()
+        highest = max(highest, current)
+    return loss, before + highest
+
+
+def _live_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    tensors = list(model.parameters()) + list(model.buffers())
+    tensors += [p.grad for p in model.parameters() if p.grad is not None]
+    for state in optimizer.state.values():
+        tensors += [t for t in state.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Batches) -> tuple[float, float, int]:
+    """(accuracy, mean cross-entropy, examples) over `batches` in eval mode."""
+    model.eval()
+    correct, loss_sum, n = 0, 0.0, 0
+    for x, y in batches.epoch(0, augment=False):
+        logits = model(x)
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+        n += len(y)
+    return correct / max(n, 1), loss_sum / max(n, 1), n
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Logits of `x` (already normalized) in eval mode, batched to bound memory."""
+    model.eval()
+    return torch.cat([model(chunk) for chunk in _chunks(x, batch_size)]) if len(x) else torch.empty(0)
+
+
+def _chunks(x: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
+    for i in range(0, len(x), size):
+        yield x[i:i + size]

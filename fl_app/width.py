@@ -1,0 +1,135 @@
+"""One routine for every strategy that shrinks a model: pick channels, slice, scatter back.
+
+A `ChannelMap` says, for every width group, which channels of the global model a
+submodel keeps (sorted indices). From it:
+
+- `slice_state` cuts the global state dict down to the submodel's shapes;
+- `scatter_sum` adds a submodel's tensors back at the right global positions
+  (HeteroFL's channel-wise averaging divides the sums by per-coordinate counts);
+- `select_channels` builds the map, by weight magnitude (REFT's structured pruning)
+  or by taking the first k channels (HeteroFL's static width scaling).
+
+The shapes come from the `width_axes` tags the model builders put on every layer, so
+this file knows no model by name.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from fl_app.models import ModelSpec
+
+ChannelMap = dict[str, list[int]]
+
+_BN_STATS = ("weight", "bias", "running_mean", "running_var")
+
+
+def param_axes(model: nn.Module) -> dict[str, tuple[str | None, ...]]:
+    """For every state-dict entry, the width group indexing each of its dimensions."""
+    axes: dict[str, tuple[str | None, ...]] = {}
+    for prefix, module in model.named_modules():
+        groups = getattr(module, "width_axes", None)
+        if groups is None:
+            continue
+        if isinstance(module, nn.BatchNorm2d):
+            for name in _BN_STATS:
+                axes[f"{prefix}.{name}"] = (groups[0],)
+            axes[f"{prefix}.num_batches_tracked"] = ()
+        else:
+            axes[f"{prefix}.weight"] = tuple(groups)
+            if module.bias is not None:
+                axes[f"{prefix}.bias"] = (groups[0],)
+    missing = set(model.state_dict()) - set(axes)
+    if missing:
+        raise ValueError(f"untagged tensors (no width_axes): {sorted(missing)[:5]}")
+    return axes
+
+
+def _indexed_dims(axes: tuple[str | None, ...]) -> Iterator[tuple[int, str]]:
+    return ((dim, g) for dim, g in enumerate(axes) if g is not None)
+
+
+def slice_state(state: dict[str, torch.Tensor], axes: dict[str, tuple[str | None, ...]],
+                keep: ChannelMap) -> dict[str, torch.Tensor]:
+    """The global `state` cut down to the channels in `keep` (a copy)."""
+    out = {}
+    for name, tensor in state.items():
+        for dim, g in _indexed_dims(axes[name]):
+            tensor = tensor.index_select(dim, torch.as_tensor(keep[g], dtype=torch.long))
+        out[name] = tensor.clone()
+    return out
+
+
+def _global_index(axes: tuple[str | None, ...], keep: ChannelMap,
+                  shape: torch.Size) -> tuple[torch.Tensor, ...]:
+    """An advanced index (an open mesh) placing a submodel tensor into its global tensor."""
+    index = []
+    for dim, size in enumerate(shape):
+        group = axes[dim] if dim < len(axes) else None
+        positions = torch.as_tensor(keep[group]) if group is not None else torch.arange(size)
+        view = [1] * len(shape)
+        view[dim] = -1
+        index.append(positions.view(view))
+    return tuple(index)
+
+
+def scatter_sum(total: dict[str, torch.Tensor], count: dict[str, torch.Tensor],
+                sub_state: dict[str, torch.Tensor], axes: dict[str, tuple[str | None, ...]],
+                keep: ChannelMap, weight: float) -> None:
+    """Add `weight * sub_state` into `total` at the kept channels, and `weight` into `count`."""
+    for name, value in sub_state.items():
+        if not total[name].is_floating_point():
+            continue  # integer counters (num_batches_tracked) are not averaged
+        # Kept indices are unique, so a gather-add-assign is an exact scatter-add.
+        idx = _global_index(axes[name], keep, total[name].shape)
+        total[name][idx] = total[name][idx] + weight * value.to(total[name].dtype)
+        count[name][idx] = count[name][idx] + weight
+
+
+def full_map(spec: ModelSpec) -> ChannelMap:
+    return {g: list(range(c)) for g, c in spec.resolved_widths().items()}
+
+
+def channel_importance(model: nn.Module) -> dict[str, torch.Tensor]:
+    """L2 norm of every weight slice that produces a channel, summed over a group's layers.
+
+    A channel of a coupled group (a residual stage) is produced by several layers:
+    its importance adds them up, so a stage is pruned consistently everywhere.
+    """
+    scores: dict[str, torch.Tensor] = {}
+    for module in model.modules():
+        groups = getattr(module, "width_axes", None)
+        if not groups or groups[0] is None or isinstance(module, nn.BatchNorm2d):
+            continue
+        w = module.weight.detach()
+        norm = w.flatten(1).pow(2).sum(1).sqrt()
+        scores[groups[0]] = scores.get(groups[0], 0) + norm
+    return scores
+
+
+def widths_at_ratio(spec: ModelSpec, ratio: float, min_ratio: float = 0.0) -> dict[str, int]:
+    """Every group kept at `ratio` of its full width (at least `min_ratio`, at least 1)."""
+    r = max(ratio, min_ratio)
+    return {g: max(1, min(c, math.ceil(r * c))) for g, c in full_widths_of(spec).items()}
+
+
+def full_widths_of(spec: ModelSpec) -> dict[str, int]:
+    return ModelSpec(spec.name, spec.num_classes, spec.in_channels).resolved_widths()
+
+
+def select_channels(model: nn.Module, widths: dict[str, int], by: str = "magnitude") -> ChannelMap:
+    """Which channels to keep for `widths`: the largest by magnitude, or the first k."""
+    if by == "first":
+        return {g: list(range(k)) for g, k in widths.items()}
+    if by != "magnitude":
+        raise ValueError(f"unknown channel selection {by!r}; valid: magnitude, first")
+    scores = channel_importance(model)
+    keep = {}
+    for g, k in widths.items():
+        top = torch.topk(scores[g], k).indices
+        keep[g] = sorted(top.tolist())
+    return keep

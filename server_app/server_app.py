@@ -1,0 +1,132 @@
+"""The ServerApp: query the devices, run the chosen strategy round by round, record everything.
+
+One round: the strategy plans tasks -> tasks are sent and replies validated (rounds.py)
+-> the strategy folds the valid updates -> the global model is evaluated on the test
+set -> the round is appended to results.json and logged as one line.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from fl_app.config import RunConfig
+from fl_app.cost import device_time_s
+from fl_app.data import Batches, Dataset, load_dataset
+from fl_app.results import ResultsWriter
+from fl_app.training import evaluate
+from server_app.rounds import TaskOutcome, query_devices, run_train_tasks
+from server_app.strategies import STRATEGIES
+from server_app.strategies.base import Device, Federation, Strategy
+
+app = ServerApp()
+
+MB = 1e6  # traffic is reported in decimal megabytes, as bandwidth is
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    config = RunConfig.from_mapping(dict(context.run_config))  # stops here, before any training, if invalid
+    dataset = load_dataset(config.dataset, config.data_dir, config.seed)
+    devices = discover_devices(grid, config)
+    federation = Federation(config, devices, dataset.image_shape, dataset.num_classes,
+                            np.random.default_rng(config.seed))
+    strategy = STRATEGIES[config.strategy](federation)
+    writer = ResultsWriter(run_folder(config), config.__dict__, [d.to_dict() for d in devices])
+    log(INFO, "%s on %d devices (%s); results in %s", strategy.name, len(devices),
+        ", ".join(sorted({d.profile.name for d in devices})), writer.folder)
+    test = _test_batches(dataset, config)
+    try:
+        for server_round in range(1, config.num_server_rounds + 1):
+            writer.add_round(run_round(grid, strategy, federation, server_round, test))
+            log(INFO, progress_line(writer.rounds[-1], config.num_server_rounds))
+    except BaseException as exc:
+        writer.finish(error=f"{type(exc).__name__}: {exc}")
+        raise
+    writer.finish()
+    log(INFO, "done: final accuracy %.4f; results in %s", writer.doc["summary"]["final_accuracy"],
+        writer.folder / "results.json")
+
+
+def discover_devices(grid: Grid, config: RunConfig, wait_s: float = 120.0) -> list[Device]:
+    """Wait for `min-nodes` nodes, then query them all for their device reports."""
+    deadline = time.monotonic() + wait_s
+    node_ids = list(grid.get_node_ids())
+    while len(node_ids) < config.min_nodes and time.monotonic() < deadline:
+        time.sleep(1.0)
+        node_ids = list(grid.get_node_ids())
+    devices, problems = query_devices(grid, node_ids, timeout=wait_s)
+    for problem in problems:
+        log(WARNING, "left out of the run: %s", problem)
+    if len(devices) < config.min_nodes:
+        raise RuntimeError(f"only {len(devices)} nodes answered the device query, min-nodes is "
+                           f"{config.min_nodes}: {'; '.join(problems) or 'no node connected'}")
+    return devices
+
+
+def run_folder(config: RunConfig) -> Path:
+    name = config.run_name or f"{config.strategy}-{config.model}-{datetime.now():%Y%m%d-%H%M%S}"
+    return Path(config.output_dir).expanduser().resolve() / name
+
+
+def _test_batches(dataset: Dataset, config: RunConfig) -> Batches:
+    n = len(dataset.y_test) if not config.test_size else min(config.test_size, len(dataset.y_test))
+    return Batches(dataset.x_test[:n], dataset.y_test[:n], dataset, batch_size=256, shuffle=False)
+
+
+def run_round(grid: Grid, strategy: Strategy, federation: Federation, server_round: int,
+              test: Batches) -> dict[str, Any]:
+    start = time.perf_counter()
+    tasks = strategy.configure_train(server_round)
+    outcomes = run_train_tasks(grid, tasks, federation.config.public_size)
+    extras = strategy.aggregate_train(server_round, [o.update for o in outcomes if o.update])
+    accuracy, loss, _ = evaluate(strategy.global_model(), test)
+    by_node = {o.task.node_id: o for o in outcomes}
+    clients = [client_record(federation, d, by_node.get(d.node_id)) for d in federation.devices]
+    return {"round": server_round, "accuracy": accuracy, "loss": loss,
+            "bytes_down": sum(o.bytes_down for o in outcomes), "bytes_up": sum(o.bytes_up for o in outcomes),
+            "participants": sum(c["participated"] for c in clients), "seconds": time.perf_counter() - start,
+            **extras, "clients": clients}
+
+
+def client_record(federation: Federation, device: Device, outcome: TaskOutcome | None) -> dict[str, Any]:
+    """What one device could afford and what it spent this round."""
+    record: dict[str, Any] = {"node_id": device.node_id, "profile": device.profile.name,
+                              "participated": False, "error": None}
+    if outcome is None:
+        return record
+    job = outcome.task.job
+    cost = federation.cost(job.model, job.trainable)
+    update = outcome.update
+    examples = update.num_examples if update else device.num_examples * job.train.epochs
+    train_flops = cost.train_flops_per_sample * examples
+    metrics = update.metrics if update else {}
+    record.update({
+        "participated": update is not None, "error": outcome.error,
+        "model_params": cost.params, "model_size_mb": cost.state_bytes / 2**20,
+        "train_flops_per_sample": cost.train_flops_per_sample,
+        "predicted_peak_memory_mb": federation.peak_memory_mb(cost),
+        "peak_memory_mb": metrics.get("peak-memory-mb"),
+        "fits_memory": federation.peak_memory_mb(cost) <= device.profile.memory_mb,
+        "num_examples": examples if update else None, "train_loss": metrics.get("train-loss"),
+        "bytes_down": outcome.bytes_down, "bytes_up": outcome.bytes_up,
+        "device_time_s": device_time_s(device.profile, train_flops, outcome.bytes_down, outcome.bytes_up),
+    })
+    return record
+
+
+def progress_line(r: dict[str, Any], total_rounds: int) -> str:
+    failed = sum(1 for c in r["clients"] if c["error"])
+    return (f"round {r['round']}/{total_rounds}  accuracy {r['accuracy']:.4f}  loss {r['loss']:.4f}  "
+            f"down {r['bytes_down'] / MB:.2f} MB  up {r['bytes_up'] / MB:.2f} MB  "
+            f"clients {r['participants']}/{len(r['clients'])} ({failed} failed)  {r['seconds']:.1f} s")
+
+

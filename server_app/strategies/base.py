@@ -1,0 +1,139 @@
+"""What every strategy shares: the federation it plans for, the task it emits, the update it folds.
+
+A strategy has two verbs. `configure_train(round)` plans one `TrainTask` per chosen
+node (which model, which weights, what to train and send back); `aggregate_train`
+folds the validated `ClientUpdate`s into the global state. Sending, validating,
+counting bytes, evaluating and recording are done once, by the round loop.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from fl_app.config import RunConfig
+from fl_app.cost import ModelCost, model_cost
+from fl_app.job import Job
+from fl_app.models import BlockNet, ModelSpec
+from fl_app.profiles import DeviceProfile
+from fl_app.training import MB, TrainConfig
+
+
+@dataclass(frozen=True)
+class Device:
+    """A node as the server sees it after the query."""
+
+    node_id: int
+    partition_id: int
+    profile: DeviceProfile
+    num_examples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        p = self.profile
+        return {"node_id": self.node_id, "partition_id": self.partition_id, "profile": p.name,
+                "gflops": p.gflops, "memory_mb": p.memory_mb, "uplink_mbps": p.uplink_mbps,
+                "downlink_mbps": p.downlink_mbps, "num_examples": self.num_examples}
+
+
+@dataclass
+class TrainTask:
+    """One node's work this round: the job, and the tensors that travel with it."""
+
+    node_id: int
+    job: Job
+    weights: dict[str, torch.Tensor]
+    extra: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # more records, by name
+
+
+@dataclass
+class ClientUpdate:
+    """A validated reply: the tensors the job asked for, and the client's report."""
+
+    node_id: int
+    job: Job
+    tensors: dict[str, torch.Tensor]
+    num_examples: int
+    metrics: dict[str, float]
+
+
+@dataclass
+class Federation:
+    """The environment strategies plan in: run config, devices, data shape, budgets, sampling."""
+
+    config: RunConfig
+    devices: list[Device]
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    rng: np.random.Generator
+
+    def full_spec(self) -> ModelSpec:
+        return ModelSpec(self.config.model, self.num_classes, self.image_shape[0])
+
+    def train_config(self) -> TrainConfig:
+        c = self.config
+        return TrainConfig(c.local_epochs, c.batch_size, c.lr, c.momentum, c.weight_decay, c.augment)
+
+    def cost(self, spec: ModelSpec, trainable: list[int] | None = None) -> ModelCost:
+        return model_cost(spec, self.image_shape, trainable)
+
+    def peak_memory_mb(self, cost: ModelCost) -> float:
+        return cost.peak_train_bytes(self.config.batch_size, self.image_shape) / MB
+
+    def flops_budget(self, device: Device) -> float:
+        """Training FLOPs per sample `device` may spend: its share of the full model's.
+
+        The share is its GFLOPS over the strongest device's, times `compute-slack`
+        (1.0: a device gets the model it trains in the time the strongest trains the
+        full one), capped at the full model.
+        """
+        full = self.cost(self.full_spec()).train_flops_per_sample
+        strongest = max(d.profile.gflops for d in self.devices)
+        return full * min(1.0, self.config.compute_slack * device.profile.gflops / strongest)
+
+    def fits(self, cost: ModelCost, device: Device) -> bool:
+        """Whether `device` can afford training a model of `cost`: memory and compute."""
+        return (self.peak_memory_mb(cost) <= device.profile.memory_mb
+                and cost.train_flops_per_sample <= self.flops_budget(device) * (1 + 1e-9))
+
+    def sample(self, candidates: list[Device]) -> list[Device]:
+        """`fraction-train` of the candidates (at least one), seeded."""
+        k = max(1, round(self.config.fraction_train * len(candidates))) if candidates else 0
+        picked = self.rng.choice(len(candidates), size=k, replace=False) if k else []
+        return sorted((candidates[i] for i in picked), key=lambda d: d.node_id)
+
+
+class Strategy(ABC):
+    """A federated training method: plan the round's tasks, fold the replies."""
+
+    name: ClassVar[str]
+
+    def __init__(self, federation: Federation) -> None:
+        self.federation = federation
+
+    @abstractmethod
+    def configure_train(self, server_round: int) -> list[TrainTask]:
+        """The tasks of this round, one per chosen node."""
+
+    @abstractmethod
+    def aggregate_train(self, server_round: int, updates: list[ClientUpdate]) -> dict[str, Any]:
+        """Fold validated updates into the global state; return extras for the round's record."""
+
+    @abstractmethod
+    def global_model(self) -> BlockNet:
+        """The model the server evaluates after the round."""
+
+
+def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    """Average float tensors weighted by `weights`; integer counters take the maximum."""
+    total = float(sum(weights))
+    out = {}
+    for name, first in states[0].items():
+        if first.is_floating_point():
+            out[name] = sum(w * s[name] for s, w in zip(states, weights)) / total
+        else:
+            out[name] = torch.stack([s[name] for s in states]).max(0).values
+    return out

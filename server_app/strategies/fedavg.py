@@ -1,0 +1,71 @@
+"""FedAvg and ExclusiveFL: everybody (or only who fits) trains the full model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fl_app.job import Job
+from fl_app.models import BlockNet, build_model
+from server_app.strategies.base import ClientUpdate, Device, Federation, Strategy, TrainTask, weighted_average
+
+
+class FedAvg(Strategy):
+    """Federated Averaging (McMahan et al., 2017) of the full model.
+
+    Device limits are ignored: every sampled client trains the full model, and an
+    emulated device is allowed past its memory budget. It is the accuracy upper
+    bound that a federation of real weak devices could not actually run.
+    """
+
+    name = "fedavg"
+    enforce_memory = False
+
+    def __init__(self, federation: Federation) -> None:
+        super().__init__(federation)
+        torch.manual_seed(federation.config.seed)
+        self.model = build_model(federation.full_spec())
+
+    def candidates(self) -> list[Device]:
+        return self.federation.devices
+
+    def configure_train(self, server_round: int) -> list[TrainTask]:
+        job = Job(round=server_round, model=self.model.spec, train=self.federation.train_config(),
+                  enforce_memory=self.enforce_memory)
+        weights = self.model.state_dict()
+        return [TrainTask(d.node_id, job, weights) for d in self.federation.sample(self.candidates())]
+
+    def aggregate_train(self, server_round: int, updates: list[ClientUpdate]) -> dict[str, Any]:
+        if updates:
+            self.model.load_state_dict(weighted_average([u.tensors for u in updates],
+                                                        [u.num_examples for u in updates]))
+        return {}
+
+    def global_model(self) -> BlockNet:
+        return self.model
+
+
+class ExclusiveFL(FedAvg):
+    """FedAvg over only the clients whose memory and compute fit the full model.
+
+    What a practitioner does without REFT or ProFL: leave the weak devices out. Memory
+    budgets are enforced, as on real devices.
+    """
+
+    name = "exclusivefl"
+    enforce_memory = True
+
+    def __init__(self, federation: Federation) -> None:
+        super().__init__(federation)
+        cost = federation.cost(self.model.spec)
+        self.eligible = [d for d in federation.devices if federation.fits(cost, d)]
+        if not self.eligible:
+            raise ValueError(
+                f"exclusivefl: no device fits the full {self.model.spec.name} (needs "
+                f"{federation.peak_memory_mb(cost):.0f} MB at batch {federation.config.batch_size} and the "
+                f"strongest device's compute); use a smaller model or batch, raise compute-slack, "
+                f"or add stronger devices to device-mix")
+
+    def candidates(self) -> list[Device]:
+        return self.eligible

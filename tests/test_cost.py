@@ -1,0 +1,47 @@
+"""The cost model: FLOPs counted by PyTorch, predicted peak memory against a measured step."""
+
+import pytest
+import torch
+
+from fl_app.cost import device_time_s, model_cost
+from fl_app.models import ModelSpec, build_model
+from fl_app.profiles import DeviceProfile
+from fl_app.training import TrainConfig, freeze_except, make_optimizer, measure_step
+
+
+def test_vgg16_forward_is_the_papers_0_33_g_macs_per_image():
+    cost = model_cost(ModelSpec("vgg16-fc4096"), (3, 32, 32))
+    assert round(cost.forward_macs_per_sample / 1e9, 2) == 0.33
+
+
+def test_training_costs_about_three_forwards():
+    cost = model_cost(ModelSpec("resnet18"), (3, 32, 32))
+    ratio = cost.train_flops_per_sample / (2 * cost.forward_macs_per_sample)
+    assert 2.8 < ratio < 3.05  # backward = grads w.r.t. inputs and weights (first conv: weights only)
+
+
+def test_frozen_prefix_costs_forward_only_and_trains_fewer_parameters():
+    spec = ModelSpec("resnet18")
+    full = model_cost(spec, (3, 32, 32))
+    last = model_cost(spec, (3, 32, 32), trainable=[3])
+    assert last.trainable_params < full.trainable_params
+    assert last.train_flops_per_sample < 0.6 * full.train_flops_per_sample
+    assert last.activation_bytes_per_sample < 0.2 * full.activation_bytes_per_sample
+
+
+@pytest.mark.parametrize("name,batch", [("cnn", 32), ("resnet18", 16)])
+def test_predicted_peak_memory_is_close_to_a_measured_step(name, batch):
+    spec = ModelSpec(name)
+    model = build_model(spec)
+    freeze_except(model, None)
+    optimizer = make_optimizer(model, TrainConfig())
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    _, measured = measure_step(model, optimizer, x, y)
+    predicted = model_cost(spec, (3, 32, 32)).peak_train_bytes(batch, (3, 32, 32))
+    assert 0.75 < predicted / measured < 1.35, (predicted / 2**20, measured / 2**20)
+
+
+def test_device_time_adds_compute_and_both_transfers():
+    pi = DeviceProfile("pi", gflops=2.0, memory_mb=500, uplink_mbps=8.0, downlink_mbps=16.0)
+    assert device_time_s(pi, train_flops=4e9, bytes_down=2_000_000, bytes_up=1_000_000) == pytest.approx(
+        2.0 + 1.0 + 1.0)
