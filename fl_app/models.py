@@ -11,8 +11,9 @@ model, a magnitude-pruned REFT submodel and a HeteroFL width-scaled one.
 
 Each Conv2d / Linear / BatchNorm2d is tagged with `width_axes`: the group that
 indexes each of its weight's leading dimensions (None for a fixed dimension such
-as the input image channels or the classes). `fl_app.width` reads these tags to
-slice and scatter weights; no model-specific code is needed there.
+as the input image channels or the classes; `(group, k)` for a flattened input
+where each channel of the group spans k consecutive features). `fl_app.width` reads
+these tags to slice and scatter weights; no model-specific code is needed there.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ _VGG_STAGES = {  # channels per conv, one inner list per max-pool stage
 }
 _RESNET_BLOCKS = {"resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3]}
 _RESNET_STAGE_WIDTHS = [64, 128, 256, 512]
-_CNN_WIDTHS = {"conv1": 32, "conv2": 64, "conv3": 128}
+_CNN_WIDTHS = {"conv1": 32, "conv2": 64, "fc1": 128}
+_CNN_POOL = 4  # the CNN flattens a fixed 4x4 map, whatever the input size
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,10 @@ def full_widths(name: str) -> dict[str, int]:
 # --- tagged layers -------------------------------------------------------------------
 
 
-def _tag(module: nn.Module, *groups: str | None) -> nn.Module:
+Axis = str | tuple[str, int] | None
+
+
+def _tag(module: nn.Module, *groups: Axis) -> nn.Module:
     module.width_axes = groups  # type: ignore[assignment]
     return module
 
@@ -106,9 +111,10 @@ def bn(w: dict[str, int], group: str) -> nn.BatchNorm2d:
     return _tag(nn.BatchNorm2d(w[group]), group)  # type: ignore[return-value]
 
 
-def linear(w: dict[str, int], out_g: str | None, in_g: str, out_fixed: int = 0) -> nn.Linear:
+def linear(w: dict[str, int], out_g: str | None, in_g: str, out_fixed: int = 0, in_repeat: int = 1) -> nn.Linear:
     out = w[out_g] if out_g else out_fixed
-    return _tag(nn.Linear(w[in_g], out), out_g, in_g)  # type: ignore[return-value]
+    in_axis: Axis = in_g if in_repeat == 1 else (in_g, in_repeat)
+    return _tag(nn.Linear(w[in_g] * in_repeat, out), out_g, in_axis)  # type: ignore[return-value]
 
 
 def classifier_head(w: dict[str, int], in_g: str, num_classes: int) -> nn.Sequential:
@@ -151,12 +157,14 @@ class BasicBlock(nn.Module):
 
 
 def _cnn(spec: ModelSpec, w: dict[str, int]) -> list[nn.Module]:
-    def stage(out_g: str, in_g: str | None, pool: bool) -> nn.Sequential:
-        layers = [conv(w, out_g, in_g, spec.in_channels), bn(w, out_g), nn.ReLU(inplace=True)]
-        return nn.Sequential(*layers, *([nn.MaxPool2d(2)] if pool else []))
+    def stage(out_g: str, in_g: str | None) -> nn.Sequential:
+        return nn.Sequential(conv(w, out_g, in_g, spec.in_channels), bn(w, out_g), nn.ReLU(inplace=True),
+                             nn.MaxPool2d(2))
 
-    return [stage("conv1", None, True), stage("conv2", "conv1", True),
-            nn.Sequential(stage("conv3", "conv2", False), classifier_head(w, "conv3", spec.num_classes))]
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(_CNN_POOL), nn.Flatten(),
+                         linear(w, "fc1", "conv2", in_repeat=_CNN_POOL * _CNN_POOL), nn.ReLU(inplace=True),
+                         linear(w, None, "fc1", spec.num_classes))
+    return [stage("conv1", None), stage("conv2", "conv1"), head]
 
 
 def _vgg(spec: ModelSpec, w: dict[str, int]) -> list[nn.Module]:

@@ -21,16 +21,16 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from fl_app.models import ModelSpec
+from fl_app.models import Axis, ModelSpec
 
 ChannelMap = dict[str, list[int]]
 
 _BN_STATS = ("weight", "bias", "running_mean", "running_var")
 
 
-def param_axes(model: nn.Module) -> dict[str, tuple[str | None, ...]]:
+def param_axes(model: nn.Module) -> dict[str, tuple[Axis, ...]]:
     """For every state-dict entry, the width group indexing each of its dimensions."""
-    axes: dict[str, tuple[str | None, ...]] = {}
+    axes: dict[str, tuple[Axis, ...]] = {}
     for prefix, module in model.named_modules():
         groups = getattr(module, "width_axes", None)
         if groups is None:
@@ -49,28 +49,35 @@ def param_axes(model: nn.Module) -> dict[str, tuple[str | None, ...]]:
     return axes
 
 
-def _indexed_dims(axes: tuple[str | None, ...]) -> Iterator[tuple[int, str]]:
-    return ((dim, g) for dim, g in enumerate(axes) if g is not None)
+def _positions(axis: Axis, keep: ChannelMap) -> torch.Tensor:
+    """Global positions along one dimension: the kept channels, each spanning `repeat` features."""
+    group, repeat = (axis, 1) if isinstance(axis, str) else axis  # type: ignore[misc]
+    channels = torch.as_tensor(keep[group], dtype=torch.long)
+    return (channels[:, None] * repeat + torch.arange(repeat)).flatten()
 
 
-def slice_state(state: dict[str, torch.Tensor], axes: dict[str, tuple[str | None, ...]],
+def _indexed_dims(axes: tuple[Axis, ...]) -> Iterator[tuple[int, Axis]]:
+    return ((dim, a) for dim, a in enumerate(axes) if a is not None)
+
+
+def slice_state(state: dict[str, torch.Tensor], axes: dict[str, tuple[Axis, ...]],
                 keep: ChannelMap) -> dict[str, torch.Tensor]:
     """The global `state` cut down to the channels in `keep` (a copy)."""
     out = {}
     for name, tensor in state.items():
-        for dim, g in _indexed_dims(axes[name]):
-            tensor = tensor.index_select(dim, torch.as_tensor(keep[g], dtype=torch.long))
+        for dim, axis in _indexed_dims(axes[name]):
+            tensor = tensor.index_select(dim, _positions(axis, keep))
         out[name] = tensor.clone()
     return out
 
 
-def _global_index(axes: tuple[str | None, ...], keep: ChannelMap,
+def _global_index(axes: tuple[Axis, ...], keep: ChannelMap,
                   shape: torch.Size) -> tuple[torch.Tensor, ...]:
     """An advanced index (an open mesh) placing a submodel tensor into its global tensor."""
     index = []
     for dim, size in enumerate(shape):
-        group = axes[dim] if dim < len(axes) else None
-        positions = torch.as_tensor(keep[group]) if group is not None else torch.arange(size)
+        axis = axes[dim] if dim < len(axes) else None
+        positions = _positions(axis, keep) if axis is not None else torch.arange(size)
         view = [1] * len(shape)
         view[dim] = -1
         index.append(positions.view(view))
@@ -78,7 +85,7 @@ def _global_index(axes: tuple[str | None, ...], keep: ChannelMap,
 
 
 def scatter_sum(total: dict[str, torch.Tensor], count: dict[str, torch.Tensor],
-                sub_state: dict[str, torch.Tensor], axes: dict[str, tuple[str | None, ...]],
+                sub_state: dict[str, torch.Tensor], axes: dict[str, tuple[Axis, ...]],
                 keep: ChannelMap, weight: float) -> None:
     """Add `weight * sub_state` into `total` at the kept channels, and `weight` into `count`."""
     for name, value in sub_state.items():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +18,15 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fl_app.config import RunConfig
+from fl_app.config import ConfigError, RunConfig
 from fl_app.cost import device_time_s
-from fl_app.data import Batches, Dataset, load_dataset
+from fl_app.data import Batches, DataError, Dataset, load_dataset
+from fl_app.profiles import ProfileError
 from fl_app.results import ResultsWriter
 from fl_app.training import evaluate
 from server_app.rounds import TaskOutcome, query_devices, run_train_tasks
 from server_app.strategies import STRATEGIES
-from server_app.strategies.base import Device, Federation, Strategy
+from server_app.strategies.base import Device, Federation, Strategy, StrategySetupError
 
 app = ServerApp()
 
@@ -34,12 +35,16 @@ MB = 1e6  # traffic is reported in decimal megabytes, as bandwidth is
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    config = RunConfig.from_mapping(dict(context.run_config))  # stops here, before any training, if invalid
-    dataset = load_dataset(config.dataset, config.data_dir, config.seed)
-    devices = discover_devices(grid, config)
-    federation = Federation(config, devices, dataset.image_shape, dataset.num_classes,
-                            np.random.default_rng(config.seed))
-    strategy = STRATEGIES[config.strategy](federation)
+    try:  # everything a user can get wrong is checked here, before any training
+        config = RunConfig.from_mapping(dict(context.run_config))
+        dataset = load_dataset(config.dataset, config.data_dir, config.seed)
+        devices = discover_devices(grid, config)
+        federation = Federation(config, devices, dataset.image_shape, dataset.num_classes,
+                                np.random.default_rng(config.seed))
+        strategy = STRATEGIES[config.strategy](federation)
+    except (ConfigError, DataError, ProfileError, StrategySetupError, NoDevicesError) as exc:
+        log(ERROR, "run stopped before training: %s", exc)
+        raise
     writer = ResultsWriter(run_folder(config), config.__dict__, [d.to_dict() for d in devices])
     log(INFO, "%s on %d devices (%s); results in %s", strategy.name, len(devices),
         ", ".join(sorted({d.profile.name for d in devices})), writer.folder)
@@ -56,6 +61,10 @@ def main(grid: Grid, context: Context) -> None:
         writer.folder / "results.json")
 
 
+class NoDevicesError(RuntimeError):
+    """Fewer nodes answered than the run needs."""
+
+
 def discover_devices(grid: Grid, config: RunConfig, wait_s: float = 120.0) -> list[Device]:
     """Wait for `min-nodes` nodes, then query them all for their device reports."""
     deadline = time.monotonic() + wait_s
@@ -67,7 +76,7 @@ def discover_devices(grid: Grid, config: RunConfig, wait_s: float = 120.0) -> li
     for problem in problems:
         log(WARNING, "left out of the run: %s", problem)
     if len(devices) < config.min_nodes:
-        raise RuntimeError(f"only {len(devices)} nodes answered the device query, min-nodes is "
+        raise NoDevicesError(f"only {len(devices)} nodes answered the device query, min-nodes is "
                            f"{config.min_nodes}: {'; '.join(problems) or 'no node connected'}")
     return devices
 

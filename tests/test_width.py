@@ -22,15 +22,18 @@ def test_sliced_state_loads_into_the_submodel_and_gives_the_same_outputs_as_mask
 
 def test_slicing_keeps_exactly_the_chosen_channels():
     model = build_model(ModelSpec("cnn"))
-    keep = {"conv1": [0, 5, 9], "conv2": list(range(0, 64, 2)), "conv3": [127]}
+    keep = {"conv1": [0, 5, 9], "conv2": [1, 62], "fc1": [127]}
     sub = slice_state(model.state_dict(), param_axes(model), keep)
     full = model.state_dict()
     w1 = "blocks.0.0.weight"
     assert torch.equal(sub[w1], full[w1][[0, 5, 9]])
     w2 = "blocks.1.0.weight"
-    assert torch.equal(sub[w2], full[w2][list(range(0, 64, 2))][:, [0, 5, 9]])
-    fc = "blocks.2.1.2.weight"
-    assert torch.equal(sub[fc], full[fc][:, [127]])
+    assert torch.equal(sub[w2], full[w2][[1, 62]][:, [0, 5, 9]])
+    # fc1 reads a flattened 4x4 map per conv2 channel: channel c owns features 16c..16c+15.
+    fc1 = "blocks.2.2.weight"
+    assert torch.equal(sub[fc1], full[fc1][[127]][:, list(range(16, 32)) + list(range(992, 1008))])
+    fc2 = "blocks.2.4.weight"
+    assert torch.equal(sub[fc2], full[fc2][:, [127]])
 
 
 def test_magnitude_selection_keeps_the_largest_filters():
@@ -38,7 +41,7 @@ def test_magnitude_selection_keeps_the_largest_filters():
     with torch.no_grad():
         model.blocks[0][0].weight.mul_(0.01)
         model.blocks[0][0].weight[[3, 7]] *= 1000  # two filters now dominate conv1
-    keep = select_channels(model, {"conv1": 2, "conv2": 64, "conv3": 128})
+    keep = select_channels(model, {"conv1": 2, "conv2": 64, "fc1": 128})
     assert keep["conv1"] == [3, 7]
 
 

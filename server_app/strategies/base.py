@@ -23,6 +23,10 @@ from fl_app.profiles import DeviceProfile
 from fl_app.training import MB, TrainConfig
 
 
+class StrategySetupError(ValueError):
+    """The strategy cannot run on this federation (e.g. no device fits); the message says what to change."""
+
+
 @dataclass(frozen=True)
 class Device:
     """A node as the server sees it after the query."""

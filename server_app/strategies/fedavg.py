@@ -8,7 +8,8 @@ import torch
 
 from fl_app.job import Job
 from fl_app.models import BlockNet, build_model
-from server_app.strategies.base import ClientUpdate, Device, Federation, Strategy, TrainTask, weighted_average
+from server_app.strategies.base import (ClientUpdate, Device, Federation, Strategy, StrategySetupError, TrainTask,
+                                        weighted_average)
 
 
 class FedAvg(Strategy):
@@ -61,7 +62,7 @@ class ExclusiveFL(FedAvg):
         cost = federation.cost(self.model.spec)
         self.eligible = [d for d in federation.devices if federation.fits(cost, d)]
         if not self.eligible:
-            raise ValueError(
+            raise StrategySetupError(
                 f"exclusivefl: no device fits the full {self.model.spec.name} (needs "
                 f"{federation.peak_memory_mb(cost):.0f} MB at batch {federation.config.batch_size} and the "
                 f"strongest device's compute); use a smaller model or batch, raise compute-slack, "

@@ -1,0 +1,40 @@
+"""End to end: the real `flwr run` simulation engine, and real MNIST. Slow; CI runs them."""
+
+import json
+
+import pytest
+
+from tests.flwr_harness import flwr_simulation
+from tests.test_data import SHARED, needs_shared
+from tests.test_federation import run
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_default_main_job_runs_under_flwr_run_and_records_every_round(tmp_path):
+    out = tmp_path / "outputs"
+    result = flwr_simulation(tmp_path, {"output-dir": str(out), "run-name": "main"}, num_supernodes=10)
+    assert "completed" in result.status.lower() and "fail" not in result.status.lower(), result.log[-3000:]
+    results = json.loads((out / "main" / "results.json").read_text())
+    assert results["status"] == "completed"
+    assert len({d["profile"] for d in results["devices"]}) >= 3
+    rounds = results["rounds"]
+    assert len(rounds) == results["config"]["num_server_rounds"]
+    assert rounds[-1]["accuracy"] > rounds[0]["accuracy"] + 0.1
+    assert all(r["participants"] == 10 for r in rounds)
+
+
+def test_a_run_that_fails_is_reported_as_failed_by_flwr(tmp_path):
+    result = flwr_simulation(tmp_path, {"output-dir": str(tmp_path / "o"), "dataset": "mnist",
+                                        "data-dir": str(tmp_path / "nowhere")}, num_supernodes=2)
+    assert "fail" in result.status.lower()
+    assert "data-dir" in result.log
+
+
+@needs_shared
+def test_fedavg_with_a_small_cnn_reaches_97_percent_on_real_mnist(tmp_path):
+    results, _ = run(tmp_path, num_nodes=5, **{
+        "dataset": "mnist", "data-dir": str(SHARED), "num-server-rounds": 3, "max-client-examples": 5000,
+        "test-size": 0, "local-epochs": 1})
+    accuracy = results["rounds"][-1]["accuracy"]
+    assert accuracy >= 0.97, [r["accuracy"] for r in results["rounds"]]
