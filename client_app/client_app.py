@@ -1,8 +1,9 @@
 """The ClientApp. It executes jobs and knows nothing about REFT, ProFL or any baseline.
 
 - query:    reply with this node's device report (profile, partition, data size);
-- train:    build the job's model, load its weights, optionally distill soft labels on
-            the public slice, train, and send back what the job asks for;
+- train:    build the job's model, load its weights (those sent, completed by those it
+            kept from earlier rounds), optionally distill soft labels on the public
+            slice, train, and send back what the job asks for;
 - evaluate: accuracy and loss of the job's model on this node's share of the test set.
 
 Known failures (out of memory on an emulated device, a malformed job, missing data)
@@ -19,11 +20,11 @@ from flwr.clientapp import ClientApp
 
 from client_app.node import LocalNode, NodeConfigError
 from fl_app.config import ConfigError
-from fl_app.data import DataError
+from fl_app.data import Batches, DataError
 from fl_app.job import Job, JobError
 from fl_app.models import build_model
 from fl_app.profiles import ProfileError
-from fl_app.training import MB, DeviceOutOfMemory, evaluate, predict_logits, train
+from fl_app.training import MB, DeviceOutOfMemory, distill, evaluate, predict_logits, train
 from fl_app.wire import decode, encode
 
 app = ClientApp()
@@ -66,10 +67,24 @@ def _query(msg: Message, node: LocalNode) -> RecordDict:
     return RecordDict({"device": report})
 
 
-def _load_job_model(msg: Message) -> tuple[Job, torch.nn.Module]:
+KEPT = "kept-weights"  # context.state record: the model state a job asked the node to keep
+
+
+def _load_job_model(msg: Message, context: Context) -> tuple[Job, torch.nn.Module]:
+    """The job's model with the weights sent, completed by kept ones of the same name and shape."""
     job = Job.from_json(str(msg.content["job"]["json"]))
     model = build_model(job.model)
-    weights = decode(msg.content["weights"])
+    needed = model.state_dict()
+    kept = decode(context.state[KEPT]) if KEPT in context.state else {}
+    sent = decode(msg.content["weights"]) if "weights" in msg.content else {}
+    unexpected = sorted(set(sent) - set(needed))
+    if unexpected:
+        raise JobError(f"weights sent for tensors the job's model does not have: {unexpected[:3]}")
+    weights = {k: v for k, v in kept.items() if k in needed and v.shape == needed[k].shape} | sent
+    missing = sorted(set(needed) - set(weights))
+    if missing:
+        raise MissingWeights(f"this node lacks weights for {len(missing)} tensors (e.g. {missing[0]}); "
+                             "the server must send them")
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
@@ -77,11 +92,30 @@ def _load_job_model(msg: Message) -> tuple[Job, torch.nn.Module]:
     return job, model
 
 
+class MissingWeights(JobError):
+    """The job relies on weights this node never received or did not keep."""
+
+
+def _distill_soft_labels(model: torch.nn.Module, msg: Message, node: LocalNode, job: Job) -> None:
+    public = node.public_indices()
+    teacher = decode(msg.content["soft-labels"])["logits"]
+    if teacher.shape != (len(public), job.model.num_classes):
+        raise JobError(f"soft labels have shape {tuple(teacher.shape)}, expected "
+                       f"({len(public)}, {job.model.num_classes}): one row per public example")
+    d = node.dataset
+    batches = Batches(d.x_train[public], teacher, d, job.train.batch_size, seed=job.round)
+    distill(model, batches, job.train, job.distill_epochs, job.temperature)
+
+
 def _train(msg: Message, node: LocalNode) -> RecordDict:
-    job, model = _load_job_model(msg)
+    job, model = _load_job_model(msg, node.context)
+    if job.distill_epochs and "soft-labels" in msg.content:
+        _distill_soft_labels(model, msg, node, job)
     limit = int(node.profile.memory_mb * MB) if job.enforce_memory else None
     start = time.perf_counter()
     result = train(model, node.train_batches(job.train.batch_size, job.round), job.train, job.trainable, limit)
+    if job.keep_state:
+        node.context.state[KEPT] = encode(model.state_dict())
     content = RecordDict()
     if job.returns == "weights":
         trainable = set(range(len(model.blocks))) if job.trainable is None else set(job.trainable)
@@ -90,10 +124,11 @@ def _train(msg: Message, node: LocalNode) -> RecordDict:
         d = node.dataset
         public = d.normalize(d.x_train[node.public_indices()])
         content["logits"] = encode({"logits": predict_logits(model, public)}, job.encoding)
-    content["report"] = MetricRecord({
-        "num-examples": result.num_examples, "train-loss": result.loss,
-        "train-seconds": time.perf_counter() - start, "peak-memory-mb": result.peak_memory_bytes / MB,
-    })
+    report = {"num-examples": result.num_examples, "train-loss": result.loss,
+              "train-seconds": time.perf_counter() - start, "peak-memory-mb": result.peak_memory_bytes / MB}
+    if job.evaluate:
+        report["test-accuracy"], report["test-loss"], _ = evaluate(model, node.test_batches())
+    content["report"] = MetricRecord(report)
     return content
 
 
@@ -103,6 +138,6 @@ def _block_state(model: torch.nn.Module, blocks: set[int]) -> dict[str, torch.Te
 
 
 def _evaluate(msg: Message, node: LocalNode) -> RecordDict:
-    _, model = _load_job_model(msg)
+    _, model = _load_job_model(msg, node.context)
     accuracy, loss, n = evaluate(model, node.test_batches())
     return RecordDict({"report": MetricRecord({"accuracy": accuracy, "loss": loss, "num-examples": n})})

@@ -24,6 +24,7 @@ class LocalNode:
     partition_id: int
     num_partitions: int
     data_dir: str
+    context: Context
 
     @classmethod
     def from_context(cls, context: Context) -> LocalNode:
@@ -42,7 +43,7 @@ class LocalNode:
         if not 0 <= pid < n:
             raise NodeConfigError(f"node config partition-id={pid} must be in [0, num-partitions={n})")
         profile = node_profile(str(nc["profile"])) if "profile" in nc else profile_for_partition(config.device_mix, pid)
-        return cls(config, profile, pid, n, str(nc.get("data-dir", config.data_dir)))
+        return cls(config, profile, pid, n, str(nc.get("data-dir", config.data_dir)), context)
 
     @property
     def dataset(self) -> Dataset:

@@ -16,9 +16,10 @@ from typing import Any
 from fl_app.data import PARTITIONS
 from fl_app.models import MODEL_NAMES
 from fl_app.profiles import ProfileError, parse_device_mix
+from fl_app.wire import ENCODINGS
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
-STRATEGY_NAMES = ("fedavg", "exclusivefl")
+STRATEGY_NAMES = ("fedavg", "exclusivefl", "allsmall", "heterofl", "reft")
 _DATASETS = ("synthetic", "mnist", "fashion-mnist", "cifar10", "cifar100")
 
 
@@ -48,6 +49,12 @@ class RunConfig:
     fraction_train: float
     device_mix: str
     compute_slack: float
+    min_keep_ratio: float
+    encoding: str
+    temperature: float
+    client_distill_epochs: int
+    server_distill_epochs: int
+    refresh_every: int
     min_nodes: int
     seed: int
     output_dir: str
@@ -92,13 +99,20 @@ class RunConfig:
         choice("strategy", self.strategy, STRATEGY_NAMES)
         choice("model", self.model, MODEL_NAMES)
         choice("partition", self.partition, PARTITIONS)
+        choice("encoding", self.encoding, ENCODINGS)
+        if not 0 < self.min_keep_ratio <= 1:
+            p.append(f"min-keep-ratio = {self.min_keep_ratio!r}: must be in (0, 1]")
+        at_least("temperature", self.temperature, 0, strict=True)
+        if self.strategy == "reft" and self.public_size < 1:
+            p.append("public-size = 0: reft distills on the public slice; give it at least 1 example")
         if not (self.dataset in _DATASETS or self.dataset.startswith(("npz:", "imagefolder:"))):
             p.append(f"dataset = {self.dataset!r}: valid choices are {', '.join(_DATASETS)}, "
                      "npz:<file>, imagefolder:<dir>")
         at_least("dirichlet-alpha", self.dirichlet_alpha, 0, strict=True)
         for key in ("shards-per-client", "num-server-rounds", "local-epochs", "batch-size", "min-nodes"):
             at_least(key, getattr(self, key.replace("-", "_")), 1)
-        for key in ("max-client-examples", "public-size", "test-size", "momentum", "weight-decay"):
+        for key in ("max-client-examples", "public-size", "test-size", "momentum", "weight-decay",
+                    "client-distill-epochs", "server-distill-epochs", "refresh-every"):
             at_least(key, getattr(self, key.replace("-", "_")), 0)
         at_least("lr", self.lr, 0, strict=True)
         at_least("compute-slack", self.compute_slack, 0, strict=True)

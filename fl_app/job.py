@@ -30,6 +30,9 @@ class Job:
       upper bound pretends every device fits); True makes it fail as a real one would.
     - `distill_epochs`/`temperature`: first distill the "soft-labels" record into the
       model on the public slice (REFT), then train on private data.
+    - `keep_state`: the client keeps its model state for later rounds; weights it is
+      not sent again come from what it kept (REFT's submodel, ProFL's frozen blocks).
+    - `evaluate`: also report the trained model's accuracy on the node's test share.
     """
 
     round: int
@@ -41,6 +44,8 @@ class Job:
     enforce_memory: bool = True
     distill_epochs: int = 0
     temperature: float = 1.0
+    keep_state: bool = False
+    evaluate: bool = False
 
     def to_json(self) -> str:
         d = asdict(self)

@@ -56,7 +56,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor | None,
                trainable: Collection[int] | None = None, soft_targets: torch.Tensor | None = None,
                temperature: float = 1.0) -> float:
     """One SGD step on cross-entropy, or on KL to `soft_targets` (logits) when given."""
@@ -109,6 +109,18 @@ def train(model: nn.Module, batches: Batches, cfg: TrainConfig, trainable: Colle
             seen += len(y)
             loss_sum += loss * len(y)
     return TrainResult(seen, loss_sum / max(seen, 1), time.perf_counter() - start, peak)
+
+
+def distill(model: nn.Module, batches: Batches, cfg: TrainConfig, epochs: int, temperature: float) -> float:
+    """Train `model` to match teacher logits (the batches' targets) at `temperature`; mean loss."""
+    freeze_except(model, None)
+    optimizer = make_optimizer(model, cfg)
+    loss_sum, seen = 0.0, 0
+    for epoch in range(epochs):
+        for x, teacher in batches.epoch(epoch, augment=False):
+            loss_sum += train_step(model, optimizer, x, None, soft_targets=teacher, temperature=temperature) * len(x)
+            seen += len(x)
+    return loss_sum / max(seen, 1)
 
 
 class DeviceOutOfMemory(RuntimeError):

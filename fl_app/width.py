@@ -7,7 +7,9 @@ submodel keeps (sorted indices). From it:
 - `scatter_sum` adds a submodel's tensors back at the right global positions
   (HeteroFL's channel-wise averaging divides the sums by per-coordinate counts);
 - `select_channels` builds the map, by weight magnitude (REFT's structured pruning)
-  or by taking the first k channels (HeteroFL's static width scaling).
+  or by taking the first k channels (HeteroFL's static width scaling);
+- `fit_ratio` finds the largest submodel within a FLOPs and memory budget, and
+  `extract` cuts it from the global model.
 
 The shapes come from the `width_axes` tags the model builders put on every layer, so
 this file knows no model by name.
@@ -17,10 +19,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from fl_app.cost import model_cost
 from fl_app.models import Axis, ModelSpec
 
 ChannelMap = dict[str, list[int]]
@@ -140,3 +144,48 @@ def select_channels(model: nn.Module, widths: dict[str, int], by: str = "magnitu
         top = torch.topk(scores[g], k).indices
         keep[g] = sorted(top.tolist())
     return keep
+
+
+# --- fitting a budget ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Submodel:
+    """A physically smaller model cut from a global one: its spec, kept channels and weights."""
+
+    spec: ModelSpec
+    keep: ChannelMap
+    state: dict[str, torch.Tensor]
+    ratio: float  # the uniform share of channels kept in every group
+
+
+def fit_ratio(spec: ModelSpec, image_shape: tuple[int, int, int], batch_size: int, max_train_flops: float,
+              max_memory_bytes: float, min_ratio: float) -> float | None:
+    """The largest uniform keep ratio whose submodel fits both budgets; None if not even `min_ratio` fits.
+
+    Training FLOPs and peak memory grow with the ratio, so a bisection finds it
+    (to 1/1000); each candidate is priced by the cost model, no training needed.
+    """
+    def fits(ratio: float) -> bool:
+        cost = model_cost(spec.with_widths(widths_at_ratio(spec, ratio)), image_shape)
+        return (cost.train_flops_per_sample <= max_train_flops
+                and cost.peak_train_bytes(batch_size, image_shape) <= max_memory_bytes)
+
+    if fits(1.0):
+        return 1.0
+    if not fits(min_ratio):
+        return None
+    low, high = min_ratio, 1.0
+    while high - low > 1e-3:
+        mid = (low + high) / 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
+
+
+def extract(model: nn.Module, ratio: float, by: str = "magnitude") -> Submodel:
+    """Cut the submodel keeping `ratio` of every group's channels, chosen `by` magnitude or first-k."""
+    spec: ModelSpec = model.spec  # type: ignore[assignment]
+    widths = widths_at_ratio(spec, ratio)
+    keep = select_channels(model, widths, by)
+    state = slice_state(model.state_dict(), param_axes(model), keep)
+    return Submodel(spec.with_widths(widths), keep, state, ratio)

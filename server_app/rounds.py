@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import WARNING
 from typing import Any
 
@@ -32,8 +32,10 @@ class ReplyRejected(ValueError):
 @dataclass
 class TaskOutcome:
     task: TrainTask
-    bytes_down: int
+    bytes_down: int  # the whole message content, exactly as serialized
+    bytes_down_by_record: dict[str, int]  # the same, per record ("weights", "soft-labels", ...)
     bytes_up: int = 0
+    bytes_up_by_record: dict[str, int] = field(default_factory=dict)
     update: ClientUpdate | None = None
     error: str | None = None
 
@@ -63,11 +65,11 @@ def run_train_tasks(grid: Grid, tasks: list[TrainTask], public_size: int,
     outcomes: dict[int, TaskOutcome] = {}
     messages = []
     for task in tasks:
-        content = RecordDict({"job": ConfigRecord({"json": task.job.to_json()}),
-                              "weights": encode(task.weights, task.job.encoding)})
-        for name, tensors in task.extra.items():
-            content[name] = encode(tensors, task.job.encoding)
-        outcomes[task.node_id] = TaskOutcome(task, serialized_bytes(content))
+        content = RecordDict({"job": ConfigRecord({"json": task.job.to_json()})})
+        for name, tensors in {"weights": task.weights, **task.extra}.items():
+            if tensors:
+                content[name] = encode(tensors, task.job.encoding)
+        outcomes[task.node_id] = TaskOutcome(task, serialized_bytes(content), _bytes_by_record(content))
         messages.append(Message(content, dst_node_id=task.node_id, message_type="train"))
     for reply in grid.send_and_receive(messages, timeout=timeout):
         outcome = outcomes.get(reply.metadata.src_node_id)
@@ -78,6 +80,7 @@ def run_train_tasks(grid: Grid, tasks: list[TrainTask], public_size: int,
             outcome.error = reply.error.reason
             continue
         outcome.bytes_up = serialized_bytes(reply.content)
+        outcome.bytes_up_by_record = _bytes_by_record(reply.content)
         try:
             outcome.update = validate_reply(outcome.task, reply.content, public_size)
         except ReplyRejected as exc:
@@ -88,6 +91,10 @@ def run_train_tasks(grid: Grid, tasks: list[TrainTask], public_size: int,
         if outcome.update is None and outcome.error is None:
             outcome.error = "no reply"
     return list(outcomes.values())
+
+
+def _bytes_by_record(content: RecordDict) -> dict[str, int]:
+    return {name: serialized_bytes(RecordDict({name: record})) for name, record in content.items()}
 
 
 def expected_shapes(task: TrainTask, public_size: int) -> dict[str, tuple[int, ...]]:

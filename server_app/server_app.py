@@ -39,8 +39,7 @@ def main(grid: Grid, context: Context) -> None:
         config = RunConfig.from_mapping(dict(context.run_config))
         dataset = load_dataset(config.dataset, config.data_dir, config.seed)
         devices = discover_devices(grid, config)
-        federation = Federation(config, devices, dataset.image_shape, dataset.num_classes,
-                                np.random.default_rng(config.seed))
+        federation = Federation(config, devices, dataset, np.random.default_rng(config.seed))
         strategy = STRATEGIES[config.strategy](federation)
     except (ConfigError, DataError, ProfileError, StrategySetupError, NoDevicesError) as exc:
         log(ERROR, "run stopped before training: %s", exc)
@@ -99,25 +98,40 @@ def run_round(grid: Grid, strategy: Strategy, federation: Federation, server_rou
     extras = strategy.aggregate_train(server_round, [o.update for o in outcomes if o.update])
     accuracy, loss, _ = evaluate(strategy.global_model(), test)
     by_node = {o.task.node_id: o for o in outcomes}
-    clients = [client_record(federation, d, by_node.get(d.node_id)) for d in federation.devices]
+    clients = [client_record(federation, d, by_node.get(d.node_id), strategy.left_out.get(d.node_id))
+               for d in federation.devices]
     return {"round": server_round, "accuracy": accuracy, "loss": loss,
             "bytes_down": sum(o.bytes_down for o in outcomes), "bytes_up": sum(o.bytes_up for o in outcomes),
-            "participants": sum(c["participated"] for c in clients), "seconds": time.perf_counter() - start,
-            **extras, "clients": clients}
+            **traffic_by_kind(outcomes), "participants": sum(c["participated"] for c in clients),
+            "seconds": time.perf_counter() - start, **extras, "clients": clients}
 
 
-def client_record(federation: Federation, device: Device, outcome: TaskOutcome | None) -> dict[str, Any]:
+def traffic_by_kind(outcomes: list[TaskOutcome]) -> dict[str, int]:
+    """Bytes down and up split into model weights and logits (soft labels down, public logits up)."""
+    def total(direction: str, records: tuple[str, ...]) -> int:
+        return sum(getattr(o, f"bytes_{direction}_by_record").get(r, 0) for o in outcomes for r in records)
+
+    return {"bytes_down_weights": total("down", ("weights",)), "bytes_down_logits": total("down", ("soft-labels",)),
+            "bytes_up_weights": total("up", ("weights",)), "bytes_up_logits": total("up", ("logits",))}
+
+
+def client_record(federation: Federation, device: Device, outcome: TaskOutcome | None,
+                  left_out: str | None) -> dict[str, Any]:
     """What one device could afford and what it spent this round."""
     record: dict[str, Any] = {"node_id": device.node_id, "profile": device.profile.name,
-                              "participated": False, "error": None}
+                              "participated": False, "error": None, "left_out": left_out}
     if outcome is None:
         return record
     job = outcome.task.job
     cost = federation.cost(job.model, job.trainable)
     update = outcome.update
     examples = update.num_examples if update else device.num_examples * job.train.epochs
-    train_flops = cost.train_flops_per_sample * examples
     metrics = update.metrics if update else {}
+    public = federation.config.public_size
+    distilled = job.distill_epochs * public if "soft-labels" in outcome.task.extra else 0
+    forward_only = public if job.returns == "logits" else 0  # logits on the public slice
+    train_flops = (cost.train_flops_per_sample * (examples + distilled)
+                   + 2 * cost.forward_macs_per_sample * forward_only)
     record.update({
         "participated": update is not None, "error": outcome.error,
         "model_params": cost.params, "model_size_mb": cost.state_bytes / 2**20,
@@ -128,6 +142,7 @@ def client_record(federation: Federation, device: Device, outcome: TaskOutcome |
         "num_examples": examples if update else None, "train_loss": metrics.get("train-loss"),
         "bytes_down": outcome.bytes_down, "bytes_up": outcome.bytes_up,
         "device_time_s": device_time_s(device.profile, train_flops, outcome.bytes_down, outcome.bytes_up),
+        "submodel_accuracy": metrics.get("test-accuracy"), **outcome.task.info,
     })
     return record
 

@@ -1,6 +1,8 @@
 """Strategies by run-config name."""
 
 from server_app.strategies.base import Strategy
-from server_app.strategies.fedavg import ExclusiveFL, FedAvg
+from server_app.strategies.fedavg import AllSmall, ExclusiveFL, FedAvg
+from server_app.strategies.heterofl import HeteroFL
+from server_app.strategies.reft import REFT
 
-STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (FedAvg, ExclusiveFL)}
+STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (FedAvg, ExclusiveFL, AllSmall, HeteroFL, REFT)}

@@ -17,10 +17,12 @@ import torch
 
 from fl_app.config import RunConfig
 from fl_app.cost import ModelCost, model_cost
+from fl_app.data import Batches, Dataset, split_public
 from fl_app.job import Job
 from fl_app.models import BlockNet, ModelSpec
 from fl_app.profiles import DeviceProfile
 from fl_app.training import MB, TrainConfig
+from fl_app.width import fit_ratio
 
 
 class StrategySetupError(ValueError):
@@ -49,8 +51,9 @@ class TrainTask:
 
     node_id: int
     job: Job
-    weights: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor]  # may be empty: the client uses the weights it kept
     extra: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # more records, by name
+    info: dict[str, Any] = field(default_factory=dict)  # strategy facts for the client's record
 
 
 @dataclass
@@ -70,9 +73,23 @@ class Federation:
 
     config: RunConfig
     devices: list[Device]
-    image_shape: tuple[int, int, int]
-    num_classes: int
+    dataset: Dataset
     rng: np.random.Generator
+    _ratios: dict[tuple[float, float], float | None] = field(default_factory=dict, init=False, repr=False)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.dataset.image_shape
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
+
+    def public_batches(self, targets: torch.Tensor) -> Batches:
+        """The public slice (derived, never shipped) paired with `targets`, e.g. teacher logits."""
+        public, _ = split_public(len(self.dataset.y_train), self.config.public_size, self.config.seed)
+        x = self.dataset.x_train[torch.from_numpy(public)]
+        return Batches(x, targets, self.dataset, self.config.batch_size, seed=self.config.seed)
 
     def full_spec(self) -> ModelSpec:
         return ModelSpec(self.config.model, self.num_classes, self.image_shape[0])
@@ -98,10 +115,34 @@ class Federation:
         strongest = max(d.profile.gflops for d in self.devices)
         return full * min(1.0, self.config.compute_slack * device.profile.gflops / strongest)
 
+    def memory_budget_bytes(self, device: Device) -> float:
+        return device.profile.memory_mb * MB
+
+    def affordable_ratio(self, device: Device) -> float | None:
+        """The largest uniform channel ratio of the full model `device` can afford (None: not even the floor)."""
+        key = (device.profile.gflops, device.profile.memory_mb)
+        if key not in self._ratios:  # budgets depend on the profile only: price each one once
+            self._ratios[key] = fit_ratio(self.full_spec(), self.image_shape, self.config.batch_size,
+                                          self.flops_budget(device), self.memory_budget_bytes(device),
+                                          self.config.min_keep_ratio)
+        return self._ratios[key]
+
     def fits(self, cost: ModelCost, device: Device) -> bool:
         """Whether `device` can afford training a model of `cost`: memory and compute."""
         return (self.peak_memory_mb(cost) <= device.profile.memory_mb
                 and cost.train_flops_per_sample <= self.flops_budget(device) * (1 + 1e-9))
+
+    def affordable_ratios(self) -> tuple[dict[int, float], dict[int, str]]:
+        """(node id -> affordable channel ratio, node id -> why it cannot afford even the floor)."""
+        ratios, left_out = {}, {}
+        for d in self.devices:
+            ratio = self.affordable_ratio(d)
+            if ratio is None:
+                left_out[d.node_id] = (f"cannot afford even the smallest submodel (min-keep-ratio "
+                                       f"{self.config.min_keep_ratio}) within its compute and memory budget")
+            else:
+                ratios[d.node_id] = ratio
+        return ratios, left_out
 
     def sample(self, candidates: list[Device]) -> list[Device]:
         """`fraction-train` of the candidates (at least one), seeded."""
@@ -117,6 +158,7 @@ class Strategy(ABC):
 
     def __init__(self, federation: Federation) -> None:
         self.federation = federation
+        self.left_out: dict[int, str] = {}  # node id -> why this strategy never gives it work
 
     @abstractmethod
     def configure_train(self, server_round: int) -> list[TrainTask]:

@@ -1,4 +1,4 @@
-"""FedAvg and ExclusiveFL: everybody (or only who fits) trains the full model."""
+"""FedAvg, ExclusiveFL and AllSmall: everybody (or only who fits) trains one shared model."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 
 from fl_app.job import Job
 from fl_app.models import BlockNet, build_model
+from fl_app.width import extract
 from server_app.strategies.base import (ClientUpdate, Device, Federation, Strategy, StrategySetupError, TrainTask,
                                         weighted_average)
 
@@ -27,15 +28,17 @@ class FedAvg(Strategy):
         super().__init__(federation)
         torch.manual_seed(federation.config.seed)
         self.model = build_model(federation.full_spec())
+        self.keep_ratio = 1.0
 
     def candidates(self) -> list[Device]:
         return self.federation.devices
 
     def configure_train(self, server_round: int) -> list[TrainTask]:
         job = Job(round=server_round, model=self.model.spec, train=self.federation.train_config(),
-                  enforce_memory=self.enforce_memory)
+                  encoding=self.federation.config.encoding, enforce_memory=self.enforce_memory)
         weights = self.model.state_dict()
-        return [TrainTask(d.node_id, job, weights) for d in self.federation.sample(self.candidates())]
+        return [TrainTask(d.node_id, job, weights, info={"keep_ratio": self.keep_ratio})
+                for d in self.federation.sample(self.candidates())]
 
     def aggregate_train(self, server_round: int, updates: list[ClientUpdate]) -> dict[str, Any]:
         if updates:
@@ -61,6 +64,8 @@ class ExclusiveFL(FedAvg):
         super().__init__(federation)
         cost = federation.cost(self.model.spec)
         self.eligible = [d for d in federation.devices if federation.fits(cost, d)]
+        self.left_out = {d.node_id: "does not fit the full model (memory or compute)"
+                         for d in federation.devices if d not in self.eligible}
         if not self.eligible:
             raise StrategySetupError(
                 f"exclusivefl: no device fits the full {self.model.spec.name} (needs "
@@ -70,3 +75,29 @@ class ExclusiveFL(FedAvg):
 
     def candidates(self) -> list[Device]:
         return self.eligible
+
+
+class AllSmall(FedAvg):
+    """FedAvg of the one submodel the weakest device can afford, trained by everybody.
+
+    Everybody takes part, at the price of a model sized for the weakest device.
+    Devices that cannot afford even the `min-keep-ratio` floor are left out.
+    """
+
+    name = "allsmall"
+    enforce_memory = True
+
+    def __init__(self, federation: Federation) -> None:
+        super().__init__(federation)
+        ratios, self.left_out = federation.affordable_ratios()
+        if not ratios:
+            raise StrategySetupError("allsmall: no device can afford even the smallest submodel "
+                                     f"(min-keep-ratio {federation.config.min_keep_ratio}); lower it")
+        self.members = [d for d in federation.devices if d.node_id in ratios]
+        self.keep_ratio = min(ratios.values())
+        small = extract(self.model, self.keep_ratio, by="first")
+        self.model = build_model(small.spec)
+        self.model.load_state_dict(small.state)
+
+    def candidates(self) -> list[Device]:
+        return self.members

@@ -1,0 +1,75 @@
+"""REFT (Desai, Hilal, Eldardiry, 2023): pruned submodels sized to each device, distillation for traffic."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fl_app.job import Job
+from fl_app.models import BlockNet, ModelSpec, build_model
+from fl_app.training import distill
+from fl_app.width import extract
+from server_app.strategies.base import ClientUpdate, Federation, Strategy, StrategySetupError, TrainTask
+
+
+class REFT(Strategy):
+    """Resource-efficient federated training with variable pruning and ensemble distillation.
+
+    Setup (round 1, and every `refresh-every` rounds): the server prunes the global
+    model by weight magnitude into one submodel per device, the largest whose training
+    FLOPs fit the device's share of the strongest device's and whose peak memory fits
+    its budget; the submodel's weights travel down. Every round: each client distills
+    the ensemble logits of the last round into its submodel on the public slice,
+    trains on its private data, and sends up only its logits on the public slice; the
+    server averages them (weighted by examples) into the ensemble teacher and distills
+    it into the full global model. After setup a round costs logits, not weights.
+    """
+
+    name = "reft"
+
+    def __init__(self, federation: Federation) -> None:
+        super().__init__(federation)
+        torch.manual_seed(federation.config.seed)
+        self.model = build_model(federation.full_spec())
+        self.ratios, self.left_out = federation.affordable_ratios()
+        if not self.ratios:
+            raise StrategySetupError("reft: no device can afford even the smallest submodel "
+                                     f"(min-keep-ratio {federation.config.min_keep_ratio}); lower it")
+        self.specs: dict[int, ModelSpec] = {}  # the submodel each client holds
+        self.ensemble: torch.Tensor | None = None  # last round's teacher logits on the public slice
+
+    def _refresh_due(self, server_round: int) -> bool:
+        every = self.federation.config.refresh_every
+        return server_round == 1 or (every > 0 and (server_round - 1) % every == 0)
+
+    def configure_train(self, server_round: int) -> list[TrainTask]:
+        config = self.federation.config
+        members = [d for d in self.federation.devices if d.node_id in self.ratios]
+        soft_labels = {"soft-labels": {"logits": self.ensemble}} if self.ensemble is not None else {}
+        tasks = []
+        for device in self.federation.sample(members):
+            weights: dict[str, torch.Tensor] = {}
+            if self._refresh_due(server_round) or device.node_id not in self.specs:
+                sub = extract(self.model, self.ratios[device.node_id], by="magnitude")
+                self.specs[device.node_id], weights = sub.spec, sub.state
+            job = Job(round=server_round, model=self.specs[device.node_id], train=self.federation.train_config(),
+                      returns="logits", encoding=config.encoding, keep_state=True, evaluate=True,
+                      distill_epochs=config.client_distill_epochs if soft_labels else 0,
+                      temperature=config.temperature)
+            tasks.append(TrainTask(device.node_id, job, weights, dict(soft_labels),
+                                   info={"keep_ratio": self.ratios[device.node_id], "weights_sent": bool(weights)}))
+        return tasks
+
+    def aggregate_train(self, server_round: int, updates: list[ClientUpdate]) -> dict[str, Any]:
+        if not updates:
+            return {"ensemble_size": 0}
+        total = float(sum(u.num_examples for u in updates))
+        self.ensemble = sum(u.num_examples / total * u.tensors["logits"] for u in updates)
+        config = self.federation.config
+        loss = distill(self.model, self.federation.public_batches(self.ensemble), self.federation.train_config(),
+                       config.server_distill_epochs, config.temperature)
+        return {"ensemble_size": len(updates), "server_distill_loss": loss}
+
+    def global_model(self) -> BlockNet:
+        return self.model

@@ -1,0 +1,122 @@
+"""REFT: submodels within each device's budget, logits instead of weights, distillation both ways."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fl_app.config import RunConfig
+from fl_app.data import Batches, make_synthetic
+from fl_app.job import Job
+from fl_app.models import ModelSpec, build_model
+from fl_app.profiles import load_profile
+from fl_app.training import TrainConfig, distill, predict_logits
+from fl_app.wire import decode, encode, serialized_bytes
+from server_app.rounds import run_train_tasks
+from server_app.strategies.base import Device, Federation, TrainTask
+from server_app.strategies.reft import REFT
+from tests.test_federation import run
+
+PROFILES = ["raspberry-pi-4", "jetson-nano", "laptop", "workstation"]
+
+
+def federation(profiles=PROFILES, **overrides) -> Federation:
+    config = RunConfig.from_mapping({"strategy": "reft", **overrides})
+    devices = [Device(i + 1, i, load_profile(p), 100) for i, p in enumerate(profiles)]
+    return Federation(config, devices, make_synthetic(train_size=600, test_size=50), np.random.default_rng(0))
+
+
+def test_every_submodel_fits_its_devices_flops_share_and_memory():
+    fed = federation(**{"compute-slack": 20.0, "batch-size": 64})
+    strategy = REFT(fed)
+    tasks = strategy.configure_train(1)
+    assert len(tasks) == 4
+    full = fed.cost(fed.full_spec())
+    for task in tasks:
+        device = next(d for d in fed.devices if d.node_id == task.node_id)
+        cost = fed.cost(task.job.model)
+        assert cost.train_flops_per_sample <= fed.flops_budget(device) * (1 + 1e-9)
+        assert fed.peak_memory_mb(cost) <= device.profile.memory_mb
+        assert cost.params <= full.params
+    ratios = [t.info["keep_ratio"] for t in tasks]
+    assert ratios == sorted(ratios) and ratios[-1] == 1.0  # weaker devices, smaller models
+
+
+def test_pruned_submodels_carry_the_global_models_largest_channels():
+    strategy = REFT(federation(**{"compute-slack": 20.0}))
+    task = strategy.configure_train(1)[0]
+    global_w = strategy.model.state_dict()["blocks.0.0.weight"]
+    kept = task.weights["blocks.0.0.weight"]
+    norms = global_w.flatten(1).norm(dim=1)
+    threshold = norms.sort(descending=True).values[len(kept) - 1]
+    assert (kept.flatten(1).norm(dim=1) >= threshold - 1e-6).all()
+
+
+def test_distillation_moves_the_student_toward_the_teacher():
+    d = make_synthetic(train_size=256, test_size=10)
+    x = d.normalize(d.x_train)
+    torch.manual_seed(0)
+    teacher, student = build_model(ModelSpec("cnn")), build_model(ModelSpec("cnn"))
+    target = predict_logits(teacher, x)
+
+    def gap() -> float:
+        return float(F.kl_div(F.log_softmax(predict_logits(student, x), 1), F.log_softmax(target, 1),
+                              reduction="batchmean", log_target=True))
+
+    before = gap()
+    distill(student, Batches(d.x_train, target, d, 32), TrainConfig(lr=0.05), epochs=3, temperature=2.0)
+    assert gap() < 0.5 * before
+
+
+def test_after_setup_a_round_moves_logits_not_weights(tmp_path):
+    results, grid = run(tmp_path, strategy="reft", **{"num-server-rounds": 3, "compute-slack": 20.0})
+    first, *later = results["rounds"]
+    assert first["bytes_down_weights"] > 0 and first["bytes_down_logits"] == 0
+    for r in later:
+        assert r["bytes_down_weights"] == 0 and r["bytes_up_weights"] == 0
+        assert r["bytes_down_logits"] > 0 and r["bytes_up_logits"] > 0
+        assert r["ensemble_size"] == 4
+    assert all(c["submodel_accuracy"] is not None for c in later[-1]["clients"])
+    # Byte counts are the serialized sizes of the messages that were actually sent.
+    sent = [serialized_bytes(m.content) for m in grid.sent if m.metadata.message_type == "train"]
+    assert sum(r["bytes_down"] for r in results["rounds"]) == sum(sent)
+
+
+def test_refresh_re_prunes_and_sends_weights_again(tmp_path):
+    results, _ = run(tmp_path, strategy="reft", **{"num-server-rounds": 3, "refresh-every": 2,
+                                                    "compute-slack": 20.0})
+    assert [r["bytes_down_weights"] > 0 for r in results["rounds"]] == [True, False, True]
+
+
+def test_int8_encoding_cuts_the_logits_traffic(tmp_path):
+    fp32, _ = run(tmp_path / "a", strategy="reft", **{"num-server-rounds": 2, "compute-slack": 20.0})
+    int8, _ = run(tmp_path / "b", strategy="reft", encoding="int8", **{"num-server-rounds": 2,
+                                                                       "compute-slack": 20.0})
+    ratio = fp32["rounds"][1]["bytes_up_logits"] / int8["rounds"][1]["bytes_up_logits"]
+    assert ratio > 3
+
+
+@pytest.mark.parametrize("fault,message", [
+    (lambda t: {"logits": t["logits"][:-1]}, "shape"),
+    (lambda t: {"logits": t["logits"] * float("inf")}, "NaN or Inf"),
+    (lambda t: {"logitz": t["logits"]}, "missing"),
+])
+def test_malformed_logits_are_rejected_and_the_ensemble_is_built_without_them(tmp_path, fault, message):
+    def tamper(node, reply):
+        if node == 3 and reply.metadata.message_type == "train" and not reply.has_error():
+            reply.content["logits"] = encode(fault(decode(reply.content["logits"])))
+        return reply
+
+    results, _ = run(tmp_path, strategy="reft", tamper=tamper, **{"compute-slack": 20.0})
+    for r in results["rounds"]:
+        assert message in r["clients"][2]["error"] and r["ensemble_size"] == 3
+
+
+def test_a_client_that_lost_its_submodel_says_so(tmp_path):
+    _, grid = run(tmp_path, strategy="reft", **{"num-server-rounds": 1, "compute-slack": 20.0})
+    spec = Job.from_json(str(grid.sent[-1].content["job"]["json"])).model
+    node = grid.sent[-1].metadata.dst_node_id
+    grid.contexts[node].state.pop("kept-weights")  # e.g. the device rebooted
+    job = Job(round=2, model=spec, returns="logits", keep_state=True)
+    [outcome] = run_train_tasks(grid, [TrainTask(node, job, weights={})], public_size=100)
+    assert outcome.update is None and "lacks weights" in outcome.error
