@@ -22,7 +22,7 @@ from client_app.node import LocalNode, NodeConfigError
 from fl_app.config import ConfigError
 from fl_app.data import Batches, DataError
 from fl_app.job import Job, JobError
-from fl_app.models import build_model
+from fl_app.models import ModelSpec, build_model
 from fl_app.profiles import ProfileError
 from fl_app.training import MB, DeviceOutOfMemory, distill, evaluate, predict_logits, train
 from fl_app.wire import decode, encode
@@ -71,12 +71,16 @@ KEPT = "kept-weights"  # context.state record: the model state a job asked the n
 
 
 def _load_job_model(msg: Message, context: Context) -> tuple[Job, torch.nn.Module]:
-    """The job's model with the weights sent, completed by kept ones of the same name and shape."""
     job = Job.from_json(str(msg.content["job"]["json"]))
-    model = build_model(job.model)
+    return job, _assemble(job.model, msg, "weights", context)
+
+
+def _assemble(spec: ModelSpec, msg: Message, record: str, context: Context) -> torch.nn.Module:
+    """Build `spec` with the weights in `record`, completed by kept ones of the same name and shape."""
+    model = build_model(spec)
     needed = model.state_dict()
     kept = decode(context.state[KEPT]) if KEPT in context.state else {}
-    sent = decode(msg.content["weights"]) if "weights" in msg.content else {}
+    sent = decode(msg.content[record]) if record in msg.content else {}
     unexpected = sorted(set(sent) - set(needed))
     if unexpected:
         raise JobError(f"weights sent for tensors the job's model does not have: {unexpected[:3]}")
@@ -89,7 +93,7 @@ def _load_job_model(msg: Message, context: Context) -> tuple[Job, torch.nn.Modul
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
         raise JobError(f"the weights sent do not fit the job's model: {str(exc)[:300]}") from exc
-    return job, model
+    return model
 
 
 class MissingWeights(JobError):
@@ -111,9 +115,11 @@ def _train(msg: Message, node: LocalNode) -> RecordDict:
     job, model = _load_job_model(msg, node.context)
     if job.distill_epochs and "soft-labels" in msg.content:
         _distill_soft_labels(model, msg, node, job)
+    teacher = _assemble(job.mimic, msg, "teacher-weights", node.context) if job.mimic else None
     limit = int(node.profile.memory_mb * MB) if job.enforce_memory else None
     start = time.perf_counter()
-    result = train(model, node.train_batches(job.train.batch_size, job.round), job.train, job.trainable, limit)
+    result = train(model, node.train_batches(job.train.batch_size, job.round), job.train, job.trainable, limit,
+                   teacher)
     if job.keep_state:
         node.context.state[KEPT] = encode(model.state_dict())
     content = RecordDict()

@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fl_app.models import ModelSpec, build_model
 from fl_app.profiles import DeviceProfile
-from fl_app.training import forward, freeze_except
+from fl_app.training import checkpoint_units, forward, freeze_except
 
 MB = 2**20
 
@@ -61,14 +61,16 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def model_cost(spec: ModelSpec, image_shape: tuple[int, int, int],
-               trainable: Collection[int] | None = None) -> ModelCost:
-    """Price `spec` on `image_shape` inputs, training only the blocks in `trainable` (all if None)."""
+               trainable: Collection[int] | None = None, checkpoint: bool = False) -> ModelCost:
+    """Price `spec` on `image_shape` inputs, training only the blocks in `trainable` (all if None),
+    optionally with activation checkpointing inside the trained blocks."""
     key = None if trainable is None else tuple(sorted(trainable))
-    return _model_cost(spec.to_json(), tuple(image_shape), key)
+    return _model_cost(spec.to_json(), tuple(image_shape), key, checkpoint)
 
 
 @lru_cache(maxsize=4096)
-def _model_cost(spec_json: str, image_shape: tuple[int, ...], trainable: tuple[int, ...] | None) -> ModelCost:
+def _model_cost(spec_json: str, image_shape: tuple[int, ...], trainable: tuple[int, ...] | None,
+                checkpoint: bool) -> ModelCost:
     spec = ModelSpec.from_json(spec_json)
     with torch.device("meta"):
         model = build_model(spec)
@@ -78,31 +80,57 @@ def _model_cost(spec_json: str, image_shape: tuple[int, ...], trainable: tuple[i
     state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     # Two batch sizes: the difference is per-sample; what does not scale (weights that
     # autograd also saves) cancels out.
-    flops2, saved2, macs2 = _count(model, image_shape, 2, trainable)
-    flops4, saved4, macs4 = _count(model, image_shape, 4, trainable)
+    flops2, saved2, macs2 = _count(model, image_shape, 2, trainable, checkpoint)
+    flops4, saved4, macs4 = _count(model, image_shape, 4, trainable, checkpoint)
     return ModelCost(params, trainable_params, state_bytes, (macs4 - macs2) / 2,
                      (flops4 - flops2) / 2, (saved4 - saved2) / 2)
 
 
 def _count(model: torch.nn.Module, image_shape: tuple[int, ...], batch: int,
-           trainable: tuple[int, ...] | None) -> tuple[float, int, float]:
+           trainable: tuple[int, ...] | None, checkpoint: bool) -> tuple[float, int, float]:
+    """(training FLOPs, bytes saved for backward, forward MACs) of one batch."""
     x = torch.zeros(batch, *image_shape, device="meta")
+    with FlopCounterMode(display=False) as fwd_counter:
+        with torch.no_grad():
+            forward(model, x, trainable)
+    with FlopCounterMode(display=False) as counter:  # counts the recomputation too, if any
+        out = forward(model, x, trainable, checkpoint)
+        if out.requires_grad:
+            out.sum().backward()
+    saved = _checkpointed_saved_bytes(model, x, trainable) if checkpoint else _saved_bytes(
+        lambda: forward(model, x, trainable))
+    return float(counter.get_total_flops()), saved, fwd_counter.get_total_flops() / 2
+
+
+def _saved_bytes(run) -> int:
+    """Bytes of the distinct tensors autograd saves for backward while `run()` executes."""
     saved: dict[int, torch.Tensor] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         saved[id(t)] = t  # keep a reference so ids stay unique
         return t
 
-    with FlopCounterMode(display=False) as fwd_counter:
-        with torch.no_grad():
-            forward(model, x, trainable)
-    with FlopCounterMode(display=False) as counter:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = forward(model, x, trainable)
-        if out.requires_grad:
-            out.sum().backward()
-    saved_bytes = sum(t.numel() * t.element_size() for t in saved.values())
-    return float(counter.get_total_flops()), saved_bytes, fwd_counter.get_total_flops() / 2
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(t.numel() * t.element_size() for t in saved.values())
+
+
+def _checkpointed_saved_bytes(model: torch.nn.Module, x: torch.Tensor, trainable: tuple[int, ...] | None) -> int:
+    """Checkpointing keeps each unit's input; backward rebuilds one unit's saved tensors at a time."""
+    kept, largest_unit = 0, 0
+    grad_needed = False
+    for i, block in enumerate(model.blocks):  # type: ignore[attr-defined]
+        grad_needed = grad_needed or trainable is None or i in trainable
+        if not grad_needed:
+            with torch.no_grad():
+                x = block(x)
+            continue
+        for unit in checkpoint_units(block):
+            kept += x.numel() * x.element_size()
+            result: list[torch.Tensor] = []
+            largest_unit = max(largest_unit, _saved_bytes(lambda: result.append(unit(x))))
+            x = result[0]
+    return kept + largest_unit
 
 
 def device_time_s(profile: DeviceProfile, train_flops: float, bytes_down: int, bytes_up: int) -> float:

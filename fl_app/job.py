@@ -33,6 +33,8 @@ class Job:
     - `keep_state`: the client keeps its model state for later rounds; weights it is
       not sent again come from what it kept (REFT's submodel, ProFL's frozen blocks).
     - `evaluate`: also report the trained model's accuracy on the node's test share.
+    - `mimic`: instead of the labels, train to reproduce the logits of this teacher model
+      (MSE), built from kept weights plus the "teacher-weights" record (ProFL's shrinking).
     """
 
     round: int
@@ -46,11 +48,10 @@ class Job:
     temperature: float = 1.0
     keep_state: bool = False
     evaluate: bool = False
+    mimic: ModelSpec | None = None
 
     def to_json(self) -> str:
-        d = asdict(self)
-        d["model"] = asdict(self.model)
-        return json.dumps(d, sort_keys=True)
+        return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Job:
@@ -58,6 +59,7 @@ class Job:
             d = json.loads(text)
             d["model"] = ModelSpec(**d["model"])
             d["train"] = TrainConfig(**d["train"])
+            d["mimic"] = ModelSpec(**d["mimic"]) if d.get("mimic") else None
             job = cls(**d)
         except (TypeError, KeyError, ValueError) as exc:
             raise JobError(f"malformed job: {exc}") from exc

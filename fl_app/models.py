@@ -49,6 +49,7 @@ class ModelSpec:
     num_classes: int = 10
     in_channels: int = 3
     widths: dict[str, int] = field(default_factory=dict)
+    depth: int = 0  # ProFL: keep blocks 1..depth and close with their output module; 0 = all blocks
 
     def resolved_widths(self) -> dict[str, int]:
         full = full_widths(self.name)
@@ -58,7 +59,10 @@ class ModelSpec:
         return {**full, **self.widths}
 
     def with_widths(self, widths: dict[str, int]) -> ModelSpec:
-        return ModelSpec(self.name, self.num_classes, self.in_channels, dict(widths))
+        return ModelSpec(self.name, self.num_classes, self.in_channels, dict(widths), self.depth)
+
+    def with_depth(self, depth: int) -> ModelSpec:
+        return ModelSpec(self.name, self.num_classes, self.in_channels, dict(self.widths), depth)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -209,6 +213,42 @@ def _resnet(spec: ModelSpec, w: dict[str, int]) -> list[nn.Module]:
             nn.Sequential(*stages[2]), nn.Sequential(*stages[3], head)]
 
 
+def block_outputs(name: str) -> list[tuple[str | None, int]]:
+    """For each block: the width group of its output feature map (None: it has none) and its stride."""
+    if name == "cnn":
+        return [("conv1", 2), ("conv2", 2), (None, 1)]
+    if name in _RESNET_BLOCKS:
+        return [("stage1", 1), ("stage2", 2), ("stage3", 2), ("stage4", 2)]
+    stages = _VGG_STAGES[name.removesuffix("-fc4096")]
+    return [(f"stage{s}.conv{len(stage)}", 2) for s, stage in enumerate(stages, start=1)]
+
+
+def num_blocks(name: str) -> int:
+    return len(block_outputs(name))
+
+
+class OutputModule(nn.Module):
+    """ProFL's stand-in for the blocks after block `depth`: one 3x3 stride-s convolution per later
+    block (no BatchNorm, no ReLU, as in the authors' scripts), global average pooling, a linear layer."""
+
+    def __init__(self, spec: ModelSpec, w: dict[str, int], depth: int) -> None:
+        super().__init__()
+        outputs = block_outputs(spec.name)
+        layers: list[nn.Module] = []
+        in_g = outputs[depth - 1][0]
+        for out_g, stride in outputs[depth:]:
+            if out_g is None:
+                continue
+            layers.append(conv(w, out_g, in_g, kernel=3, stride=stride, bias=True))
+            in_g = out_g
+        assert in_g is not None
+        self.basic = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), linear(w, None, in_g, spec.num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.basic(x))
+
+
 def build_model(spec: ModelSpec) -> BlockNet:
     """Build the (sub)model described by `spec` with fresh weights."""
     widths = spec.resolved_widths()
@@ -221,6 +261,11 @@ def build_model(spec: ModelSpec) -> BlockNet:
         blocks = _resnet(spec, widths)
     else:
         blocks = _vgg(spec, widths)
+    if spec.depth:
+        if not 1 <= spec.depth <= len(blocks):
+            raise ValueError(f"model {spec.name!r} has {len(blocks)} blocks; depth {spec.depth} is out of range")
+        if spec.depth < len(blocks):
+            blocks = blocks[:spec.depth] + [OutputModule(spec, widths, spec.depth)]
     return BlockNet(spec, blocks)
 
 

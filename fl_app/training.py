@@ -7,11 +7,12 @@ prices (FLOPs, saved activations) is what a client actually executes.
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from fl_app.data import Batches
@@ -27,6 +28,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     augment: bool = False
+    checkpoint: bool = False  # recompute activations inside trained blocks (less memory, more compute)
 
 
 def freeze_except(model: nn.Module, trainable: Collection[int] | None) -> None:
@@ -41,14 +43,53 @@ def freeze_except(model: nn.Module, trainable: Collection[int] | None) -> None:
             p.requires_grad_(learn)
 
 
-def forward(model: nn.Module, x: torch.Tensor, trainable: Collection[int] | None = None) -> torch.Tensor:
-    """Run the blocks; the frozen prefix runs without autograd, so it stores no activations."""
+def forward(model: nn.Module, x: torch.Tensor, trainable: Collection[int] | None = None,
+            checkpoint: bool = False) -> torch.Tensor:
+    """Run the blocks; the frozen prefix runs without autograd, so it stores no activations.
+
+    With `checkpoint`, each block that needs gradients runs unit by unit (see
+    `checkpoint_units`) and keeps only each unit's input: backward recomputes one unit
+    at a time, trading compute for activation memory.
+    """
     grad_needed = False
     for i, block in enumerate(model.blocks):  # type: ignore[attr-defined]
         grad_needed = grad_needed or trainable is None or i in trainable
         with torch.set_grad_enabled(grad_needed and torch.is_grad_enabled()):
-            x = block(x)
+            if checkpoint and torch.is_grad_enabled():
+                for unit in checkpoint_units(block):
+                    x = torch.utils.checkpoint.checkpoint(_run_unit, unit, x, use_reentrant=False)
+            else:
+                x = block(x)
     return x
+
+
+def checkpoint_units(block: nn.Module) -> list[nn.Sequential]:
+    """A block cut into recomputable units: runs of layers ending at an activation or pooling,
+    and whole composite children (a residual block, a stem, an output module's parts).
+
+    Cutting after the in-place ReLU keeps every in-place operation inside one unit.
+    """
+    children = list(block.children()) if isinstance(block, nn.Sequential) else [block]
+    units: list[nn.Sequential] = []
+    run: list[nn.Module] = []
+    for child in children:
+        if any(True for _ in child.children()):  # composite: one unit
+            if run:
+                units.append(nn.Sequential(*run))
+                run = []
+            units.append(child if isinstance(child, nn.Sequential) else nn.Sequential(child))
+            continue
+        run.append(child)
+        if isinstance(child, (nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Flatten)):
+            units.append(nn.Sequential(*run))
+            run = []
+    if run:
+        units.append(nn.Sequential(*run))
+    return units
+
+
+def _run_unit(unit: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return unit(x)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -56,27 +97,27 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor | None,
-               trainable: Collection[int] | None = None, soft_targets: torch.Tensor | None = None,
-               temperature: float = 1.0) -> float:
-    """One SGD step on cross-entropy, or on KL to `soft_targets` (logits) when given."""
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, target: torch.Tensor,
+               trainable: Collection[int] | None = None, loss_fn: Loss = F.cross_entropy,
+               checkpoint: bool = False) -> float:
+    """One SGD step on `loss_fn(logits, target)`: labels for cross-entropy, logits for distillation."""
     optimizer.zero_grad(set_to_none=True)
-    logits = forward(model, x, trainable)
-    if soft_targets is None:
-        loss = F.cross_entropy(logits, y)
-    else:
-        loss = distillation_loss(logits, soft_targets, temperature)
+    loss = loss_fn(forward(model, x, trainable, checkpoint), target)
     loss.backward()
     optimizer.step()
     return float(loss.detach())
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                      temperature: float) -> torch.Tensor:
-    """Hinton's KL(teacher || student) at temperature T, scaled by T^2."""
-    t = temperature
-    return F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
-                    reduction="batchmean", log_target=True) * t * t
+def distillation_loss(temperature: float) -> Loss:
+    """Hinton's KL(teacher || student) at temperature T, scaled by T^2; targets are teacher logits."""
+    def loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        t = temperature
+        return F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+                        reduction="batchmean", log_target=True) * t * t
+    return loss
 
 
 @dataclass
@@ -88,37 +129,48 @@ class TrainResult:
 
 
 def train(model: nn.Module, batches: Batches, cfg: TrainConfig, trainable: Collection[int] | None = None,
-          memory_limit_bytes: int | None = None) -> TrainResult:
-    """Train for `cfg.epochs`; the first step is measured for peak memory.
+          memory_limit_bytes: int | None = None, teacher: nn.Module | None = None) -> TrainResult:
+    """Train for `cfg.epochs` on the labels, or to mimic `teacher`'s logits (MSE) when given.
 
-    With `memory_limit_bytes`, a first step that needs more raises `DeviceOutOfMemory`
-    before any further work, as a device with that much memory would fail.
+    The first step is measured for peak memory. With `memory_limit_bytes`, a first step
+    that needs more raises `DeviceOutOfMemory` before any further work, as a device with
+    that much memory would fail.
     """
     freeze_except(model, trainable)
     optimizer = make_optimizer(model, cfg)
+    loss_fn: Loss = F.cross_entropy if teacher is None else F.mse_loss
+    if teacher is not None:
+        teacher.eval()
     start = time.perf_counter()
     seen, loss_sum, peak = 0, 0.0, 0
     for epoch in range(cfg.epochs):
         for x, y in batches.epoch(epoch, augment=cfg.augment):
+            target = y if teacher is None else _logits(teacher, x)
             if peak == 0:
-                loss, peak = measure_step(model, optimizer, x, y, trainable)
+                loss, peak = measure_step(model, optimizer, x, target, trainable, loss_fn, cfg.checkpoint)
                 if memory_limit_bytes is not None and peak > memory_limit_bytes:
                     raise DeviceOutOfMemory(peak, memory_limit_bytes)
             else:
-                loss = train_step(model, optimizer, x, y, trainable)
-            seen += len(y)
-            loss_sum += loss * len(y)
+                loss = train_step(model, optimizer, x, target, trainable, loss_fn, cfg.checkpoint)
+            seen += len(x)
+            loss_sum += loss * len(x)
     return TrainResult(seen, loss_sum / max(seen, 1), time.perf_counter() - start, peak)
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x)
 
 
 def distill(model: nn.Module, batches: Batches, cfg: TrainConfig, epochs: int, temperature: float) -> float:
     """Train `model` to match teacher logits (the batches' targets) at `temperature`; mean loss."""
     freeze_except(model, None)
     optimizer = make_optimizer(model, cfg)
+    loss_fn = distillation_loss(temperature)
     loss_sum, seen = 0.0, 0
     for epoch in range(epochs):
-        for x, teacher in batches.epoch(epoch, augment=False):
-            loss_sum += train_step(model, optimizer, x, None, soft_targets=teacher, temperature=temperature) * len(x)
+        for x, teacher_logits in batches.epoch(epoch, augment=False):
+            loss_sum += train_step(model, optimizer, x, teacher_logits, None, loss_fn) * len(x)
             seen += len(x)
     return loss_sum / max(seen, 1)
 
@@ -132,8 +184,9 @@ class DeviceOutOfMemory(RuntimeError):
         self.needed, self.available = needed, available
 
 
-def measure_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                 trainable: Collection[int] | None = None) -> tuple[float, int]:
+def measure_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, target: torch.Tensor,
+                 trainable: Collection[int] | None = None, loss_fn: Loss = F.cross_entropy,
+                 checkpoint: bool = False) -> tuple[float, int]:
     """Run one real training step and return (loss, peak bytes of tensor memory).
 
     Peak = what was alive before the step (parameters, buffers, optimizer state, the
@@ -145,12 +198,12 @@ def measure_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Te
     if x.is_cuda:
         torch.cuda.reset_peak_memory_stats(x.device)
         base = torch.cuda.memory_allocated(x.device)
-        loss = train_step(model, optimizer, x, y, trainable)
+        loss = train_step(model, optimizer, x, target, trainable, loss_fn, checkpoint)
         return loss, before + torch.cuda.max_memory_allocated(x.device) - base
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        loss = train_step(model, optimizer, x, y, trainable)
+        loss = train_step(model, optimizer, x, target, trainable, loss_fn, checkpoint)
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     current = highest = 0
     for event in sorted(events, key=lambda e: e.start_ns()):
