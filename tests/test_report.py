@@ -1,0 +1,192 @@
+"""The report command: figures and summary tables from real runs' results.json.
+
+Two small real runs (fedavg and reft, 2 rounds, 3 devices, tiny data) are made once per module
+with the in-process harness. Two more runs are derived from the fedavg run's results.json:
+  * "failed": status "failed", error "boom", rounds truncated to 1 of 2 (summary recomputed with the
+    writer's own `summarize`, as the writer would have left it);
+  * "profl": a FABRICATED ProFL-like run: the strategy is renamed "profl" and every round gets the
+    keys the ProFL strategy will write (stage, active_block, effective_movement, frozen, eligible).
+    No ProFL strategy ran; this only exercises the report's handling of those keys.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from benchmarks.run_inprocess import run_inprocess
+from fl_app.report import ReportError, build_report, label_runs, load_run, main
+from fl_app.results import summarize
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+BASE_FIGURES = {"accuracy_vs_round.png", "accuracy_vs_traffic.png", "accuracy_vs_device_time.png",
+                "memory_per_client.png", "devices_time.png"}
+DPI = 40  # small figures keep the module fast; the default (200) is exercised once by the CLI test
+
+
+def _write(folder: Path, doc: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(doc))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("runs")
+    folders = {}
+    for strategy in ("fedavg", "reft"):
+        run_inprocess({"strategy": strategy, "num-server-rounds": 2, "max-client-examples": 32,
+                       "test-size": 100, "public-size": 50, "compute-slack": 20.0,
+                       "server-distill-epochs": 1, "output-dir": str(root), "run-name": strategy,
+                       "device-mix": "raspberry-pi-3b-plus:1,laptop:1,workstation:1"}, 3)
+        folders[strategy] = root / strategy
+    base = json.loads((folders["fedavg"] / "results.json").read_text())
+
+    failed = copy.deepcopy(base)
+    failed.update(status="failed", error="boom", rounds=failed["rounds"][:1])
+    failed["summary"] = summarize(failed["rounds"])
+    folders["failed"] = _write(root / "failed", failed)
+
+    profl = copy.deepcopy(base)  # fabricated ProFL-like run, see the module docstring
+    profl["config"]["strategy"] = "profl"
+    for i, r in enumerate(profl["rounds"]):
+        r.update(stage="shrink" if i == 0 else "grow", active_block=i + 1,
+                 effective_movement=None if i == 0 else 0.25, frozen=i == 0, eligible=2)
+    folders["profl"] = _write(root / "profl", profl)
+    return folders
+
+
+@pytest.fixture(scope="module")
+def report(runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    order = ["fedavg", "reft", "failed", "profl"]
+    return build_report([runs[k] for k in order], out, dpi=DPI), order
+
+
+def _labels(paths: list[Path]) -> list[str]:
+    loaded = [load_run(p) for p in paths]
+    label_runs(loaded)
+    return [r.label for r in loaded]
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_all_figures_and_tables_are_written(report):
+    files, _ = report
+    names = {p.name for p in files.out.iterdir()}
+    assert names == BASE_FIGURES | {"profl.png", "reft.png", "summary.md", "summary.csv"}
+    assert {p.name for p in files.figures} == BASE_FIGURES | {"profl.png", "reft.png"}
+    for png in files.figures:
+        data = png.read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 1000, png
+
+
+def test_summary_csv_equals_numbers_computed_from_results(report, runs):
+    files, order = report
+    rows = _csv_rows(files.summary_csv)
+    assert [r["run"] for r in rows] == order
+    for row, name in zip(rows, order):
+        doc = json.loads((runs[name] / "results.json").read_text())
+        rounds = doc["rounds"]
+        clients = [c for r in rounds for c in r["clients"]]
+        peaks = {}
+        for c in clients:
+            if c["participated"]:
+                peaks[c["node_id"]] = max(peaks.get(c["node_id"], 0), c["peak_memory_mb"])
+        expected = {
+            "rounds_completed": len(rounds),
+            "rounds_configured": doc["config"]["num_server_rounds"],
+            "final_accuracy": rounds[-1]["accuracy"],
+            "best_accuracy": max(r["accuracy"] for r in rounds),
+            "total_mb_down": sum(r["bytes_down"] for r in rounds) / 1e6,
+            "total_mb_up": sum(r["bytes_up"] for r in rounds) / 1e6,
+            "total_device_time_s": sum(max(c.get("device_time_s") or 0 for c in r["clients"]) for r in rounds),
+            "peak_memory_mb_max": max(peaks.values()),
+            "peak_memory_mb_median": statistics.median(peaks.values()),
+            "distinct_participants": len({c["node_id"] for c in clients if c["participated"]}),
+            "client_failures": sum(1 for c in clients if c["error"]),
+        }
+        for key, value in expected.items():
+            assert float(row[key]) == pytest.approx(value, rel=1e-12), (name, key)
+        assert row["strategy"] == doc["config"]["strategy"] and row["model"] == doc["config"]["model"]
+
+
+def test_reft_uploads_far_less_than_fedavg(report):
+    """Sanity on real numbers: reft sends logits up, so it uploads far less than fedavg."""
+    rows = {r["run"]: r for r in _csv_rows(report[0].summary_csv)}
+    assert float(rows["reft"]["total_mb_up"]) < float(rows["fedavg"]["total_mb_up"]) / 5
+    assert rows["fedavg"]["status"] == rows["reft"]["status"] == "completed"
+
+
+def test_failed_run_is_kept_and_marked(report, runs):
+    files, _ = report
+    row = next(r for r in _csv_rows(files.summary_csv) if r["run"] == "failed")
+    assert row["status"] == "failed: boom (stopped at round 1/2)"
+    assert (row["rounds_completed"], row["rounds_configured"]) == ("1", "2")
+    line = next(l for l in files.summary_md.read_text().splitlines() if l.startswith("| failed |"))
+    assert "failed: boom" in line and "| 1/2 |" in line
+    labels = _labels([runs["fedavg"], runs["failed"]])
+    assert labels[1].endswith("(failed)") and "(failed)" not in labels[0]
+
+
+def test_interrupted_run_is_marked_stopped(runs, tmp_path):
+    doc = json.loads((runs["fedavg"] / "results.json").read_text())
+    # A killed process never wrote "completed"; the rounds are cut by hand, so the summary is stale.
+    doc.update(status="running", rounds=doc["rounds"][:1])
+    folder = _write(tmp_path / "killed", doc)
+    files = build_report([folder], tmp_path / "out", dpi=DPI)
+    row = _csv_rows(files.summary_csv)[0]
+    assert row["status"] == "stopped at round 1/2 (status running)"
+    assert (row["rounds_completed"], row["rounds_configured"]) == ("1", "2")
+    assert float(row["total_mb_down"]) == doc["rounds"][0]["bytes_down"] / 1e6  # not the stale summary's
+    assert "(stopped 1/2)" in _labels([folder])[0]
+
+
+def test_profl_and_reft_figures_only_for_their_runs(runs, tmp_path):
+    files = build_report([runs["fedavg"]], tmp_path / "plain", dpi=DPI)
+    names = {p.name for p in files.figures}
+    assert names == BASE_FIGURES
+    files = build_report([runs["profl"]], tmp_path / "profl", dpi=DPI)
+    assert (tmp_path / "profl" / "profl.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert not (tmp_path / "profl" / "reft.png").exists()
+
+
+def test_repeated_strategies_get_folder_names_in_labels(runs):
+    labels = _labels([runs["fedavg"], runs["fedavg"] / "results.json", runs["reft"]])
+    assert labels[0] == "fedavg (fedavg)" and labels[2] == "reft"
+
+
+def test_cli_default_output_folder_and_dpi(runs, capsys):
+    assert main([str(runs["reft"])]) == 0
+    out = runs["reft"].parent / "report"
+    assert (out / "summary.md").exists() and (out / "reft.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert str(out) in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case, content, needle", [
+    ("missing_folder", None, "no such file"),
+    ("missing_file", "", "no such file"),
+    ("bad_json", "{not json", "not readable JSON"),
+    ("foreign", json.dumps({"name": "something else"}), "not a results file"),
+    ("not_object", json.dumps([1, 2]), "not a results file"),
+    ("bad_round", json.dumps({"status": "completed", "config": {}, "rounds": [{"round": 1}]}), "rounds[0] lacks"),
+])
+def test_bad_input_raises_report_error_and_cli_exits_2(tmp_path, capsys, case, content, needle):
+    folder = tmp_path / case
+    if content is not None:
+        folder.mkdir()
+        if content:
+            (folder / "results.json").write_text(content)
+    with pytest.raises(ReportError, match=needle.replace("[", r"\[")):
+        build_report([folder], tmp_path / "out")
+    assert main([str(folder), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err and str(folder) in err and "Traceback" not in err
