@@ -21,7 +21,7 @@ from flwr.clientapp import ClientApp
 from client_app.node import LocalNode, NodeConfigError
 from fl_app.config import ConfigError
 from fl_app.data import Batches, DataError
-from fl_app.job import Job, JobError
+from fl_app.job import ERROR_BAD_INPUT, ERROR_MISSING_WEIGHTS, ERROR_OOM, Job, JobError, MissingWeights
 from fl_app.models import ModelSpec, build_model
 from fl_app.profiles import ProfileError
 from fl_app.training import MB, DeviceOutOfMemory, distill, evaluate, predict_logits, train
@@ -29,7 +29,6 @@ from fl_app.wire import decode, encode
 
 app = ClientApp()
 
-ERROR_OOM, ERROR_BAD_INPUT = 1001, 1002
 _EXPECTED = (DeviceOutOfMemory, JobError, DataError, ProfileError, ConfigError, NodeConfigError, KeyError)
 
 
@@ -52,7 +51,8 @@ def _handle(msg: Message, context: Context, fn) -> Message:
     try:
         return Message(fn(msg, LocalNode.from_context(context)), reply_to=msg)
     except _EXPECTED as exc:
-        code = ERROR_OOM if isinstance(exc, DeviceOutOfMemory) else ERROR_BAD_INPUT
+        code = (ERROR_OOM if isinstance(exc, DeviceOutOfMemory)
+                else ERROR_MISSING_WEIGHTS if isinstance(exc, MissingWeights) else ERROR_BAD_INPUT)
         return Message(Error(code=code, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
 
 
@@ -72,15 +72,19 @@ KEPT = "kept-weights"  # context.state record: the model state a job asked the n
 
 def _load_job_model(msg: Message, context: Context) -> tuple[Job, torch.nn.Module]:
     job = Job.from_json(str(msg.content["job"]["json"]))
-    return job, _assemble(job.model, msg, "weights", context)
+    return job, _assemble(job.model, msg, ("weights",), context)
 
 
-def _assemble(spec: ModelSpec, msg: Message, record: str, context: Context) -> torch.nn.Module:
-    """Build `spec` with the weights in `record`, completed by kept ones of the same name and shape."""
+def _assemble(spec: ModelSpec, msg: Message, records: tuple[str, ...], context: Context) -> torch.nn.Module:
+    """Build `spec` with the weights in `records` (later ones win), completed by kept ones of the
+    same name and shape."""
     model = build_model(spec)
     needed = model.state_dict()
     kept = decode(context.state[KEPT]) if KEPT in context.state else {}
-    sent = decode(msg.content[record]) if record in msg.content else {}
+    sent: dict[str, torch.Tensor] = {}
+    for record in records:
+        if record in msg.content:
+            sent |= {k: v for k, v in decode(msg.content[record]).items() if k in needed or record == records[-1]}
     unexpected = sorted(set(sent) - set(needed))
     if unexpected:
         raise JobError(f"weights sent for tensors the job's model does not have: {unexpected[:3]}")
@@ -94,10 +98,6 @@ def _assemble(spec: ModelSpec, msg: Message, record: str, context: Context) -> t
     except RuntimeError as exc:
         raise JobError(f"the weights sent do not fit the job's model: {str(exc)[:300]}") from exc
     return model
-
-
-class MissingWeights(JobError):
-    """The job relies on weights this node never received or did not keep."""
 
 
 def _distill_soft_labels(model: torch.nn.Module, msg: Message, node: LocalNode, job: Job) -> None:
@@ -115,13 +115,15 @@ def _train(msg: Message, node: LocalNode) -> RecordDict:
     job, model = _load_job_model(msg, node.context)
     if job.distill_epochs and "soft-labels" in msg.content:
         _distill_soft_labels(model, msg, node, job)
-    teacher = _assemble(job.mimic, msg, "teacher-weights", node.context) if job.mimic else None
+    # The teacher shares the front blocks sent in "weights"; "teacher-weights" holds the rest.
+    teacher = _assemble(job.mimic, msg, ("weights", "teacher-weights"), node.context) if job.mimic else None
     limit = int(node.profile.memory_mb * MB) if job.enforce_memory else None
     start = time.perf_counter()
     result = train(model, node.train_batches(job.train.batch_size, job.round), job.train, job.trainable, limit,
                    teacher)
-    if job.keep_state:
-        node.context.state[KEPT] = encode(model.state_dict())
+    if job.keep_state:  # add to what the node keeps; a new tensor of the same name replaces the old
+        kept = decode(node.context.state[KEPT]) if KEPT in node.context.state else {}
+        node.context.state[KEPT] = encode(kept | model.state_dict())
     content = RecordDict()
     if job.returns == "weights":
         trainable = set(range(len(model.blocks))) if job.trainable is None else set(job.trainable)

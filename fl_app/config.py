@@ -19,7 +19,7 @@ from fl_app.profiles import ProfileError, parse_device_mix
 from fl_app.wire import ENCODINGS
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
-STRATEGY_NAMES = ("fedavg", "exclusivefl", "allsmall", "heterofl", "reft")
+STRATEGY_NAMES = ("fedavg", "exclusivefl", "allsmall", "heterofl", "reft", "profl")
 _DATASETS = ("synthetic", "mnist", "fashion-mnist", "cifar10", "cifar100")
 
 
@@ -55,6 +55,12 @@ class RunConfig:
     client_distill_epochs: int
     server_distill_epochs: int
     refresh_every: int
+    checkpoint: bool
+    profl_shrink_rounds: int
+    em_window: int
+    em_threshold: float
+    em_patience: int
+    block_round_cap: int
     min_nodes: int
     seed: int
     output_dir: str
@@ -109,10 +115,12 @@ class RunConfig:
             p.append(f"dataset = {self.dataset!r}: valid choices are {', '.join(_DATASETS)}, "
                      "npz:<file>, imagefolder:<dir>")
         at_least("dirichlet-alpha", self.dirichlet_alpha, 0, strict=True)
-        for key in ("shards-per-client", "num-server-rounds", "local-epochs", "batch-size", "min-nodes"):
+        for key in ("shards-per-client", "num-server-rounds", "local-epochs", "batch-size", "min-nodes",
+                    "em-window", "em-patience", "block-round-cap"):
             at_least(key, getattr(self, key.replace("-", "_")), 1)
         for key in ("max-client-examples", "public-size", "test-size", "momentum", "weight-decay",
-                    "client-distill-epochs", "server-distill-epochs", "refresh-every"):
+                    "client-distill-epochs", "server-distill-epochs", "refresh-every", "profl-shrink-rounds",
+                    "em-threshold"):
             at_least(key, getattr(self, key.replace("-", "_")), 0)
         at_least("lr", self.lr, 0, strict=True)
         at_least("compute-slack", self.compute_slack, 0, strict=True)

@@ -32,6 +32,7 @@ class ModelCost:
     forward_macs_per_sample: float
     train_flops_per_sample: float  # forward + backward of the trainable part
     activation_bytes_per_sample: float  # tensors autograd saves for backward
+    transient_bytes_per_sample: float  # the largest layer's input + output, alive while it runs
 
     @property
     def size_mb(self) -> float:
@@ -41,15 +42,16 @@ class ModelCost:
                          optimizer_slots: int = 1) -> int:
         """Peak tensor memory of a training step at `batch_size`.
 
-        Two moments compete: the end of the forward pass / start of backward
-        (saved activations + gradients being made) and the optimizer step (gradients +
-        optimizer state, e.g. one momentum buffer for SGD). Parameters and the batch
-        are alive throughout.
+        Two moments compete: the turn from forward to backward (saved activations, the
+        largest layer's input and output, gradients being made) and the optimizer step
+        (gradients + optimizer state, e.g. one momentum buffer for SGD). Parameters and
+        the batch are alive throughout. The transient term matters most when only a
+        small part trains: a frozen prefix saves nothing but still computes its layers.
         """
         grads = 4 * self.trainable_params
         optim = 4 * self.trainable_params * optimizer_slots
         batch = 4 * batch_size * _numel(image_shape)
-        activations = self.activation_bytes_per_sample * batch_size
+        activations = (self.activation_bytes_per_sample + self.transient_bytes_per_sample) * batch_size
         return int(self.state_bytes + batch + max(activations + grads, grads + optim))
 
 
@@ -83,7 +85,7 @@ def _model_cost(spec_json: str, image_shape: tuple[int, ...], trainable: tuple[i
     flops2, saved2, macs2 = _count(model, image_shape, 2, trainable, checkpoint)
     flops4, saved4, macs4 = _count(model, image_shape, 4, trainable, checkpoint)
     return ModelCost(params, trainable_params, state_bytes, (macs4 - macs2) / 2,
-                     (flops4 - flops2) / 2, (saved4 - saved2) / 2)
+                     (flops4 - flops2) / 2, (saved4 - saved2) / 2, _largest_layer_io(model, image_shape))
 
 
 def _count(model: torch.nn.Module, image_shape: tuple[int, ...], batch: int,
@@ -100,6 +102,30 @@ def _count(model: torch.nn.Module, image_shape: tuple[int, ...], batch: int,
     saved = _checkpointed_saved_bytes(model, x, trainable) if checkpoint else _saved_bytes(
         lambda: forward(model, x, trainable))
     return float(counter.get_total_flops()), saved, fwd_counter.get_total_flops() / 2
+
+
+def _largest_layer_io(model: torch.nn.Module, image_shape: tuple[int, ...]) -> float:
+    """Per sample: the largest input + output of any single layer during a forward pass."""
+    largest = 0
+
+    def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal largest
+        tensors = [t for t in (*inputs, output) if torch.is_tensor(t)]
+        # An in-place layer (ReLU) writes into its input: count that memory once.
+        size = sum(t.numel() * t.element_size() for t in {t.data_ptr() if t.device.type != "meta" else id(t): t
+                                                             for t in tensors}.values())
+        if getattr(module, "inplace", False):
+            size = max(t.numel() * t.element_size() for t in tensors)
+        largest = max(largest, size)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not any(True for _ in m.children())]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *image_shape, device="meta"))
+    finally:
+        for h in handles:
+            h.remove()
+    return float(largest)
 
 
 def _saved_bytes(run) -> int:

@@ -14,9 +14,16 @@ from fl_app.training import TrainConfig
 
 RETURNS = ("weights", "logits")
 
+# Error codes of a client's error reply, so the server can tell failures apart.
+ERROR_OOM, ERROR_BAD_INPUT, ERROR_MISSING_WEIGHTS = 1001, 1002, 1003
+
 
 class JobError(ValueError):
     """A job that cannot be run as written."""
+
+
+class MissingWeights(JobError):
+    """The job relies on weights this node never received or did not keep."""
 
 
 @dataclass(frozen=True)

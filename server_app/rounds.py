@@ -38,6 +38,7 @@ class TaskOutcome:
     bytes_up_by_record: dict[str, int] = field(default_factory=dict)
     update: ClientUpdate | None = None
     error: str | None = None
+    error_code: int | None = None  # as the client sent it, for errors the client reported
 
 
 def query_devices(grid: Grid, node_ids: Iterable[int], timeout: float) -> tuple[list[Device], list[str]]:
@@ -77,7 +78,7 @@ def run_train_tasks(grid: Grid, tasks: list[TrainTask], public_size: int,
             log(WARNING, "ignoring a reply from node %s, which was sent no task", reply.metadata.src_node_id)
             continue
         if reply.has_error():
-            outcome.error = reply.error.reason
+            outcome.error, outcome.error_code = reply.error.reason, reply.error.code
             continue
         outcome.bytes_up = serialized_bytes(reply.content)
         outcome.bytes_up_by_record = _bytes_by_record(reply.content)

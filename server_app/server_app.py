@@ -21,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from fl_app.config import ConfigError, RunConfig
 from fl_app.cost import device_time_s
 from fl_app.data import Batches, DataError, Dataset, load_dataset
+from fl_app.job import ERROR_MISSING_WEIGHTS
 from fl_app.profiles import ProfileError
 from fl_app.results import ResultsWriter
 from fl_app.training import evaluate
@@ -94,7 +95,8 @@ def run_round(grid: Grid, strategy: Strategy, federation: Federation, server_rou
               test: Batches) -> dict[str, Any]:
     start = time.perf_counter()
     tasks = strategy.configure_train(server_round)
-    outcomes = run_train_tasks(grid, tasks, federation.config.public_size)
+    outcomes = resend_missing(grid, strategy, run_train_tasks(grid, tasks, federation.config.public_size),
+                              federation.config.public_size)
     extras = strategy.aggregate_train(server_round, [o.update for o in outcomes if o.update])
     accuracy, loss, _ = evaluate(strategy.global_model(), test)
     by_node = {o.task.node_id: o for o in outcomes}
@@ -104,6 +106,26 @@ def run_round(grid: Grid, strategy: Strategy, federation: Federation, server_rou
             "bytes_down": sum(o.bytes_down for o in outcomes), "bytes_up": sum(o.bytes_up for o in outcomes),
             **traffic_by_kind(outcomes), "participants": sum(c["participated"] for c in clients),
             "seconds": time.perf_counter() - start, **extras, "clients": clients}
+
+
+def resend_missing(grid: Grid, strategy: Strategy, outcomes: list[TaskOutcome], public_size: int) -> list[TaskOutcome]:
+    """Once per round, give nodes that lost what they kept (a reboot, a new device) everything again."""
+    retry = {o.task.node_id: strategy.resend(o.task) for o in outcomes if o.error_code == ERROR_MISSING_WEIGHTS}
+    retry = {node: task for node, task in retry.items() if task is not None}
+    if not retry:
+        return outcomes
+    log(INFO, "resending full weights to nodes %s, which lack what they kept", sorted(retry))
+    second = {o.task.node_id: o for o in run_train_tasks(grid, list(retry.values()), public_size)}
+    merged = []
+    for o in outcomes:
+        again = second.get(o.task.node_id)
+        if again is not None:  # both attempts crossed the wire
+            again.bytes_down += o.bytes_down
+            for name, size in o.bytes_down_by_record.items():
+                again.bytes_down_by_record[name] = again.bytes_down_by_record.get(name, 0) + size
+            o = again
+        merged.append(o)
+    return merged
 
 
 def traffic_by_kind(outcomes: list[TaskOutcome]) -> dict[str, int]:
@@ -123,7 +145,7 @@ def client_record(federation: Federation, device: Device, outcome: TaskOutcome |
     if outcome is None:
         return record
     job = outcome.task.job
-    cost = federation.cost(job.model, job.trainable)
+    cost = federation.job_cost(job)
     update = outcome.update
     examples = update.num_examples if update else device.num_examples * job.train.epochs
     metrics = update.metrics if update else {}
@@ -136,9 +158,9 @@ def client_record(federation: Federation, device: Device, outcome: TaskOutcome |
         "participated": update is not None, "error": outcome.error,
         "model_params": cost.params, "model_size_mb": cost.state_bytes / 2**20,
         "train_flops_per_sample": cost.train_flops_per_sample,
-        "predicted_peak_memory_mb": federation.peak_memory_mb(cost),
+        "predicted_peak_memory_mb": federation.job_peak_memory_mb(job),
         "peak_memory_mb": metrics.get("peak-memory-mb"),
-        "fits_memory": federation.peak_memory_mb(cost) <= device.profile.memory_mb,
+        "fits_memory": federation.job_peak_memory_mb(job) <= device.profile.memory_mb,
         "num_examples": examples if update else None, "train_loss": metrics.get("train-loss"),
         "bytes_down": outcome.bytes_down, "bytes_up": outcome.bytes_up,
         "device_time_s": device_time_s(device.profile, train_flops, outcome.bytes_down, outcome.bytes_up),

@@ -96,13 +96,21 @@ class Federation:
 
     def train_config(self) -> TrainConfig:
         c = self.config
-        return TrainConfig(c.local_epochs, c.batch_size, c.lr, c.momentum, c.weight_decay, c.augment)
+        return TrainConfig(c.local_epochs, c.batch_size, c.lr, c.momentum, c.weight_decay, c.augment, c.checkpoint)
 
-    def cost(self, spec: ModelSpec, trainable: list[int] | None = None) -> ModelCost:
-        return model_cost(spec, self.image_shape, trainable)
+    def cost(self, spec: ModelSpec, trainable: list[int] | None = None, checkpoint: bool = False) -> ModelCost:
+        return model_cost(spec, self.image_shape, trainable, checkpoint)
 
     def peak_memory_mb(self, cost: ModelCost) -> float:
         return cost.peak_train_bytes(self.config.batch_size, self.image_shape) / MB
+
+    def job_cost(self, job: Job) -> ModelCost:
+        return self.cost(job.model, job.trainable, job.train.checkpoint)
+
+    def job_peak_memory_mb(self, job: Job) -> float:
+        """Predicted peak memory of a job: its training step, plus the teacher it mimics, if any."""
+        teacher = self.cost(job.mimic).state_bytes / MB if job.mimic else 0.0
+        return self.job_cost(job).peak_train_bytes(job.train.batch_size, self.image_shape) / MB + teacher
 
     def flops_budget(self, device: Device) -> float:
         """Training FLOPs per sample `device` may spend: its share of the full model's.
@@ -171,6 +179,10 @@ class Strategy(ABC):
     @abstractmethod
     def global_model(self) -> BlockNet:
         """The model the server evaluates after the round."""
+
+    def resend(self, task: TrainTask) -> TrainTask | None:
+        """The task again with every weight it needs, for a node that lost what it kept (None: cannot)."""
+        return None
 
 
 def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -60,6 +61,13 @@ class REFT(Strategy):
             tasks.append(TrainTask(device.node_id, job, weights, dict(soft_labels),
                                    info={"keep_ratio": self.ratios[device.node_id], "weights_sent": bool(weights)}))
         return tasks
+
+    def resend(self, task: TrainTask) -> TrainTask:
+        """A node lost its submodel: cut it again from the current global model (a refresh for that node)."""
+        sub = extract(self.model, self.ratios[task.node_id], by="magnitude")
+        self.specs[task.node_id] = sub.spec
+        job = replace(task.job, model=sub.spec)
+        return TrainTask(task.node_id, job, sub.state, task.extra, {**task.info, "weights_sent": True})
 
     def aggregate_train(self, server_round: int, updates: list[ClientUpdate]) -> dict[str, Any]:
         if not updates:

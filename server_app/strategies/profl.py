@@ -1,0 +1,220 @@
+"""ProFL (Wu et al., KDD'25): progressive block-wise training under device memory budgets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+from fl_app.job import Job
+from fl_app.models import BlockNet, ModelSpec, build_model, num_blocks
+from server_app.strategies.base import (ClientUpdate, Device, Federation, Strategy, StrategySetupError, TrainTask,
+                                        weighted_average)
+
+EM_COORDINATES = 10_000  # the authors' scripts track a fixed random sample of at most this many
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of the schedule: which model is trained, what part of it, and how."""
+
+    stage: str  # "shrink" (back to front) or "grow" (front to back)
+    block: int  # 1-based index of the block the step is about
+    kind: str  # "train" (cross-entropy) or "mimic" (output module reproduces the model with the block)
+
+    def depth(self, total: int) -> int:
+        return self.block - 1 if self.kind == "mimic" else self.block
+
+    def trainable(self, total: int) -> list[int]:
+        depth = self.depth(total)
+        if self.kind == "mimic":
+            return [depth]  # the output module that stands in for `block`
+        return [depth - 1] + ([depth] if depth < total else [])  # the block and its output module
+
+
+def part_of(name: str) -> str:
+    """The unit of versioning a state-dict entry belongs to: a block, or an output module."""
+    _, index, kind, *_ = name.split(".")
+    return f"output{index}" if kind in ("basic", "head") else f"block{index}"
+
+
+def effective_movement(history: list[torch.Tensor], window: int) -> float | None:
+    """EM = ||a_i - a_(i-W)||_1 / sum_(k<W) ||a_(i-k) - a_(i-k-1)||_1, in [0, 1].
+
+    Near 1: the parameters move steadily in one direction; near 0: they oscillate in
+    place, i.e. the block has converged. None until W+1 snapshots exist.
+    """
+    if len(history) <= window:
+        return None
+    recent = history[-window - 1:]
+    path = sum(float((b - a).abs().sum()) for a, b in zip(recent, recent[1:]))
+    return float((recent[-1] - recent[0]).abs().sum()) / path if path > 0 else 0.0
+
+
+class ProFL(Strategy):
+    """Progressive training: every round trains one block, so weak devices fit and take part.
+
+    Shrinking (blocks T..2): train block t with its output module while the blocks in
+    front stay frozen at their initialisation, then train the output module of t-1,
+    whose first basic layer replaces block t, to mimic the model that still has block t
+    (MSE on logits). This yields initial weights for every block and an output module
+    for each. Growing (blocks 1..T): train block t with its output module, the blocks
+    in front frozen; freeze it when its effective movement stays below `em-threshold`
+    for `em-patience` rounds, or after `block-round-cap` rounds, then move on.
+
+    Each round only devices whose memory fits the step's predicted peak are sampled.
+    A frozen block travels to a device once; the device keeps it.
+    """
+
+    name = "profl"
+
+    def __init__(self, federation: Federation) -> None:
+        super().__init__(federation)
+        config = federation.config
+        spec = federation.full_spec()
+        self.total = num_blocks(spec.name)
+        torch.manual_seed(config.seed)
+        self.weights: dict[str, torch.Tensor] = dict(build_model(spec).state_dict())
+        for depth in range(1, self.total):  # every output module, freshly initialised
+            self.weights.update({k: v for k, v in build_model(spec.with_depth(depth)).state_dict().items()
+                                 if part_of(k) == f"output{depth}"})
+        self.schedule = [Step("shrink", t, kind) for t in range(self.total, 1, -1)
+                         for kind in ("train", "mimic") for _ in range(config.profl_shrink_rounds)]
+        self.grow_block = 1
+        self.rounds_in_block = 0
+        self.calm_rounds = 0
+        self.history: list[torch.Tensor] = []
+        self.sample_index: torch.Tensor | None = None
+        self.version: dict[str, int] = {}  # part -> version of the server's copy
+        self.held: dict[int, dict[str, int]] = {}  # node -> part -> version it keeps (-1: its own local copy)
+        self.step = self._next_step()
+        self.eligible: list[Device] = []
+        if not any(self._fits(d, self.step) for d in federation.devices):
+            raise StrategySetupError("profl: no device fits even the first step's memory; lower batch-size, "
+                                     "enable checkpoint, or add devices with more memory")
+
+    # --- schedule ---------------------------------------------------------------------------
+
+    def _next_step(self) -> Step:
+        if self.schedule:
+            return self.schedule.pop(0)
+        return Step("grow", self.grow_block, "train")
+
+    def spec(self, step: Step) -> ModelSpec:
+        return self.federation.full_spec().with_depth(step.depth(self.total))
+
+    def job(self, server_round: int, step: Step) -> Job:
+        teacher = self.federation.full_spec().with_depth(step.block) if step.kind == "mimic" else None
+        return Job(round=server_round, model=self.spec(step), train=self.federation.train_config(),
+                   trainable=step.trainable(self.total), encoding=self.federation.config.encoding,
+                   keep_state=True, mimic=teacher)
+
+    def _fits(self, device: Device, step: Step) -> bool:
+        return self.federation.job_peak_memory_mb(self.job(0, step)) <= device.profile.memory_mb
+
+    # --- the round ----------------------------------------------------------------------------
+
+    def configure_train(self, server_round: int) -> list[TrainTask]:
+        step = self.step
+        if step.kind == "mimic" and self.rounds_in_block == 0:
+            self._init_output_module(step.block - 1)
+        self.eligible = [d for d in self.federation.devices if self._fits(d, step)]
+        job = self.job(server_round, step)
+        return [self._task(d.node_id, job) for d in self.federation.sample(self.eligible)]
+
+    def _task(self, node: int, job: Job) -> TrainTask:
+        trainable = {part_of(k) for k in build_model_keys(job.model) if int(k.split(".")[1]) in job.trainable}
+        weights = self._missing(node, build_model_keys(job.model), always=trainable)
+        extra = {}
+        if job.mimic is not None:
+            extra["teacher-weights"] = self._missing(node, build_model_keys(job.mimic), always=set(),
+                                                     skip=set(weights))
+        return TrainTask(node, job, weights, extra, info={"stage": self.step.stage, "active_block": self.step.block})
+
+    def _missing(self, node: int, keys: list[str], always: set[str], skip: set[str] = frozenset()) -> dict:
+        """The entries of `keys` the node does not hold at the server's version (plus `always` parts)."""
+        held = self.held.get(node, {})
+        return {k: self.weights[k] for k in keys if k not in skip
+                and (part_of(k) in always or held.get(part_of(k)) != self.version.get(part_of(k), 0))}
+
+    def resend(self, task: TrainTask) -> TrainTask:
+        """The node lost what it kept: forget our record of it and send everything the job needs."""
+        self.held.pop(task.node_id, None)
+        return self._task(task.node_id, task.job)
+
+    def aggregate_train(self, server_round: int, updates: list[ClientUpdate]) -> dict[str, Any]:
+        step = self.step
+        for u in updates:  # what each node now keeps: its model as sent, and its own copy of what it trained
+            held = self.held.setdefault(u.node_id, {})
+            for k in build_model_keys(u.job.model):
+                held[part_of(k)] = self.version.get(part_of(k), 0)
+            for k in u.tensors:
+                held[part_of(k)] = -1
+        if updates:
+            averaged = weighted_average([u.tensors for u in updates], [u.num_examples for u in updates])
+            self.weights.update(averaged)
+            for part in {part_of(k) for k in averaged}:
+                self.version[part] = self.version.get(part, 0) + 1
+        self.rounds_in_block += 1
+        record = {"stage": step.stage, "active_block": step.block, "step": step.kind,
+                  "eligible": len(self.eligible), "eligible_nodes": [d.node_id for d in self.eligible],
+                  "effective_movement": None, "frozen": False}
+        if step.stage == "grow":
+            record.update(self._track_movement(updates))
+        elif self.rounds_in_block >= self.federation.config.profl_shrink_rounds:
+            self._advance()
+        return record
+
+    def _track_movement(self, updates: list[ClientUpdate]) -> dict[str, Any]:
+        config = self.federation.config
+        active = torch.cat([v.flatten().float() for k, v in self.weights.items()
+                            if part_of(k) == f"block{self.step.block - 1}" and v.is_floating_point()])
+        if self.sample_index is None:
+            g = torch.Generator().manual_seed(config.seed + self.step.block)
+            self.sample_index = torch.randperm(len(active), generator=g)[:EM_COORDINATES]
+        self.history.append(active[self.sample_index].clone())
+        em = effective_movement(self.history, config.em_window)
+        self.calm_rounds = self.calm_rounds + 1 if em is not None and em < config.em_threshold else 0
+        last = self.step.block == self.total
+        freeze = not last and (self.calm_rounds >= config.em_patience or self.rounds_in_block >= config.block_round_cap)
+        if freeze:
+            self.grow_block += 1
+            self._advance()
+        return {"effective_movement": em, "frozen": freeze}
+
+    def _advance(self) -> None:
+        self.step = self._next_step()
+        self.rounds_in_block, self.calm_rounds = 0, 0
+        self.history, self.sample_index = [], None
+
+    def _init_output_module(self, depth: int) -> None:
+        """Output module `depth` = a fresh basic layer for block depth+1, then output module depth+1's layers."""
+        later = f"blocks.{depth + 1}."
+        for key in [k for k in self.weights if part_of(k) == f"output{depth}"]:
+            _, _, kind, *rest = key.split(".")
+            if kind == "basic" and rest[0] == "0":
+                continue  # the new basic layer keeps its fresh initialisation
+            source = later + (f"basic.{int(rest[0]) - 1}." + ".".join(rest[1:]) if kind == "basic"
+                              else "head." + ".".join(rest))
+            if source in self.weights and self.weights[source].shape == self.weights[key].shape:
+                self.weights[key] = self.weights[source].clone()
+        self.version[f"output{depth}"] = self.version.get(f"output{depth}", 0) + 1
+
+    def global_model(self) -> BlockNet:
+        model = build_model(self.spec(self.step))
+        model.load_state_dict({k: self.weights[k] for k in model.state_dict()})
+        return model
+
+
+@lru_cache(maxsize=256)
+def _keys(spec_json: str) -> tuple[str, ...]:
+    with torch.device("meta"):
+        return tuple(build_model(ModelSpec.from_json(spec_json)).state_dict())
+
+
+def build_model_keys(spec: ModelSpec) -> list[str]:
+    """The state-dict names of `spec`'s model (built on the meta device: no memory, no compute)."""
+    return list(_keys(spec.to_json()))
+

@@ -1,0 +1,137 @@
+"""ProFL: blocks and output modules, frozen fronts, effective movement, memory-aware selection, traffic."""
+
+import pytest
+import torch
+
+from fl_app.job import Job
+from fl_app.models import MODEL_NAMES, ModelSpec, block_outputs, build_model, num_blocks
+from fl_app.training import TrainConfig, freeze_except, make_optimizer, train_step
+from server_app.strategies.profl import ProFL, Step, effective_movement, part_of
+from tests.test_federation import run
+from tests.test_reft import federation
+
+QUICK = {"strategy": "profl", "em-window": 2, "block-round-cap": 1, "max-client-examples": 48}
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_depth_is_the_front_blocks_closed_by_an_output_module(name):
+    total = num_blocks(name)
+    stages = [g for g, _ in block_outputs(name) if g is not None]
+    for depth in range(1, total):
+        model = build_model(ModelSpec(name).with_depth(depth))
+        assert len(model.blocks) == depth + 1
+        output = model.blocks[depth]
+        later_stages = [g for g, _ in block_outputs(name)[depth:] if g is not None]
+        assert len(output.basic) == len(later_stages)  # one stride-2 basic layer per later block
+        assert all(isinstance(m, torch.nn.Conv2d) and m.stride == (s, s) and m.kernel_size == (3, 3)
+                   for m, (_, s) in zip(output.basic, [o for o in block_outputs(name)[depth:] if o[0]]))
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert stages  # every model has feature-map blocks
+    full = build_model(ModelSpec(name).with_depth(total))
+    assert list(full.state_dict()) == list(build_model(ModelSpec(name)).state_dict())
+
+
+def test_output_modules_never_share_a_name_with_a_real_block():
+    names = set(build_model(ModelSpec("vgg16")).state_dict())
+    for depth in range(1, 5):
+        om = {k for k in build_model(ModelSpec("vgg16").with_depth(depth)).state_dict()
+              if part_of(k) == f"output{depth}"}
+        assert om and not om & names
+
+
+def test_frozen_front_gets_no_gradients_and_keeps_its_batchnorm_statistics():
+    model = build_model(ModelSpec("resnet18").with_depth(2))
+    freeze_except(model, [1, 2])
+    front = {k: v.clone() for k, v in model.blocks[0].state_dict().items()}
+    optimizer = make_optimizer(model, TrainConfig())
+    for _ in range(2):
+        train_step(model, optimizer, torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)), [1, 2])
+    assert all(p.grad is None for p in model.blocks[0].parameters())
+    assert all(torch.equal(v, model.blocks[0].state_dict()[k]) for k, v in front.items())
+    assert any(p.grad is not None for p in model.blocks[1].parameters())
+
+
+def test_effective_movement_is_one_for_steady_drift_and_zero_for_oscillation():
+    drift = [torch.full((5,), float(i)) for i in range(7)]
+    assert effective_movement(drift, 6) == pytest.approx(1.0)
+    oscillation = [torch.full((5,), float(i % 2)) for i in range(7)]
+    assert effective_movement(oscillation, 6) == pytest.approx(0.0)
+    half = [torch.tensor([0.0]), torch.tensor([2.0]), torch.tensor([1.0])]  # |1-0| / (2 + 1)
+    assert effective_movement(half, 2) == pytest.approx(1 / 3)
+    assert effective_movement(drift[:3], 6) is None
+
+
+def test_schedule_shrinks_back_to_front_then_grows_front_to_back():
+    strategy = ProFL(federation(**{"strategy": "profl"}))
+    steps = [strategy.step] + list(strategy.schedule)
+    assert [(s.stage, s.block, s.kind) for s in steps] == [
+        ("shrink", 3, "train"), ("shrink", 3, "mimic"), ("shrink", 2, "train"), ("shrink", 2, "mimic")]
+    assert Step("grow", 1, "train").trainable(3) == [0, 1] and Step("grow", 3, "train").trainable(3) == [2]
+    assert Step("shrink", 3, "mimic").trainable(3) == [2]
+
+
+def test_selection_never_sends_a_step_to_a_device_it_does_not_fit(tmp_path):
+    tiny = tmp_path / "tiny.toml"
+    tiny.write_text('name = "tiny"\ngflops = 1.0\nmemory_mb = 10.0\nuplink_mbps = 1.0\ndownlink_mbps = 1.0\n')
+    results, grid = run(tmp_path, num_nodes=3, **QUICK, **{"num-server-rounds": 6,
+                                                          "device-mix": f"laptop:1,workstation:1,{tiny}:1"})
+    for r in results["rounds"]:
+        node3 = r["clients"][2]
+        if 3 not in r["eligible_nodes"]:
+            assert not node3["participated"] and node3["error"] is None
+        elif node3["participated"]:  # sampled: predicted to fit, and the measured step fit too
+            assert node3["predicted_peak_memory_mb"] <= 10.0 and node3["peak_memory_mb"] <= 10.0
+            assert node3["error"] is None
+    assert any(3 not in r["eligible_nodes"] for r in results["rounds"])
+    assert any(3 in r["eligible_nodes"] for r in results["rounds"])  # cheap steps do include it
+    for m in grid.sent:
+        if m.metadata.dst_node_id == 3 and m.metadata.message_type == "train":
+            job = Job.from_json(str(m.content["job"]["json"]))
+            r = results["rounds"][job.round - 1]
+            assert 3 in r["eligible_nodes"]
+
+
+def test_frozen_blocks_travel_once_and_only_the_active_part_after(tmp_path):
+    results, grid = run(tmp_path, num_nodes=2, **QUICK, **{
+        "num-server-rounds": 8, "profl-shrink-rounds": 0, "device-mix": "laptop:1,workstation:1"})
+    assert [r["active_block"] for r in results["rounds"]] == [1, 2, 3, 3, 3, 3, 3, 3]
+    sent_to_1 = [m for m in grid.sent if m.metadata.dst_node_id == 1 and m.metadata.message_type == "train"]
+    parts = [{part_of(k) for k in m.content["weights"].keys()} for m in sent_to_1]
+    assert parts[0] == {"block0", "output1"}  # step 1: the active block and its output module
+    # Each block, once frozen, travels once more (its aggregated final version replaces the
+    # node's local copy), then never again; afterwards only the active part travels.
+    assert parts[1] == {"block0", "block1", "output2"}
+    assert parts[2] == {"block1", "block2"}
+    assert parts[3:] == [{"block2"}] * 5
+
+
+def test_a_client_that_lacks_a_frozen_block_gets_it(tmp_path):
+    holder = {}
+
+    def reboot_node_1_after_round_2(node, reply):
+        if node == 1 and reply.metadata.message_type == "train":
+            holder["answers"] = holder.get("answers", 0) + 1
+            if holder["answers"] == 2:
+                holder["grid"].contexts[1].state.pop("kept-weights")  # loses its frozen blocks
+        return reply
+
+    results, grid = run(tmp_path, num_nodes=2, tamper=reboot_node_1_after_round_2,
+                        on_grid=lambda g: holder.update(grid=g), **QUICK,
+                        **{"num-server-rounds": 3, "profl-shrink-rounds": 0, "device-mix": "laptop:1,workstation:1"})
+    third = results["rounds"][2]
+    assert third["clients"][0]["participated"] and third["clients"][0]["error"] is None
+    first_try, resent = [m for m in grid.sent if m.metadata.dst_node_id == 1][-2:]
+    assert {part_of(k) for k in first_try.content["weights"].keys()} == {"block1", "block2"}
+    assert {part_of(k) for k in resent.content["weights"].keys()} == {"block0", "block1", "block2"}
+
+
+def test_the_grown_model_is_the_full_architecture(tmp_path):
+    results, _ = run(tmp_path, num_nodes=2, **QUICK, **{"num-server-rounds": 3, "profl-shrink-rounds": 0,
+                                                        "device-mix": "laptop:1,workstation:1"})
+    strategy = ProFL(federation(**{"strategy": "profl", "profl-shrink-rounds": 0, "block-round-cap": 1}))
+    for r in range(1, 4):
+        strategy.configure_train(r)
+        strategy.aggregate_train(r, [])
+    grown = strategy.global_model()
+    assert grown.spec.depth == 3 and list(grown.state_dict()) == list(build_model(ModelSpec("cnn")).state_dict())
+    assert results["rounds"][-1]["active_block"] == 3
