@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+import tomllib
 
 import torch
-from flwr.app import Context
+from flwr.app import ConfigRecord, Context
 
 from fl_app.config import RunConfig
 from fl_app.data import Batches, Dataset, federated_split, load_dataset
-from fl_app.profiles import DeviceProfile, load_profile, profile_for_partition
+from fl_app.profiles import DeviceProfile, load_profile, profile_for_partition, profile_from_dict
 
 
 class NodeConfigError(ValueError):
@@ -42,7 +42,8 @@ class LocalNode:
             raise NodeConfigError(f"node config partition-id/num-partitions must be integers: {exc}") from exc
         if not 0 <= pid < n:
             raise NodeConfigError(f"node config partition-id={pid} must be in [0, num-partitions={n})")
-        profile = node_profile(str(nc["profile"])) if "profile" in nc else profile_for_partition(config.device_mix, pid)
+        profile = (node_profile(str(nc["profile"]), context) if "profile" in nc
+                   else profile_for_partition(config.device_mix, pid))
         return cls(config, profile, pid, n, str(nc.get("data-dir", config.data_dir)), context)
 
     @property
@@ -74,11 +75,20 @@ class LocalNode:
         return Batches(d.x_test[idx], d.y_test[idx], d, batch_size, shuffle=False)
 
 
-@lru_cache(maxsize=4)
-def node_profile(value: str) -> DeviceProfile:
-    """A profile name, a .toml path, or "measure" (this machine, measured once per process)."""
-    if value == "measure":
+MEASURED = "measured-profile"  # context.state record: this node's measurement, taken once per run
+
+
+def node_profile(value: str, context: Context) -> DeviceProfile:
+    """A profile name, a .toml path, or "measure": this machine, measured on the first message.
+
+    Deployed ClientApps run in a fresh process per message, so the measurement is kept
+    in the node's context state: every message of the run then reports the same numbers.
+    """
+    if value != "measure":
+        return load_profile(value)
+    if MEASURED not in context.state:
         from fl_app.measure import measure_profile
 
-        return measure_profile("measured", uplink_mbps=50.0, downlink_mbps=100.0)
-    return load_profile(value)
+        profile = measure_profile("measured", uplink_mbps=50.0, downlink_mbps=100.0)
+        context.state[MEASURED] = ConfigRecord({"toml": profile.to_toml()})
+    return profile_from_dict(tomllib.loads(str(context.state[MEASURED]["toml"])), "this node's measurement")

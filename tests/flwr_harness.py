@@ -69,7 +69,7 @@ def stop_superlink(port: int) -> None:
     """Kill the SuperLink (and its SuperExec and simulation children) that serves `port`."""
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
-        if "flower-superlink" in cmdline and f":{port}" in cmdline or f"--port {port}" in cmdline:
+        if "flower-superlink" in cmdline and (f":{port}" in cmdline or f"--port {port}" in cmdline):
             for p in [*proc.children(recursive=True), proc]:
                 try:
                     p.kill()

@@ -1,0 +1,1 @@
+"""Operator scripts: a local deployment-engine federation, lab certificates, engine comparison."""
