@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
@@ -87,8 +88,13 @@ def run_folder(config: RunConfig) -> Path:
 
 
 def _test_batches(dataset: Dataset, config: RunConfig) -> Batches:
-    n = len(dataset.y_test) if not config.test_size else min(config.test_size, len(dataset.y_test))
-    return Batches(dataset.x_test[:n], dataset.y_test[:n], dataset, batch_size=256, shuffle=False)
+    """The test set, or a seeded random `test-size` subset of it (never its first rows: stored
+    datasets are often sorted by class)."""
+    n = len(dataset.y_test)
+    idx = np.arange(n) if not config.test_size or config.test_size >= n else np.sort(
+        np.random.default_rng(config.seed + 11).permutation(n)[:config.test_size])
+    idx = torch.from_numpy(idx)
+    return Batches(dataset.x_test[idx], dataset.y_test[idx], dataset, batch_size=256, shuffle=False)
 
 
 def run_round(grid: Grid, strategy: Strategy, federation: Federation, server_round: int,

@@ -113,3 +113,16 @@ def test_an_invalid_run_config_stops_before_any_message_is_sent(tmp_path):
     with pytest.raises(ValueError, match="valid choices are fedavg"):
         main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
     assert grid.sent == []
+
+
+def test_a_test_subset_is_a_random_sample_not_the_first_rows(tmp_path):
+    """Stored datasets are often sorted by class; the first rows would be one or two classes."""
+    from fl_app.data import make_synthetic
+    from server_app.server_app import _test_batches
+    from fl_app.config import RunConfig
+
+    d = make_synthetic(train_size=100, test_size=1000)
+    ordered = type(d)(d.x_train, d.y_train, d.x_test[d.y_test.argsort()], d.y_test.sort().values, d.num_classes,
+                      d.mean, d.std)
+    batches = _test_batches(ordered, RunConfig.from_mapping({"test-size": 200}))
+    assert len(batches) == 200 and len(batches.y.unique()) == 10
