@@ -1,0 +1,27 @@
+"""Run the ServerApp's round loop against the real ClientApp in one process (no Ray, no SuperLink).
+
+Benchmarks use it to compare strategies on identical data, devices and seeds at a scale a laptop
+CPU can finish; the protocol, jobs, byte counts and results are exactly those of a `flwr run`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from flwr.app import Context, RecordDict
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from server_app.server_app import main  # noqa: E402
+from tests.inprocess import InProcessGrid  # noqa: E402
+
+
+def run_inprocess(run_config: dict, num_nodes: int) -> dict:
+    """Run to completion; return the parsed results.json."""
+    grid = InProcessGrid(run_config, num_nodes)
+    main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config)))
+    folder = Path(run_config["output-dir"]) / run_config["run-name"]
+    return json.loads((folder / "results.json").read_text())
