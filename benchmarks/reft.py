@@ -98,14 +98,16 @@ def accuracy(rounds: int, examples: int, model: str) -> None:
           f"compute-slack 1.0, profl block-round-cap 2")
     print(f"{'strategy':12s} {'final acc':>9s} {'best acc':>8s} {'clients':>7s} {'MB down':>9s} {'MB up':>9s} "
           f"{'device s':>9s} {'wall s':>7s}")
-    with tempfile.TemporaryDirectory() as out:
-        for strategy in ("fedavg", "exclusivefl", "allsmall", "heterofl", "reft", "profl"):
-            start = time.perf_counter()
-            res = run_inprocess({**common, "strategy": strategy, "output-dir": out, "run-name": strategy}, 10)
-            s = res["summary"]
-            print(f"{strategy:12s} {s['final_accuracy']:9.4f} {s['best_accuracy']:8.4f} "
-                  f"{s['distinct_participants']:7d} {s['total_bytes_down'] / 1e6:9.2f} {s['total_bytes_up'] / 1e6:9.2f} "
-                  f"{s['total_device_time_s']:9.1f} {time.perf_counter() - start:7.0f}", flush=True)
+    print("(runs kept in benchmarks/results/runs/; figures: python -m fl_app.report benchmarks/results/runs/* "
+          "--out benchmarks/results/report)")
+    out = REPO / "benchmarks" / "results" / "runs"  # kept: `python -m fl_app.report` builds the figures
+    for strategy in ("fedavg", "exclusivefl", "allsmall", "heterofl", "reft", "profl"):
+        start = time.perf_counter()
+        res = run_inprocess({**common, "strategy": strategy, "output-dir": str(out), "run-name": strategy}, 10)
+        s = res["summary"]
+        print(f"{strategy:12s} {s['final_accuracy']:9.4f} {s['best_accuracy']:8.4f} "
+              f"{s['distinct_participants']:7d} {s['total_bytes_down'] / 1e6:9.2f} {s['total_bytes_up'] / 1e6:9.2f} "
+              f"{s['total_device_time_s']:9.1f} {time.perf_counter() - start:7.0f}", flush=True)
 
 
 if __name__ == "__main__":
