@@ -33,6 +33,7 @@ class ModelCost:
     train_flops_per_sample: float  # forward + backward of the trainable part
     activation_bytes_per_sample: float  # tensors autograd saves for backward
     transient_bytes_per_sample: float  # the largest layer's input + output, alive while it runs
+    largest_trainable_bytes: int = 0  # SGD's weight decay allocates a temporary this size on CPU
 
     @property
     def size_mb(self) -> float:
@@ -52,7 +53,8 @@ class ModelCost:
         optim = 4 * self.trainable_params * optimizer_slots
         batch = 4 * batch_size * _numel(image_shape)
         activations = (self.activation_bytes_per_sample + self.transient_bytes_per_sample) * batch_size
-        return int(self.state_bytes + batch + max(activations + grads, grads + optim))
+        step = grads + optim + self.largest_trainable_bytes
+        return int(self.state_bytes + batch + max(activations + grads, step))
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -85,7 +87,8 @@ def _model_cost(spec_json: str, image_shape: tuple[int, ...], trainable: tuple[i
     flops2, saved2, macs2 = _count(model, image_shape, 2, trainable, checkpoint)
     flops4, saved4, macs4 = _count(model, image_shape, 4, trainable, checkpoint)
     return ModelCost(params, trainable_params, state_bytes, (macs4 - macs2) / 2,
-                     (flops4 - flops2) / 2, (saved4 - saved2) / 2, _largest_layer_io(model, image_shape))
+                     (flops4 - flops2) / 2, (saved4 - saved2) / 2, _largest_layer_io(model, image_shape),
+                     max((4 * p.numel() for p in model.parameters() if p.requires_grad), default=0))
 
 
 def _count(model: torch.nn.Module, image_shape: tuple[int, ...], batch: int,
