@@ -9,7 +9,7 @@ import torch
 from flwr.app import ConfigRecord, Context
 
 from fl_app.config import RunConfig
-from fl_app.data import Batches, Dataset, federated_split, load_dataset
+from fl_app.data import Batches, Dataset, FederatedSplit, federated_split, load_dataset
 from fl_app.profiles import DeviceProfile, load_profile, profile_for_partition, profile_from_dict
 
 
@@ -50,17 +50,18 @@ class LocalNode:
     def dataset(self) -> Dataset:
         return load_dataset(self.config.dataset, self.data_dir, self.config.seed)
 
-    def train_indices(self) -> torch.Tensor:
+    @property
+    def split(self) -> FederatedSplit:
+        """The federated split every party derives alike from the run config (cached in fl_app.data)."""
         c = self.config
-        split = federated_split(self.dataset, self.num_partitions, c.partition, c.seed, c.dirichlet_alpha,
-                                c.shards_per_client, c.public_size, c.max_client_examples)
-        return torch.from_numpy(split.clients[self.partition_id])
+        return federated_split(self.dataset, self.num_partitions, c.partition, c.seed, c.dirichlet_alpha,
+                               c.shards_per_client, c.public_size, c.max_client_examples)
+
+    def train_indices(self) -> torch.Tensor:
+        return torch.from_numpy(self.split.clients[self.partition_id])
 
     def public_indices(self) -> torch.Tensor:
-        c = self.config
-        split = federated_split(self.dataset, self.num_partitions, c.partition, c.seed, c.dirichlet_alpha,
-                                c.shards_per_client, c.public_size, c.max_client_examples)
-        return torch.from_numpy(split.public)
+        return torch.from_numpy(self.split.public)
 
     def train_batches(self, batch_size: int, round_: int) -> Batches:
         idx = self.train_indices()
