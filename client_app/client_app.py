@@ -18,6 +18,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client_app.faults import FaultConfigError
 from client_app.node import LocalNode, NodeConfigError
 from fl_app.config import ConfigError
 from fl_app.data import Batches, DataError
@@ -29,7 +30,8 @@ from fl_app.wire import decode, encode
 
 app = ClientApp()
 
-_EXPECTED = (DeviceOutOfMemory, JobError, DataError, ProfileError, ConfigError, NodeConfigError, KeyError)
+_EXPECTED = (DeviceOutOfMemory, JobError, DataError, ProfileError, ConfigError, NodeConfigError, FaultConfigError,
+             KeyError)
 
 
 @app.query()
@@ -137,6 +139,8 @@ def _train(msg: Message, node: LocalNode) -> RecordDict:
     if job.evaluate:
         report["test-accuracy"], report["test-loss"], _ = evaluate(model, node.test_batches())
     content["report"] = MetricRecord(report)
+    if node.fault and node.fault.applies(job.round):
+        content = node.fault.damage(content, job.returns)
     return content
 
 

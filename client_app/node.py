@@ -8,6 +8,7 @@ import tomllib
 import torch
 from flwr.app import ConfigRecord, Context
 
+from client_app.faults import Fault
 from fl_app.config import RunConfig
 from fl_app.data import Batches, Dataset, FederatedSplit, federated_split, load_dataset
 from fl_app.profiles import DeviceProfile, load_profile, profile_for_partition, profile_from_dict
@@ -25,6 +26,7 @@ class LocalNode:
     num_partitions: int
     data_dir: str
     context: Context
+    fault: Fault | None = None  # injected misbehaviour, for resilience tests (client_app/faults.py)
 
     @classmethod
     def from_context(cls, context: Context) -> LocalNode:
@@ -44,7 +46,8 @@ class LocalNode:
             raise NodeConfigError(f"node config partition-id={pid} must be in [0, num-partitions={n})")
         profile = (node_profile(str(nc["profile"]), context) if "profile" in nc
                    else profile_for_partition(config.device_mix, pid))
-        return cls(config, profile, pid, n, str(nc.get("data-dir", config.data_dir)), context)
+        fault = Fault.parse(str(nc["fault"])) if nc.get("fault") else None
+        return cls(config, profile, pid, n, str(nc.get("data-dir", config.data_dir)), context, fault)
 
     @property
     def dataset(self) -> Dataset:

@@ -7,6 +7,7 @@ any training starts and reports all problems at once, each with the valid choice
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -62,6 +63,10 @@ class RunConfig:
     em_patience: int
     block_round_cap: int
     min_nodes: int
+    round_timeout: float
+    min_successful_clients: int
+    round_retries: int
+    resume: bool
     seed: int
     output_dir: str
     run_name: str
@@ -78,10 +83,13 @@ class RunConfig:
         for key, f in known.items():
             value, expected = merged.get(key), f.type
             ok = {"int": isinstance(value, int) and not isinstance(value, bool),
-                  "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+                  "float": isinstance(value, (int, float)) and not isinstance(value, bool)
+                  and math.isfinite(value),
                   "bool": isinstance(value, bool), "str": isinstance(value, str)}[expected]
             if not ok:
-                problems.append(f"{key} = {value!r}: expected a {expected}")
+                article = "an" if expected == "int" else "a"
+                problems.append(f"{key} = {value!r}: expected {article} {'finite ' if expected == 'float' else ''}"
+                                f"{expected}")
                 continue
             kwargs[f.name] = float(value) if expected == "float" else value
         if not problems:
@@ -116,11 +124,11 @@ class RunConfig:
                      "npz:<file>, imagefolder:<dir>")
         at_least("dirichlet-alpha", self.dirichlet_alpha, 0, strict=True)
         for key in ("shards-per-client", "num-server-rounds", "local-epochs", "batch-size", "min-nodes",
-                    "em-window", "em-patience", "block-round-cap"):
+                    "em-window", "em-patience", "block-round-cap", "min-successful-clients"):
             at_least(key, getattr(self, key.replace("-", "_")), 1)
         for key in ("max-client-examples", "public-size", "test-size", "momentum", "weight-decay",
                     "client-distill-epochs", "server-distill-epochs", "refresh-every", "profl-shrink-rounds",
-                    "em-threshold"):
+                    "em-threshold", "round-timeout", "round-retries"):
             at_least(key, getattr(self, key.replace("-", "_")), 0)
         at_least("lr", self.lr, 0, strict=True)
         at_least("compute-slack", self.compute_slack, 0, strict=True)
@@ -132,6 +140,12 @@ class RunConfig:
             p.append(f"device-mix = {self.device_mix!r}: {exc}")
         if "/" in self.run_name or self.run_name.startswith("."):
             p.append(f"run-name = {self.run_name!r}: must be a plain folder name")
+        if self.min_successful_clients > self.min_nodes:
+            p.append(f"min-successful-clients = {self.min_successful_clients}: must be <= min-nodes "
+                     f"({self.min_nodes}), or no round could ever succeed with the nodes the run waits for")
+        if self.resume and not self.run_name:
+            p.append("resume = true: also set run-name to the run to continue (its folder under output-dir "
+                     "holds checkpoint.pt)")
         return p
 
 

@@ -29,12 +29,23 @@ CSV_COLUMNS = ("round", "accuracy", "loss", "bytes_down", "bytes_up", "participa
 
 
 class ResultsWriter:
-    def __init__(self, folder: Path, config: dict[str, Any], devices: list[dict[str, Any]]) -> None:
+    """The results of one run; `doc` (the checkpoint's copy) continues a resumed run where it stopped."""
+
+    def __init__(self, folder: Path, config: dict[str, Any], devices: list[dict[str, Any]],
+                 doc: dict[str, Any] | None = None) -> None:
         self.folder = folder
-        self.doc: dict[str, Any] = {"status": "running", "error": None, "config": config,
-                                    "devices": devices, "rounds": [], "summary": {}}
+        self.doc: dict[str, Any] = doc or {"status": "running", "error": None, "config": config,
+                                           "devices": devices, "rounds": [], "summary": {}}
+        if doc:  # resumed: the checkpoint's rounds, then this run's; devices seen by either
+            self.doc.update(status="running", error=None, config=config)
+            self.set_devices(devices)
         folder.mkdir(parents=True, exist_ok=True)
         self._write()
+
+    def set_devices(self, devices: list[dict[str, Any]]) -> None:
+        """Record devices (a node that joined mid-run is added; one that left stays listed)."""
+        known = {d["node_id"] for d in self.doc["devices"]}
+        self.doc["devices"] += [d for d in devices if d["node_id"] not in known]
 
     @property
     def rounds(self) -> list[dict[str, Any]]:
@@ -51,13 +62,13 @@ class ResultsWriter:
         self._write()
 
     def _write(self) -> None:
-        _atomic_write(self.folder / "results.json", json.dumps(_finite(self.doc), indent=1))
+        atomic_write_bytes(self.folder / "results.json", json.dumps(_finite(self.doc), indent=1).encode())
         buf = io.StringIO()
         writer = csv.DictWriter(buf, CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for r in self.rounds:
             writer.writerow(_csv_row(r))
-        _atomic_write(self.folder / "rounds.csv", buf.getvalue())
+        atomic_write_bytes(self.folder / "rounds.csv", buf.getvalue().encode())
 
 
 def _csv_row(r: dict[str, Any]) -> dict[str, Any]:
@@ -96,11 +107,12 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so that a crash at any moment leaves either the old or the new file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -39,6 +39,7 @@ class TaskOutcome:
     update: ClientUpdate | None = None
     error: str | None = None
     error_code: int | None = None  # as the client sent it, for errors the client reported
+    missed_deadline: bool = False  # no reply before the round deadline (a straggler or a lost node)
 
 
 def query_devices(grid: Grid, node_ids: Iterable[int], timeout: float) -> tuple[list[Device], list[str]]:
@@ -62,7 +63,11 @@ def query_devices(grid: Grid, node_ids: Iterable[int], timeout: float) -> tuple[
 
 def run_train_tasks(grid: Grid, tasks: list[TrainTask], public_size: int,
                     timeout: float | None = None) -> list[TaskOutcome]:
-    """Send every task, wait for the replies, and validate each against its job."""
+    """Send every task, wait up to `timeout` seconds for the replies, and validate each against its job.
+
+    Replies that arrive after the deadline are never read: those nodes are recorded
+    as having missed it (Flower drops the late replies with the expired messages).
+    """
     outcomes: dict[int, TaskOutcome] = {}
     messages = []
     for task in tasks:
@@ -72,25 +77,30 @@ def run_train_tasks(grid: Grid, tasks: list[TrainTask], public_size: int,
                 content[name] = encode(tensors, task.job.encoding)
         outcomes[task.node_id] = TaskOutcome(task, serialized_bytes(content), _bytes_by_record(content))
         messages.append(Message(content, dst_node_id=task.node_id, message_type="train"))
+    answered: set[int] = set()
     for reply in grid.send_and_receive(messages, timeout=timeout):
-        outcome = outcomes.get(reply.metadata.src_node_id)
-        if outcome is None:
-            log(WARNING, "ignoring a reply from node %s, which was sent no task", reply.metadata.src_node_id)
+        node = reply.metadata.src_node_id
+        outcome = outcomes.get(node)
+        if outcome is None or node in answered:
+            log(WARNING, "ignoring a reply from node %s, which was sent no task or already replied", node)
             continue
+        answered.add(node)
         if reply.has_error():
             outcome.error, outcome.error_code = reply.error.reason, reply.error.code
             continue
         outcome.bytes_up = serialized_bytes(reply.content)
         outcome.bytes_up_by_record = _bytes_by_record(reply.content)
         try:
-            outcome.update = validate_reply(outcome.task, reply.content, public_size)
+            if reply.metadata.message_type != "train":
+                raise ReplyRejected(f"message type {reply.metadata.message_type!r}, expected 'train'")
+            outcome.update = validate_reply(outcome.task, reply.content, public_size, outcome.bytes_up)
         except ReplyRejected as exc:
             outcome.error = f"rejected: {exc}"
-            log(WARNING, "round %d: rejected the reply of node %d: %s", outcome.task.job.round,
-                outcome.task.node_id, exc)
+            log(WARNING, "round %d: rejected the reply of node %d: %s", outcome.task.job.round, node, exc)
     for outcome in outcomes.values():
-        if outcome.update is None and outcome.error is None:
-            outcome.error = "no reply"
+        if outcome.task.node_id not in answered:
+            outcome.missed_deadline = timeout is not None
+            outcome.error = f"no reply within the round deadline ({timeout:g} s)" if timeout else "no reply"
     return list(outcomes.values())
 
 
@@ -98,40 +108,62 @@ def _bytes_by_record(content: RecordDict) -> dict[str, int]:
     return {name: serialized_bytes(RecordDict({name: record})) for name, record in content.items()}
 
 
-def expected_shapes(task: TrainTask, public_size: int) -> dict[str, tuple[int, ...]]:
-    """The tensors a correct reply to `task` holds: the trained blocks' state, or public-slice logits."""
+def expected_tensors(task: TrainTask, public_size: int) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """The tensors a correct reply to `task` holds, name -> (shape, is floating point): the trained
+    blocks' state, or public-slice logits."""
     job = task.job
     if job.returns == "logits":
-        return {"logits": (public_size, job.model.num_classes)}
+        return {"logits": ((public_size, job.model.num_classes), True)}
     with torch.device("meta"):
         model = build_model(job.model)
     blocks = set(range(len(model.blocks))) if job.trainable is None else set(job.trainable)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items() if int(k.split(".")[1]) in blocks}
+    return {k: (tuple(v.shape), v.is_floating_point()) for k, v in model.state_dict().items()
+            if int(k.split(".")[1]) in blocks}
 
 
-def validate_reply(task: TrainTask, content: RecordDict, public_size: int) -> ClientUpdate:
+def reply_size_bound(expected: dict[str, tuple[tuple[int, ...], bool]]) -> int:
+    """The most bytes a correct reply can take: every tensor at 8 bytes per value, plus the report and
+    framing (generous: fp32 replies take half of it; the point is to refuse before decoding)."""
+    return 8 * sum(math.prod(shape) for shape, _ in expected.values()) + 64 * len(expected) + 65536
+
+
+def validate_reply(task: TrainTask, content: RecordDict, public_size: int, size: int | None = None) -> ClientUpdate:
+    """The reply as an update, or ReplyRejected naming what is wrong: records, size, tensor names,
+    shapes, dtypes, finite values, and a report whose num-examples is within what the node holds."""
     record_name = task.job.returns
     if record_name not in content or "report" not in content:
         raise ReplyRejected(f"expected records {record_name!r} and 'report', got {sorted(content.keys())}")
+    expected = expected_tensors(task, public_size)
+    bound = reply_size_bound(expected)
+    if size is not None and size > bound:
+        raise ReplyRejected(f"reply of {size} bytes exceeds the {bound} bytes its job can produce")
     try:
         tensors = decode(content[record_name])
     except Exception as exc:  # any undecodable payload is the client's fault, not ours
         raise ReplyRejected(f"undecodable {record_name!r} record ({type(exc).__name__}: {exc})") from exc
-    expected = expected_shapes(task, public_size)
     if set(tensors) != set(expected):
         missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
         raise ReplyRejected(f"wrong tensor names: missing {missing[:3]}, unexpected {extra[:3]}")
     for name, tensor in tensors.items():
-        if tuple(tensor.shape) != expected[name]:
-            raise ReplyRejected(f"{name}: shape {tuple(tensor.shape)}, expected {expected[name]}")
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        shape, floating = expected[name]
+        if tuple(tensor.shape) != shape:
+            raise ReplyRejected(f"{name}: shape {tuple(tensor.shape)}, expected {shape}")
+        if tensor.is_floating_point() != floating or tensor.is_complex() or tensor.dtype == torch.bool:
+            raise ReplyRejected(f"{name}: dtype {tensor.dtype}, expected {'a float' if floating else 'an integer'}")
+        if floating and not bool(torch.isfinite(tensor).all()):
             raise ReplyRejected(f"{name}: contains NaN or Inf")
-    metrics = dict(content["report"])
+    try:
+        metrics = dict(content["report"])
+    except Exception as exc:  # a record of the wrong kind under the report's name
+        raise ReplyRejected(f"unreadable report ({type(exc).__name__})") from exc
     n = metrics.get("num-examples")
-    if not isinstance(n, (int, float)) or not math.isfinite(n) or n <= 0:
+    if not isinstance(n, (int, float)) or isinstance(n, bool) or not math.isfinite(n) or n <= 0:
         raise ReplyRejected(f"report num-examples = {n!r}, expected a positive number")
+    if task.max_examples is not None and n > task.max_examples:
+        raise ReplyRejected(f"report num-examples = {n!r} exceeds the {task.max_examples} this node can have "
+                            "trained on (its reported data times the job's epochs)")
     return ClientUpdate(task.node_id, task.job, tensors, int(n), _floats(metrics))
 
 
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}

@@ -25,6 +25,7 @@ from fl_app.data import Batches, DataError, Dataset, load_dataset
 from fl_app.job import ERROR_MISSING_WEIGHTS
 from fl_app.profiles import ProfileError
 from fl_app.results import ResultsWriter
+from server_app.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint, restore_rng, save_checkpoint
 from fl_app.training import evaluate
 from server_app.rounds import TaskOutcome, query_devices, run_train_tasks
 from server_app.strategies import STRATEGIES
@@ -39,31 +40,63 @@ MB = 1e6  # traffic is reported in decimal megabytes, as bandwidth is
 def main(grid: Grid, context: Context) -> None:
     try:  # everything a user can get wrong is checked here, before any training
         config = RunConfig.from_mapping(dict(context.run_config))
+        folder = run_folder(config)
+        checkpoint = load_checkpoint(folder, config) if config.resume else None
+        if checkpoint is None:
+            refuse_to_overwrite(folder)
         dataset = load_dataset(config.dataset, config.data_dir, config.seed)
         devices = discover_devices(grid, config)
         federation = Federation(config, devices, dataset, np.random.default_rng(config.seed))
         strategy = STRATEGIES[config.strategy](federation)
-    except (ConfigError, DataError, ProfileError, StrategySetupError, NoDevicesError) as exc:
+    except (ConfigError, CheckpointError, DataError, ProfileError, StrategySetupError, NoDevicesError) as exc:
         log(ERROR, "run stopped before training: %s", exc)
         raise
-    writer = ResultsWriter(run_folder(config), config.__dict__, [d.to_dict() for d in devices])
+    first_round = 1
+    device_list = [d.to_dict() for d in devices]
+    if checkpoint is not None:
+        strategy.load_state_dict(checkpoint["strategy"])
+        restore_rng(checkpoint, federation.rng)
+        first_round = checkpoint["round"] + 1
+        checkpoint["results"].setdefault("resumed", []).append({"after_round": checkpoint["round"],
+                                                                 "at": datetime.now().isoformat(timespec="seconds")})
+        writer = ResultsWriter(folder, config.__dict__, device_list, doc=checkpoint["results"])
+        log(INFO, "resuming %s after round %d from %s", folder.name, checkpoint["round"], folder / CHECKPOINT)
+    else:
+        writer = ResultsWriter(folder, config.__dict__, device_list)
     log(INFO, "%s on %d devices (%s); results in %s", strategy.name, len(devices),
         ", ".join(sorted({d.profile.name for d in devices})), writer.folder)
     test = _test_batches(dataset, config)
     try:
-        for server_round in range(1, config.num_server_rounds + 1):
-            writer.add_round(run_round(grid, strategy, federation, server_round, test))
-            log(INFO, progress_line(writer.rounds[-1], config.num_server_rounds))
+        for server_round in range(first_round, config.num_server_rounds + 1):
+            record = run_round_until_enough(grid, strategy, federation, writer, server_round, test)
+            save_checkpoint(folder, server_round, strategy.state_dict(), federation.rng,
+                            {**writer.doc, "rounds": writer.rounds + [record]})
+            writer.add_round(record)
+            log(INFO, progress_line(record, config.num_server_rounds))
+    except RoundFailed as exc:
+        log(ERROR, "run stopped: %s", exc)
+        writer.finish(error=str(exc))
+        raise
     except BaseException as exc:
         writer.finish(error=f"{type(exc).__name__}: {exc}")
         raise
     writer.finish()
-    log(INFO, "done: final accuracy %.4f; results in %s", writer.doc["summary"]["final_accuracy"],
+    log(INFO, "done: final accuracy %s; results in %s", writer.doc["summary"].get("final_accuracy"),
         writer.folder / "results.json")
 
 
 class NoDevicesError(RuntimeError):
     """Fewer nodes answered than the run needs."""
+
+
+class RoundFailed(RuntimeError):
+    """A round did not get `min-successful-clients` valid replies in any attempt; the run stops."""
+
+
+def refuse_to_overwrite(folder: Path) -> None:
+    if (folder / "results.json").exists():
+        raise ConfigError(f"{folder} already holds the results of a run: set resume = true to continue it, "
+                          "or choose another run-name (an empty run-name makes a new timestamped folder)")
 
 
 def discover_devices(grid: Grid, config: RunConfig, wait_s: float = 120.0) -> list[Device]:
@@ -82,6 +115,29 @@ def discover_devices(grid: Grid, config: RunConfig, wait_s: float = 120.0) -> li
     return devices
 
 
+def refresh_devices(grid: Grid, strategy: Strategy, federation: Federation, writer: ResultsWriter) -> None:
+    """Track who is online; query nodes that joined since the last round and admit them to the strategy.
+
+    A node that restarts comes back under a new node id: it is queried like any newcomer,
+    and since it keeps nothing the strategy sends it everything it needs.
+    """
+    online = set(grid.get_node_ids())
+    known = {d.node_id for d in federation.devices}
+    new = sorted(online - known - federation.refused)
+    if new:
+        devices, problems = query_devices(grid, new, timeout=federation.config.round_timeout or 120.0)
+        for problem in problems:
+            log(WARNING, "a joining node was left out: %s", problem)
+        federation.refused |= set(new) - {d.node_id for d in devices}
+        for device in devices:
+            federation.devices.append(device)
+            strategy.admit(device)
+            log(INFO, "node %d joined (partition %d, %s)", device.node_id, device.partition_id, device.profile.name)
+        writer.set_devices([d.to_dict() for d in devices])
+    left = federation.online - online
+    if left:
+        log(WARNING, "nodes %s are offline; they are skipped until they come back", sorted(left))
+    federation.online = online & {d.node_id for d in federation.devices}
 def run_folder(config: RunConfig) -> Path:
     name = config.run_name or f"{config.strategy}-{config.model}-{datetime.now():%Y%m%d-%H%M%S}"
     return Path(config.output_dir).expanduser().resolve() / name
@@ -97,31 +153,86 @@ def _test_batches(dataset: Dataset, config: RunConfig) -> Batches:
     return Batches(dataset.x_test[idx], dataset.y_test[idx], dataset, batch_size=256, shuffle=False)
 
 
-def run_round(grid: Grid, strategy: Strategy, federation: Federation, server_round: int,
-              test: Batches) -> dict[str, Any]:
-    start = time.perf_counter()
+def run_round_until_enough(grid: Grid, strategy: Strategy, federation: Federation, writer: ResultsWriter,
+                           server_round: int, test: Batches) -> dict[str, Any]:
+    """Run the round; retry it (`round-retries`) while fewer than `min-successful-clients` replies are valid.
+
+    A failed attempt is never aggregated; its traffic still counts (it crossed the wire).
+    """
+    config = federation.config
+    started = time.perf_counter()
+    failed: list[dict[str, Any]] = []
+    spent: list[TaskOutcome] = []
+    for attempt in range(1, config.round_retries + 2):
+        refresh_devices(grid, strategy, federation, writer)
+        outcomes = run_tasks(grid, strategy, federation, server_round)
+        succeeded = sum(1 for o in outcomes if o.update)
+        if succeeded >= config.min_successful_clients:
+            return round_record(strategy, federation, server_round, test, outcomes, spent, failed, started)
+        failed.append({"attempt": attempt, "planned": len(outcomes), "succeeded": succeeded,
+                       "errors": {str(o.task.node_id): o.error for o in outcomes if o.error}})
+        spent += outcomes
+        log(WARNING, "round %d attempt %d: %d of %d clients succeeded, min-successful-clients is %d%s",
+            server_round, attempt, succeeded, len(outcomes), config.min_successful_clients,
+            "; retrying" if attempt <= config.round_retries else "")
+        if len(outcomes) < config.min_successful_clients and attempt <= config.round_retries:
+            wait_for_nodes(grid, federation, config.min_successful_clients)
+    reasons = "; ".join(f"node {n}: {e}" for n, e in failed[-1]["errors"].items()) or "no node could be given work"
+    raise RoundFailed(
+        f"round {server_round}: fewer than min-successful-clients = {config.min_successful_clients} valid replies "
+        f"in each of {len(failed)} attempts (last: {failed[-1]['succeeded']} of {failed[-1]['planned']}; {reasons}). "
+        f"Rounds 1-{server_round - 1} are saved in {writer.folder}; fix or add nodes, or lower "
+        f"min-successful-clients, then continue with resume = true and run-name = {writer.folder.name!r}")
+
+
+def wait_for_nodes(grid: Grid, federation: Federation, wanted: int, wait_s: float = 30.0) -> None:
+    """Give nodes that dropped out a moment to come back before a retry."""
+    deadline = time.monotonic() + wait_s
+    while len(set(grid.get_node_ids())) < wanted and time.monotonic() < deadline:
+        time.sleep(1.0)
+
+
+def run_tasks(grid: Grid, strategy: Strategy, federation: Federation, server_round: int) -> list[TaskOutcome]:
+    """Plan the round, send it with the deadline, and resend to nodes that lack what they kept."""
+    config = federation.config
     tasks = strategy.configure_train(server_round)
-    outcomes = resend_missing(grid, strategy, run_train_tasks(grid, tasks, federation.config.public_size),
-                              federation.config.public_size)
+    for task in tasks:  # a reply may not claim more examples than the node has, times the epochs
+        device = federation.device(task.node_id)
+        task.max_examples = device.num_examples * task.job.train.epochs if device else None
+    timeout = config.round_timeout or None
+    return resend_missing(grid, strategy, run_train_tasks(grid, tasks, config.public_size, timeout),
+                          config.public_size, timeout)
+
+
+def round_record(strategy: Strategy, federation: Federation, server_round: int, test: Batches,
+                 outcomes: list[TaskOutcome], spent: list[TaskOutcome], failed: list[dict[str, Any]],
+                 started: float) -> dict[str, Any]:
+    """Aggregate the valid updates, evaluate, and describe the round (traffic includes failed attempts)."""
     extras = strategy.aggregate_train(server_round, [o.update for o in outcomes if o.update])
     accuracy, loss, _ = evaluate(strategy.global_model(), test)
     by_node = {o.task.node_id: o for o in outcomes}
     clients = [client_record(federation, d, by_node.get(d.node_id), strategy.left_out.get(d.node_id))
                for d in federation.devices]
+    every = outcomes + spent
     return {"round": server_round, "accuracy": accuracy, "loss": loss,
-            "bytes_down": sum(o.bytes_down for o in outcomes), "bytes_up": sum(o.bytes_up for o in outcomes),
-            **traffic_by_kind(outcomes), "participants": sum(c["participated"] for c in clients),
-            "seconds": time.perf_counter() - start, **extras, "clients": clients}
+            "bytes_down": sum(o.bytes_down for o in every), "bytes_up": sum(o.bytes_up for o in every),
+            **traffic_by_kind(every), "participants": sum(c["participated"] for c in clients),
+            "missed_deadline": sum(o.missed_deadline for o in outcomes),
+            "rejected": sum(1 for o in outcomes if (o.error or "").startswith("rejected")),
+            "attempts": len(failed) + 1, "failed_attempts": failed,
+            "offline": sorted(d.node_id for d in federation.devices if d.node_id not in federation.online),
+            "seconds": time.perf_counter() - started, **extras, "clients": clients}
 
 
-def resend_missing(grid: Grid, strategy: Strategy, outcomes: list[TaskOutcome], public_size: int) -> list[TaskOutcome]:
+def resend_missing(grid: Grid, strategy: Strategy, outcomes: list[TaskOutcome], public_size: int,
+                   timeout: float | None = None) -> list[TaskOutcome]:
     """Once per round, give nodes that lost what they kept (a reboot, a new device) everything again."""
     retry = {o.task.node_id: strategy.resend(o.task) for o in outcomes if o.error_code == ERROR_MISSING_WEIGHTS}
     retry = {node: task for node, task in retry.items() if task is not None}
     if not retry:
         return outcomes
     log(INFO, "resending full weights to nodes %s, which lack what they kept", sorted(retry))
-    second = {o.task.node_id: o for o in run_train_tasks(grid, list(retry.values()), public_size)}
+    second = {o.task.node_id: o for o in run_train_tasks(grid, list(retry.values()), public_size, timeout)}
     merged = []
     for o in outcomes:
         again = second.get(o.task.node_id)

@@ -9,25 +9,39 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from client_app.client_app import app as client_app
 
 class InProcessGrid(Grid):
-    """Nodes 1..n; node i has partition-id i-1. `tamper` may rewrite any reply (fault injection)."""
+    """Nodes 1..n; node i has partition-id i-1.
+
+    Fault injection: `tamper` may rewrite any reply, or return None to drop it (the node
+    missed the deadline); `node_config` adds node-config keys per node id (e.g. `fault`);
+    `offline` node ids are not listed and their messages get Flower's node-unavailable
+    error; `add_node` makes a node join (a restart comes back under a new id).
+    """
 
     def __init__(self, run_config: dict, num_nodes: int,
-                 tamper: Callable[[int, Message], Message] | None = None) -> None:
-        self.contexts = {
-            n: Context(run_id=1, node_id=n, node_config={"partition-id": n - 1, "num-partitions": num_nodes},
-                       state=RecordDict(), run_config=dict(run_config))
-            for n in range(1, num_nodes + 1)}
+                 tamper: Callable[[int, Message], Message | None] | None = None,
+                 node_config: dict[int, dict] | None = None) -> None:
+        self.run_config, self.num_nodes = dict(run_config), num_nodes
+        self.contexts: dict[int, Context] = {}
+        for n in range(1, num_nodes + 1):
+            self.add_node(n, n - 1, **(node_config or {}).get(n, {}))
         self.tamper = tamper
+        self.offline: set[int] = set()
         self.sent: list[Message] = []
         # Messages read their run and sender from the process's task identity.
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+    def add_node(self, node_id: int, partition_id: int, **node_config) -> None:
+        config = {"partition-id": partition_id, "num-partitions": self.num_nodes, **node_config}
+        self.contexts[node_id] = Context(run_id=1, node_id=node_id, node_config=config, state=RecordDict(),
+                                         run_config=dict(self.run_config))
 
     def set_run(self, run_id: int) -> None:  # part of the Grid interface; one run here
         pass
@@ -40,7 +54,7 @@ class InProcessGrid(Grid):
         return Message(content, dst_node_id=dst_node_id, message_type=message_type)
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
+        return [n for n in self.contexts if n not in self.offline]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # pragma: no cover
         raise NotImplementedError("use send_and_receive")
@@ -53,6 +67,12 @@ class InProcessGrid(Grid):
         for msg in messages:
             node = msg.metadata.dst_node_id
             self.sent.append(msg)
+            if node in self.offline:
+                replies.append(Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Node Unavailable"),
+                                       reply_to=msg))
+                continue
             reply = client_app(msg, self.contexts[node])
-            replies.append(self.tamper(node, reply) if self.tamper else reply)
+            reply = self.tamper(node, reply) if self.tamper else reply
+            if reply is not None:
+                replies.append(reply)
         return replies

@@ -29,7 +29,7 @@ def test_every_default_key_is_a_field():
     ("lr", 0, "must be > 0"),
     ("fraction-train", 1.5, r"\(0, 1\]"),
     ("num-server-rounds", 0, "must be >= 1"),
-    ("batch-size", "32", "expected a int"),
+    ("batch-size", "32", "expected an int"),
     ("augment", 1, "expected a bool"),
     ("run-name", "../escape", "plain folder name"),
 ])

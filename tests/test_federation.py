@@ -16,11 +16,11 @@ from server_app.server_app import main
 from tests.inprocess import InProcessGrid
 
 
-def run(tmp_path, num_nodes=4, tamper=None, on_grid=None, **overrides):
+def run(tmp_path, num_nodes=4, tamper=None, on_grid=None, node_config=None, **overrides):
     config = {"num-server-rounds": 2, "device-mix": "raspberry-pi-3b-plus:1,raspberry-pi-4:1,laptop:1,workstation:1",
               "output-dir": str(tmp_path), "run-name": "run", "public-size": 100, "max-client-examples": 96,
               "test-size": 300, **overrides}
-    grid = InProcessGrid(config, num_nodes, tamper)
+    grid = InProcessGrid(config, num_nodes, tamper, node_config)
     if on_grid:
         on_grid(grid)
     main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))

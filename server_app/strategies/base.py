@@ -54,6 +54,7 @@ class TrainTask:
     weights: dict[str, torch.Tensor]  # may be empty: the client uses the weights it kept
     extra: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # more records, by name
     info: dict[str, Any] = field(default_factory=dict)  # strategy facts for the client's record
+    max_examples: int | None = None  # the most examples a reply may claim (set by the round loop)
 
 
 @dataclass
@@ -69,13 +70,29 @@ class ClientUpdate:
 
 @dataclass
 class Federation:
-    """The environment strategies plan in: run config, devices, data shape, budgets, sampling."""
+    """The environment strategies plan in: run config, devices, data shape, budgets, sampling.
+
+    `devices` holds every node seen in the run, in the order they joined; `online` the ids
+    of those reachable now. Strategies may plan for any device, but `sample` only ever
+    picks online ones, so a node that drops out is skipped until it comes back.
+    """
 
     config: RunConfig
     devices: list[Device]
     dataset: Dataset
     rng: np.random.Generator
+    online: set[int] = field(default_factory=set)
+    refused: set[int] = field(default_factory=set)  # nodes whose device query failed: not asked again
     _ratios: dict[tuple[float, float], float | None] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.online = self.online or {d.node_id for d in self.devices}
+        # Compute budgets are shares of the strongest device at setup; a stronger late joiner
+        # simply gets the full model, and the budgets of the others stay as they were.
+        self.reference_gflops = max((d.profile.gflops for d in self.devices), default=1.0)
+
+    def device(self, node_id: int) -> Device | None:
+        return next((d for d in self.devices if d.node_id == node_id), None)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -120,8 +137,7 @@ class Federation:
         full one), capped at the full model.
         """
         full = self.cost(self.full_spec()).train_flops_per_sample
-        strongest = max(d.profile.gflops for d in self.devices)
-        return full * min(1.0, self.config.compute_slack * device.profile.gflops / strongest)
+        return full * min(1.0, self.config.compute_slack * device.profile.gflops / self.reference_gflops)
 
     def memory_budget_bytes(self, device: Device) -> float:
         return device.profile.memory_mb * MB
@@ -140,10 +156,10 @@ class Federation:
         return (self.peak_memory_mb(cost) <= device.profile.memory_mb
                 and cost.train_flops_per_sample <= self.flops_budget(device) * (1 + 1e-9))
 
-    def affordable_ratios(self) -> tuple[dict[int, float], dict[int, str]]:
+    def affordable_ratios(self, devices: list[Device] | None = None) -> tuple[dict[int, float], dict[int, str]]:
         """(node id -> affordable channel ratio, node id -> why it cannot afford even the floor)."""
         ratios, left_out = {}, {}
-        for d in self.devices:
+        for d in self.devices if devices is None else devices:
             ratio = self.affordable_ratio(d)
             if ratio is None:
                 left_out[d.node_id] = (f"cannot afford even the smallest submodel (min-keep-ratio "
@@ -153,7 +169,8 @@ class Federation:
         return ratios, left_out
 
     def sample(self, candidates: list[Device]) -> list[Device]:
-        """`fraction-train` of the candidates (at least one), seeded."""
+        """`fraction-train` of the online candidates (at least one), seeded."""
+        candidates = [d for d in candidates if d.node_id in self.online]
         k = max(1, round(self.config.fraction_train * len(candidates))) if candidates else 0
         picked = self.rng.choice(len(candidates), size=k, replace=False) if k else []
         return sorted((candidates[i] for i in picked), key=lambda d: d.node_id)
@@ -183,6 +200,21 @@ class Strategy(ABC):
     def resend(self, task: TrainTask) -> TrainTask | None:
         """The task again with every weight it needs, for a node that lost what it kept (None: cannot)."""
         return None
+
+    def admit(self, device: Device) -> None:
+        """A node joined mid-run (already in `federation.devices`): decide whether and how it takes part.
+
+        The default suits strategies that choose among all devices every round."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """The global state needed to continue the run (tensors and plain data: it is checkpointed).
+
+        Per-node records of what a node keeps are left out: a resumed run's nodes keep nothing."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict()`'s output."""
 
 
 def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:

@@ -49,6 +49,12 @@ class FedAvg(Strategy):
     def global_model(self) -> BlockNet:
         return self.model
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+
 
 class ExclusiveFL(FedAvg):
     """FedAvg over only the clients whose memory and compute fit the full model.
@@ -62,16 +68,22 @@ class ExclusiveFL(FedAvg):
 
     def __init__(self, federation: Federation) -> None:
         super().__init__(federation)
-        cost = federation.cost(self.model.spec)
-        self.eligible = [d for d in federation.devices if federation.fits(cost, d)]
-        self.left_out = {d.node_id: "does not fit the full model (memory or compute)"
-                         for d in federation.devices if d not in self.eligible}
+        self.eligible: list[Device] = []
+        for device in federation.devices:
+            self.admit(device)
         if not self.eligible:
+            cost = federation.cost(self.model.spec)
             raise StrategySetupError(
                 f"exclusivefl: no device fits the full {self.model.spec.name} (needs "
                 f"{federation.peak_memory_mb(cost):.0f} MB at batch {federation.config.batch_size} and the "
                 f"strongest device's compute); use a smaller model or batch, raise compute-slack, "
                 f"or add stronger devices to device-mix")
+
+    def admit(self, device: Device) -> None:
+        if self.federation.fits(self.federation.cost(self.model.spec), device):
+            self.eligible.append(device)
+        else:
+            self.left_out[device.node_id] = "does not fit the full model (memory or compute)"
 
     def candidates(self) -> list[Device]:
         return self.eligible
@@ -98,6 +110,13 @@ class AllSmall(FedAvg):
         small = extract(self.model, self.keep_ratio, by="first")
         self.model = build_model(small.spec)
         self.model.load_state_dict(small.state)
+
+    def admit(self, device: Device) -> None:
+        ratio = self.federation.affordable_ratio(device)
+        if ratio is not None and ratio >= self.keep_ratio:
+            self.members.append(device)
+        else:
+            self.left_out[device.node_id] = f"cannot afford the shared submodel (keep ratio {self.keep_ratio:.3f})"
 
     def candidates(self) -> list[Device]:
         return self.members

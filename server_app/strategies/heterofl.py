@@ -9,7 +9,7 @@ import torch
 from fl_app.job import Job
 from fl_app.models import BlockNet, build_model
 from fl_app.width import ChannelMap, extract, param_axes, scatter_sum
-from server_app.strategies.base import ClientUpdate, Federation, Strategy, StrategySetupError, TrainTask
+from server_app.strategies.base import ClientUpdate, Device, Federation, Strategy, StrategySetupError, TrainTask
 
 
 class HeteroFL(Strategy):
@@ -56,5 +56,16 @@ class HeteroFL(Strategy):
             for k, v in state.items()})
         return {}
 
+    def admit(self, device: Device) -> None:
+        ratios, left_out = self.federation.affordable_ratios([device])
+        self.ratios |= ratios
+        self.left_out |= left_out
+
     def global_model(self) -> BlockNet:
         return self.model
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])

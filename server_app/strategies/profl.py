@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -201,6 +201,22 @@ class ProFL(Strategy):
             if source in self.weights and self.weights[source].shape == self.weights[key].shape:
                 self.weights[key] = self.weights[source].clone()
         self.version[f"output{depth}"] = self.version.get(f"output{depth}", 0) + 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """Weights, schedule position and EM history; not `held` (a resumed run's nodes keep nothing)."""
+        return {"weights": self.weights, "step": list(astuple(self.step)),
+                "schedule": [list(astuple(s)) for s in self.schedule], "grow_block": self.grow_block,
+                "rounds_in_block": self.rounds_in_block, "calm_rounds": self.calm_rounds,
+                "history": self.history, "sample_index": self.sample_index, "version": self.version}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.weights = dict(state["weights"])
+        self.step = Step(*state["step"])
+        self.schedule = [Step(*s) for s in state["schedule"]]
+        self.grow_block, self.rounds_in_block = state["grow_block"], state["rounds_in_block"]
+        self.calm_rounds, self.history = state["calm_rounds"], list(state["history"])
+        self.sample_index, self.version = state["sample_index"], dict(state["version"])
+        self.held = {}
 
     def global_model(self) -> BlockNet:
         model = build_model(self.spec(self.step))

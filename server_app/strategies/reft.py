@@ -11,7 +11,7 @@ from fl_app.job import Job
 from fl_app.models import BlockNet, ModelSpec, build_model
 from fl_app.training import distill
 from fl_app.width import extract
-from server_app.strategies.base import ClientUpdate, Federation, Strategy, StrategySetupError, TrainTask
+from server_app.strategies.base import ClientUpdate, Device, Federation, Strategy, StrategySetupError, TrainTask
 
 
 class REFT(Strategy):
@@ -79,5 +79,19 @@ class REFT(Strategy):
                        config.server_distill_epochs, config.temperature)
         return {"ensemble_size": len(updates), "server_distill_loss": loss}
 
+    def admit(self, device: Device) -> None:
+        ratios, left_out = self.federation.affordable_ratios([device])
+        self.ratios |= ratios
+        self.left_out |= left_out
+
     def global_model(self) -> BlockNet:
         return self.model
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "ensemble": self.ensemble}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue with the global model and teacher; every node is cut a fresh submodel (it kept nothing)."""
+        self.model.load_state_dict(state["model"])
+        self.ensemble = state["ensemble"]
+        self.specs = {}
