@@ -22,6 +22,7 @@ from pathlib import Path
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 NUMERIC_FIELDS = ("gflops", "memory_mb", "uplink_mbps", "downlink_mbps")
+MAX_MIX_COUNT = 100_000  # devices of one profile in a device mix; more is a typo, not a federation
 
 
 class ProfileError(ValueError):
@@ -103,9 +104,9 @@ def parse_device_mix(mix: str) -> list[str]:
             n = int(count) if count else 1
         except ValueError:
             n = -1
-        if n < 1:
-            raise ProfileError(f"device-mix item {item!r}: the count after ':' must be a positive integer "
-                               f"(e.g. \"raspberry-pi-4:4,laptop:2\")")
+        if not 1 <= n <= MAX_MIX_COUNT:
+            raise ProfileError(f"device-mix item {item!r}: the count after ':' must be an integer from 1 to "
+                               f"{MAX_MIX_COUNT} (e.g. \"raspberry-pi-4:4,laptop:2\")")
         load_profile(name.strip())  # fail early on an unknown name
         names += [name.strip()] * n
     if not names:

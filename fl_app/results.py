@@ -92,6 +92,9 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "total_device_time_s": sum(max((c.get("device_time_s") or 0 for c in r["clients"]), default=0)
                                    for r in rounds),
         "client_failures": sum(1 for c in clients if c.get("error")),
+        "missed_deadline": sum(r.get("missed_deadline", 0) for r in rounds),
+        "rejected_replies": sum(r.get("rejected", 0) for r in rounds),
+        "retried_rounds": sum(1 for r in rounds if r.get("attempts", 1) > 1),
         "distinct_participants": len({c["node_id"] for c in clients if c.get("participated")}),
     }
 

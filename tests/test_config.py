@@ -25,7 +25,7 @@ def test_every_default_key_is_a_field():
     ("dataset", "imagenet", "npz:<file>"),
     ("partition", "random", "valid choices are iid, dirichlet, shards"),
     ("device-mix", "toaster:3", "unknown device profile 'toaster'"),
-    ("device-mix", "laptop:zero", "positive integer"),
+    ("device-mix", "laptop:zero", "an integer from 1 to"),
     ("lr", 0, "must be > 0"),
     ("fraction-train", 1.5, r"\(0, 1\]"),
     ("num-server-rounds", 0, "must be >= 1"),
