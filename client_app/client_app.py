@@ -18,7 +18,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client_app.faults import FaultConfigError
+from client_app.faults import FaultConfigError, fault_for_round
 from client_app.node import LocalNode, NodeConfigError
 from fl_app.config import ConfigError
 from fl_app.data import Batches, DataError
@@ -139,8 +139,9 @@ def _train(msg: Message, node: LocalNode) -> RecordDict:
     if job.evaluate:
         report["test-accuracy"], report["test-loss"], _ = evaluate(model, node.test_batches())
     content["report"] = MetricRecord(report)
-    if node.fault and node.fault.applies(job.round):
-        content = node.fault.damage(content, job.returns)
+    fault = fault_for_round(list(node.faults), job.round)
+    if fault is not None:
+        content = fault.damage(content, job.returns)
     return content
 
 

@@ -9,6 +9,7 @@ Set node-config `fault` on a SuperNode (never needed in normal use):
     fault = "examples"     ... a report claiming 1000x the examples the node holds
     fault = "hang:SECONDS" sleep that long before replying (a straggler)
     fault = "nan@2,3"      only in rounds 2 and 3 (any kind takes @rounds)
+    fault = "nan@1;shapes@2"  several, separated by ';' (the first that applies to a round wins)
 
 The reply is built honestly first and then damaged, so the server sees exactly what a
 buggy or hostile client could send.
@@ -53,6 +54,10 @@ class Fault:
                                    "hang:SECONDS, each optionally @ROUND[,ROUND...]") from exc
         return cls(kind, seconds, which)
 
+    @staticmethod
+    def parse_all(text: str) -> list[Fault]:
+        return [Fault.parse(part.strip()) for part in text.split(";") if part.strip()]
+
     def applies(self, server_round: int) -> bool:
         return self.rounds is None or server_round in self.rounds
 
@@ -78,3 +83,7 @@ class Fault:
                 arrays[name] = a.astype(np.int32)
         content[record] = ArrayRecord({name: Array(a) for name, a in arrays.items()})
         return content
+
+
+def fault_for_round(faults: list[Fault], server_round: int) -> Fault | None:
+    return next((f for f in faults if f.applies(server_round)), None)

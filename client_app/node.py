@@ -26,7 +26,7 @@ class LocalNode:
     num_partitions: int
     data_dir: str
     context: Context
-    fault: Fault | None = None  # injected misbehaviour, for resilience tests (client_app/faults.py)
+    faults: tuple[Fault, ...] = ()  # injected misbehaviour, for resilience tests (client_app/faults.py)
 
     @classmethod
     def from_context(cls, context: Context) -> LocalNode:
@@ -41,13 +41,15 @@ class LocalNode:
         try:
             pid, n = int(nc.get("partition-id", 0)), int(nc.get("num-partitions", 1))
         except (TypeError, ValueError) as exc:
-            raise NodeConfigError(f"node config partition-id/num-partitions must be integers: {exc}") from exc
+            raise NodeConfigError(f"node config partition-id = {nc.get('partition-id')!r}, num-partitions = "
+                                  f"{nc.get('num-partitions')!r}: both must be integers, e.g. "
+                                  "--node-config 'partition-id=0 num-partitions=10'") from exc
         if not 0 <= pid < n:
             raise NodeConfigError(f"node config partition-id={pid} must be in [0, num-partitions={n})")
         profile = (node_profile(str(nc["profile"]), context) if "profile" in nc
                    else profile_for_partition(config.device_mix, pid))
-        fault = Fault.parse(str(nc["fault"])) if nc.get("fault") else None
-        return cls(config, profile, pid, n, str(nc.get("data-dir", config.data_dir)), context, fault)
+        faults = tuple(Fault.parse_all(str(nc["fault"]))) if nc.get("fault") else ()
+        return cls(config, profile, pid, n, str(nc.get("data-dir", config.data_dir)), context, faults)
 
     @property
     def dataset(self) -> Dataset:

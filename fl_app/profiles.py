@@ -64,7 +64,10 @@ def available_profiles() -> list[str]:
 def load_profile(name_or_path: str) -> DeviceProfile:
     """A profile by name (a file in `profiles/`) or by path to a TOML file."""
     path = Path(name_or_path).expanduser()
-    if not (path.suffix == ".toml" and path.is_file()):
+    if path.suffix == ".toml" and not path.is_file():
+        raise ProfileError(f"profile file {name_or_path!r} does not exist (resolved to {path.resolve()}); give an "
+                           f"existing .toml file, or a profile name: {', '.join(available_profiles())}")
+    if path.suffix != ".toml":
         path = PROFILES_DIR / f"{name_or_path}.toml"
     if not path.is_file():
         raise ProfileError(f"unknown device profile {name_or_path!r}; valid names: "

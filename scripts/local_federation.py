@@ -140,11 +140,14 @@ def resolve_profile(profile: str, app: Path) -> str:
     return profile
 
 
-def node_config(partition_id: int, num_partitions: int, profile: str, data_dir: str | None) -> str:
-    """The SuperNode's --node-config: partition, profile and (optionally) where its data lives."""
+def node_config(partition_id: int, num_partitions: int, profile: str, data_dir: str | None,
+                extra: Mapping[str, object] | None = None) -> str:
+    """The SuperNode's --node-config: partition, profile, (optionally) where its data lives, and any
+    `extra` keys (e.g. `fault`, see client_app/faults.py)."""
     parts = [f"partition-id={partition_id}", f"num-partitions={num_partitions}", f"profile={toml_value(profile)}"]
     if data_dir:
         parts.append(f"data-dir={toml_value(str(Path(data_dir).expanduser().resolve()))}")
+    parts += [f"{k}={toml_value(v)}" for k, v in (extra or {}).items()]
     return " ".join(parts)
 
 
@@ -182,7 +185,8 @@ class _Processes:
         self.procs: list[_Proc] = []
 
     def start(self, name: str, cmd: Sequence[str]) -> _Proc:
-        log_path = self.logs / f"{name}.log"
+        lives = sum(1 for p in self.procs if p.name == name)  # a restart keeps the earlier log
+        log_path = self.logs / (f"{name}.log" if not lives else f"{name}.{lives + 1}.log")
         with open(log_path, "wb") as out:  # the child keeps its own descriptor
             popen = subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=self.env, cwd=self.workdir, start_new_session=True)
@@ -227,6 +231,25 @@ class _Processes:
                 child.kill()
             except Exception:  # noqa: BLE001 - gone already, or not ours to wait for
                 pass
+
+    def kill(self, proc: _Proc) -> None:
+        """SIGKILL one process, its group and any descendant that left the group."""
+        import psutil
+
+        try:
+            children = psutil.Process(proc.popen.pid).children(recursive=True)
+        except psutil.Error:
+            children = []
+        self._signal_group(proc, signal.SIGKILL)
+        for child in children:
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
+        try:
+            proc.popen.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
 
     @staticmethod
     def _signal_group(proc: _Proc, sig: int) -> None:
@@ -310,7 +333,8 @@ class LocalFederation:
                  auth: bool = False, app: Path | str = REPO, data_dir: str | None = None,
                  home: Path | str | None = None, certs_dir: Path | str | None = None, unregistered_nodes: int = 0,
                  workdir: Path | str | None = None, keep_home: bool | None = None, echo: bool = False,
-                 startup_timeout_s: float = 3 * STARTUP_TIMEOUT_S) -> None:
+                 startup_timeout_s: float = 3 * STARTUP_TIMEOUT_S,
+                 node_extra: Mapping[int, Mapping[str, object]] | None = None) -> None:
         if num_nodes < 1:
             raise FederationError("num_nodes must be at least 1")
         if unregistered_nodes < 0 or (unregistered_nodes and not auth):
@@ -329,6 +353,8 @@ class LocalFederation:
         self.env = {**os.environ, "FLWR_HOME": str(self.home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                     "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
         self.startup_timeout_s = startup_timeout_s
+        self.node_extra = dict(node_extra or {})  # partition -> extra node-config keys
+        self._restarts = 0
         self.procs = _Processes(self.home, self.env, Path(workdir).resolve() if workdir else Path.cwd())
         self.port: int | None = None
         self.supernodes: list[dict] = []  # `flwr supernode list` once all were online
@@ -374,18 +400,11 @@ class LocalFederation:
             cmd.append("--enable-supernode-auth")
         self._say(f"starting SuperLink on 127.0.0.1:{port} ({'TLS' if self.tls else 'insecure'}"
                   f"{', SuperNode auth' if self.auth else ''}); FLWR_HOME={self.home}")
+        self._superlink_cmd = cmd
         superlink = self.procs.start("superlink", cmd)
-        link_tls = ["--root-certificates", str(certs / "ca.crt")] if self.tls else ["--insecure"]
         nodes: list[_Proc] = []
         intruders: list[_Proc] = []
-
-        def supernode(name: str, partition: int, key: Path | None) -> _Proc:
-            cmd = ["flower-supernode", "--superlink", f"127.0.0.1:{port}", *link_tls, "--host", "127.0.0.1",
-                   "--port", str(free_port()), "--max-wait-time", str(int(STARTUP_TIMEOUT_S)), "--node-config",
-                   node_config(partition, self.num_nodes, self.profiles[partition], self.data_dir)]
-            if key is not None:
-                cmd += ["--auth-supernode-private-key", str(key)]
-            return self.procs.start(name, cmd)
+        supernode = self._start_supernode
 
         def start_supernodes() -> None:
             for i in range(self.num_nodes):
@@ -428,6 +447,69 @@ class LocalFederation:
         self._say(f"{len(self.supernodes)} SuperNodes online after {self.startup_s:.1f} s")
         return self
 
+    def _start_supernode(self, name: str, partition: int, key: Path | None) -> _Proc:
+        certs = Path(self.certs_dir).resolve() if self.certs_dir else self.home / "certs"
+        link_tls = ["--root-certificates", str(certs / "ca.crt")] if self.tls else ["--insecure"]
+        cmd = ["flower-supernode", "--superlink", f"127.0.0.1:{self.port}", *link_tls, "--host", "127.0.0.1",
+               "--port", str(free_port()), "--max-wait-time", str(int(STARTUP_TIMEOUT_S)), "--node-config",
+               node_config(partition, self.num_nodes, self.profiles[partition], self.data_dir,
+                           self.node_extra.get(partition))]
+        if key is not None:
+            cmd += ["--auth-supernode-private-key", str(key)]
+        return self.procs.start(name, cmd)
+
+    # -- faults, for the fault suite: kill and restart what a power cut or a crash would take down
+    def kill(self, name: str) -> None:
+        """SIGKILL a process this federation started (and its children: the SuperLink's ServerApp)."""
+        proc = next(p for p in reversed(self.procs.procs) if p.name == name)
+        self.procs.kill(proc)
+        self._say(f"killed {name}")
+
+    def restart_supernode(self, partition: int) -> str:
+        """Start a fresh SuperNode for `partition` (a rebooted board); returns its process name."""
+        self._restarts += 1
+        name = f"supernode-{partition + 1}-restart{self._restarts}"
+        certs = Path(self.certs_dir).resolve() if self.certs_dir else self.home / "certs"
+        key = certs / f"supernode-{partition + 1}.key" if self.auth else None
+        self._start_supernode(name, partition, key)
+        self._say(f"restarted the SuperNode of partition {partition} as {name}")
+        return name
+
+    def restart_superlink(self, timeout_s: float = STARTUP_TIMEOUT_S * 3) -> None:
+        """Start the SuperLink again on the same port and wait until `num_nodes` SuperNodes are online.
+
+        Its state is in memory, so the old node ids are unknown to it: a SuperNode that still
+        holds one is refused (HTTP 401) and exits, and is restarted here, as a supervisor
+        (systemd's Restart=always, compose's restart policy) would on a real device.
+        """
+        superlink = self.procs.start("superlink", self._superlink_cmd)
+        _wait_for(lambda: _port_open(self.port), timeout_s, "the restarted SuperLink to listen", alive=[superlink])
+
+        def all_online() -> bool:
+            for partition in range(self.num_nodes):
+                names = [n for n in self._names("supernode-")
+                         if n == f"supernode-{partition + 1}" or n.startswith(f"supernode-{partition + 1}-")]
+                if all(self._exit_code(n) is not None for n in names):
+                    self.restart_supernode(partition)
+            self.supernodes = _online_nodes(self.procs)
+            return len(self.supernodes) >= self.num_nodes
+        _wait_for(all_online, timeout_s, f"{self.num_nodes} SuperNodes to come back online", interval=2.0,
+                  alive=[superlink])
+
+    def submit(self, run_config: Mapping[str, object] | str | None = None) -> int:
+        """`flwr run` without waiting for the run: returns its run id."""
+        cmd = ["flwr", "run", str(self.app), CONNECTION]
+        config = config_string(run_config)
+        if config:
+            cmd += ["--run-config", config]
+        proc = subprocess.run(cmd, env=self.env, cwd=self.home, capture_output=True, text=True, timeout=120,
+                              stdin=subprocess.DEVNULL)
+        match = re.search(r"started run (\d+)", proc.stdout + proc.stderr) or \
+            re.search(r"run[_ ]id `?(\d+)", proc.stdout + proc.stderr)
+        if not match:
+            raise FederationError(f"flwr run did not start a run:\n{proc.stdout}{proc.stderr}")
+        return int(match.group(1))
+
     def _certificates(self) -> Path | None:
         if not (self.tls or self.auth):
             return None
@@ -460,8 +542,8 @@ class LocalFederation:
     def log_of(self, name: str) -> str:
         if self._stopped:
             return getattr(self, "_logs_at_stop", {}).get(name, "")
-        proc = next((p for p in self.procs.procs if p.name == name), None)
-        return _read(proc.log_path) if proc else ""
+        procs = [p for p in self.procs.procs if p.name == name]  # a restarted process: all its lives
+        return "\n".join(_read(p.log_path) for p in procs)
 
     def _names(self, prefix: str) -> list[str]:
         return [p.name for p in self.procs.procs if p.name.startswith(prefix)]
@@ -469,7 +551,7 @@ class LocalFederation:
     def _exit_code(self, name: str) -> int | None:
         if self._stopped:
             return self.exit_codes.get(name)
-        proc = next(p for p in self.procs.procs if p.name == name)
+        proc = next(p for p in reversed(self.procs.procs) if p.name == name)  # the latest of that name
         return proc.popen.poll()
 
     def fill_logs(self, result: FederationResult) -> FederationResult:

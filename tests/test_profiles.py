@@ -73,6 +73,11 @@ def test_an_unknown_profile_name_lists_the_valid_names():
     assert "raspberry-pi-4" in str(err.value) and "laptop" in str(err.value)
 
 
+def test_a_missing_profile_file_is_named_as_a_file(tmp_path):
+    with pytest.raises(ProfileError, match="profile file .*board.toml' does not exist"):
+        load_profile(str(tmp_path / "board.toml"))
+
+
 def test_a_profile_missing_a_key_says_which(tmp_path):
     data = {k: v for k, v in GOOD.items() if k != "gflops"}
     with pytest.raises(ProfileError, match=r"missing keys \['gflops'\]"):
