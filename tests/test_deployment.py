@@ -442,3 +442,11 @@ def test_the_raspberry_pi_service_starts_a_supernode_flwr_accepts():
     config = parse_config_args([_option(argv, "--node-config")])
     assert {"partition-id", "num-partitions", "profile", "data-dir"} <= set(config)
     assert re.search(r"^Restart=(always|on-failure)$", unit, re.M)
+
+
+def test_compose_restarts_supernodes_that_exit_cleanly():
+    """After a SuperLink restart a SuperNode is refused its old node id and exits with status 0
+    (tests/test_fault_suite.py relies on restarting it): `on-failure` would leave it down."""
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    nodes = {name: s for name, s in services.items() if name.startswith("supernode-")}
+    assert nodes and all(s.get("restart") in ("always", "unless-stopped") for s in nodes.values())
