@@ -47,7 +47,7 @@ def query_devices(grid: Grid, node_ids: Iterable[int], timeout: float) -> tuple[
     messages = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in node_ids]
     devices, problems = [], []
     for reply in grid.send_and_receive(messages, timeout=timeout):
-        node = reply.metadata.src_node_id
+        node = addressee(reply, messages)
         if reply.has_error():
             problems.append(f"node {node}: {reply.error.reason}")
             continue
@@ -79,7 +79,7 @@ def run_train_tasks(grid: Grid, tasks: list[TrainTask], public_size: int,
         messages.append(Message(content, dst_node_id=task.node_id, message_type="train"))
     answered: set[int] = set()
     for reply in grid.send_and_receive(messages, timeout=timeout):
-        node = reply.metadata.src_node_id
+        node = addressee(reply, messages)
         outcome = outcomes.get(node)
         if outcome is None or node in answered:
             log(WARNING, "ignoring a reply from node %s, which was sent no task or already replied", node)
@@ -102,6 +102,17 @@ def run_train_tasks(grid: Grid, tasks: list[TrainTask], public_size: int,
             outcome.missed_deadline = timeout is not None
             outcome.error = f"no reply within the round deadline ({timeout:g} s)" if timeout else "no reply"
     return list(outcomes.values())
+
+
+def addressee(reply: Message, sent: list[Message]) -> int:
+    """The node a reply answers for: the destination of the message it replies to.
+
+    Not simply its sender: when a node is unavailable the SuperLink itself sends the
+    error reply, from its own node id."""
+    for message in sent:
+        if message.metadata.message_id and message.metadata.message_id == reply.metadata.reply_to_message_id:
+            return message.metadata.dst_node_id
+    return reply.metadata.src_node_id
 
 
 def _bytes_by_record(content: RecordDict) -> dict[str, int]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
-from flwr.common.constant import ErrorCode
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -66,10 +66,12 @@ class InProcessGrid(Grid):
         replies = []
         for msg in messages:
             node = msg.metadata.dst_node_id
+            msg.metadata.__dict__["_message_id"] = msg.object_id  # as Flower's grids do when pushing
             self.sent.append(msg)
-            if node in self.offline:
-                replies.append(Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Node Unavailable"),
-                                       reply_to=msg))
+            if node in self.offline:  # the SuperLink answers for an unavailable node, from its own id
+                error = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Node Unavailable"), reply_to=msg)
+                error.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+                replies.append(error)
                 continue
             reply = client_app(msg, self.contexts[node])
             reply = self.tamper(node, reply) if self.tamper else reply

@@ -84,8 +84,8 @@ def poison(record):
 @pytest.mark.parametrize("strategy", ["reft", "profl", "heterofl", "exclusivefl"])
 def test_a_node_that_leaves_is_skipped_and_a_restarted_one_rejoins_with_what_it_lacks(tmp_path, strategy):
     def on_grid(grid):
-        def tamper(node, reply):  # after round 1, node 4 dies and comes back as node 5 (same partition)
-            if reply.metadata.message_type == "train" and node == 4 and 5 not in grid.contexts:
+        def tamper(node, reply):  # during round 1, node 4 dies; it comes back as node 5 (same partition)
+            if reply.metadata.message_type == "train" and node < 4 and 5 not in grid.contexts:
                 grid.offline.add(4)
                 grid.add_node(5, 3)
             return reply
@@ -95,6 +95,8 @@ def test_a_node_that_leaves_is_skipped_and_a_restarted_one_rejoins_with_what_it_
     assert results["status"] == "completed"
     assert [d["node_id"] for d in results["devices"]] == [1, 2, 3, 4, 5]
     assert all(r["offline"] == [4] for r in results["rounds"][1:])
+    lost = results["rounds"][0]["clients"][3]  # the SuperLink's "unavailable" reply, put on the right node
+    assert lost["node_id"] == 4 and not lost["participated"] and "Node Unavailable" in lost["error"]
     later = results["rounds"][1]["clients"]
     assert not later[3]["participated"] and later[4]["participated"]
     assert results["devices"][4]["partition_id"] == 3
