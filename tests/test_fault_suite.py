@@ -60,7 +60,7 @@ def clean_run(out: Path) -> dict:
 
 def bad_replies_and_a_straggler(out: Path) -> dict:
     """Node 2 sends NaN, then wrong shapes, then an oversized array; node 3 hangs past the deadline."""
-    faults = {1: {"fault": "nan@1;shapes@2;oversize@3"}, 2: {"fault": "hang:150@1"}}
+    faults = {1: {"fault": "nan@1;shapes@2;oversize@3"}, 2: {"fault": "hang:100@1"}}
     with LocalFederation(3, PROFILES, workdir=out, node_extra=faults) as fed:
         fed.run({**JOB, "output-dir": str(out), "run-name": "bad-replies"}, timeout_s=RUN_TIMEOUT_S)
     return results(out / "bad-replies")
