@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fl_app.models import ModelSpec, build_model
 from fl_app.profiles import DeviceProfile
-from fl_app.training import checkpoint_units, forward, freeze_except
+from fl_app.training import forward, freeze_except, split_blocks
 
 MB = 2**20
 
@@ -31,9 +31,15 @@ class ModelCost:
     state_bytes: int  # parameters and buffers, fp32
     forward_macs_per_sample: float
     train_flops_per_sample: float  # forward + backward of the trainable part
-    activation_bytes_per_sample: float  # tensors autograd saves for backward
+    activation_bytes_per_sample: float  # tensors autograd saves for backward; checkpointing: the most
+    # held while backward recomputes one unit (kept unit inputs + what that unit saves)
     transient_bytes_per_sample: float  # the largest layer's input + output, alive while it runs
     largest_trainable_bytes: int = 0  # SGD's weight decay allocates a temporary this size on CPU
+    # Checkpointing keeps activations channels-last; there a convolution's weight gradient on
+    # CPU passes through three weight-sized temporaries (a channels-last copy of the weight, the
+    # gradient in that layout, a contiguous copy): three times the largest trainable conv weight.
+    # (The default layout makes one; not priced, as before.)
+    weight_grad_temporary_bytes: int = 0
 
     @property
     def size_mb(self) -> float:
@@ -43,18 +49,20 @@ class ModelCost:
                          optimizer_slots: int = 1) -> int:
         """Peak tensor memory of a training step at `batch_size`.
 
-        Two moments compete: the turn from forward to backward (saved activations, the
-        largest layer's input and output, gradients being made) and the optimizer step
-        (gradients + optimizer state, e.g. one momentum buffer for SGD). Parameters and
-        the batch are alive throughout. The transient term matters most when only a
-        small part trains: a frozen prefix saves nothing but still computes its layers.
+        Two moments compete: backward (saved activations, gradients being made, and what one
+        layer allocates while it runs: as much as the largest layer's input and output, or
+        the weight-gradient temporaries if larger) and the optimizer step (gradients +
+        optimizer state, e.g. one momentum buffer for SGD).
+        Parameters and the batch are alive throughout. The transient term matters most when
+        only a small part trains: a frozen prefix saves nothing but still computes its layers.
         """
         grads = 4 * self.trainable_params
         optim = 4 * self.trainable_params * optimizer_slots
         batch = 4 * batch_size * _numel(image_shape)
-        activations = (self.activation_bytes_per_sample + self.transient_bytes_per_sample) * batch_size
+        layer = max(self.transient_bytes_per_sample * batch_size, self.weight_grad_temporary_bytes)
+        backward = self.activation_bytes_per_sample * batch_size + layer + grads
         step = grads + optim + self.largest_trainable_bytes
-        return int(self.state_bytes + batch + max(activations + grads, step))
+        return int(self.state_bytes + batch + max(backward, step))
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -83,17 +91,22 @@ def _model_cost(spec_json: str, image_shape: tuple[int, ...], trainable: tuple[i
     trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     # Two batch sizes: the difference is per-sample; what does not scale (weights that
-    # autograd also saves) cancels out.
+    # autograd also saves) cancels out. With checkpointing, per unit, then the largest.
     flops2, saved2, macs2 = _count(model, image_shape, 2, trainable, checkpoint)
     flops4, saved4, macs4 = _count(model, image_shape, 4, trainable, checkpoint)
+    activations = max((s4 - s2) / 2 for s2, s4 in zip(saved2, saved4))
+    conv_weights = [4 * m.weight.numel() for m in model.modules()
+                    if isinstance(m, torch.nn.Conv2d) and m.weight.requires_grad]
     return ModelCost(params, trainable_params, state_bytes, (macs4 - macs2) / 2,
-                     (flops4 - flops2) / 2, (saved4 - saved2) / 2, _largest_layer_io(model, image_shape),
-                     max((4 * p.numel() for p in model.parameters() if p.requires_grad), default=0))
+                     (flops4 - flops2) / 2, activations, _largest_layer_io(model, image_shape),
+                     max((4 * p.numel() for p in model.parameters() if p.requires_grad), default=0),
+                     3 * max(conv_weights, default=0) if checkpoint else 0)
 
 
 def _count(model: torch.nn.Module, image_shape: tuple[int, ...], batch: int,
-           trainable: tuple[int, ...] | None, checkpoint: bool) -> tuple[float, int, float]:
-    """(training FLOPs, bytes saved for backward, forward MACs) of one batch."""
+           trainable: tuple[int, ...] | None, checkpoint: bool) -> tuple[float, list[int], float]:
+    """(training FLOPs, bytes held for backward, forward MACs) of one batch. Bytes held: one
+    figure, or with checkpointing one per recomputed unit (`_checkpointed_held_bytes`)."""
     x = torch.zeros(batch, *image_shape, device="meta")
     with FlopCounterMode(display=False) as fwd_counter:
         with torch.no_grad():
@@ -102,9 +115,9 @@ def _count(model: torch.nn.Module, image_shape: tuple[int, ...], batch: int,
         out = forward(model, x, trainable, checkpoint)
         if out.requires_grad:
             out.sum().backward()
-    saved = _checkpointed_saved_bytes(model, x, trainable) if checkpoint else _saved_bytes(
-        lambda: forward(model, x, trainable))
-    return float(counter.get_total_flops()), saved, fwd_counter.get_total_flops() / 2
+    held = _checkpointed_held_bytes(model, x, trainable) if checkpoint else [_saved_bytes(
+        lambda: forward(model, x, trainable))]
+    return float(counter.get_total_flops()), held, fwd_counter.get_total_flops() / 2
 
 
 def _largest_layer_io(model: torch.nn.Module, image_shape: tuple[int, ...]) -> float:
@@ -131,12 +144,14 @@ def _largest_layer_io(model: torch.nn.Module, image_shape: tuple[int, ...]) -> f
     return float(largest)
 
 
-def _saved_bytes(run) -> int:
-    """Bytes of the distinct tensors autograd saves for backward while `run()` executes."""
+def _saved_bytes(run, kept: torch.Tensor | None = None) -> int:
+    """Bytes of the distinct tensors autograd saves for backward while `run()` executes,
+    other than `kept` (a tensor already held, counted by the caller)."""
     saved: dict[int, torch.Tensor] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        saved[id(t)] = t  # keep a reference so ids stay unique
+        if t is not kept:
+            saved[id(t)] = t  # keep a reference so ids stay unique
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -144,22 +159,22 @@ def _saved_bytes(run) -> int:
     return sum(t.numel() * t.element_size() for t in saved.values())
 
 
-def _checkpointed_saved_bytes(model: torch.nn.Module, x: torch.Tensor, trainable: tuple[int, ...] | None) -> int:
-    """Checkpointing keeps each unit's input; backward rebuilds one unit's saved tensors at a time."""
-    kept, largest_unit = 0, 0
-    grad_needed = False
-    for i, block in enumerate(model.blocks):  # type: ignore[attr-defined]
-        grad_needed = grad_needed or trainable is None or i in trainable
-        if not grad_needed:
-            with torch.no_grad():
-                x = block(x)
-            continue
-        for unit in checkpoint_units(block):
-            kept += x.numel() * x.element_size()
-            result: list[torch.Tensor] = []
-            largest_unit = max(largest_unit, _saved_bytes(lambda: result.append(unit(x))))
-            x = result[0]
-    return kept + largest_unit
+def _checkpointed_held_bytes(model: torch.nn.Module, x: torch.Tensor,
+                             trainable: tuple[int, ...] | None) -> list[int]:
+    """Per checkpoint unit, what is held while backward recomputes it: the inputs checkpointing
+    keeps for it and the units before it (a later unit's input is gone once that unit's backward
+    is done), and what recomputing the unit saves for backward."""
+    frozen, units = split_blocks(model, trainable, checkpoint=True)
+    with torch.no_grad():
+        for block in frozen:
+            x = block(x)
+    inputs, held = 0, []
+    for unit in units:
+        inputs += x.numel() * x.element_size()
+        result: list[torch.Tensor] = []
+        held.append(inputs + _saved_bytes(lambda: result.append(unit(x)), kept=x))
+        x = result[0]
+    return held
 
 
 def device_time_s(profile: DeviceProfile, train_flops: float, bytes_down: int, bytes_up: int) -> float:

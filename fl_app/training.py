@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from fl_app.data import Batches
+from fl_app.models import checkpoint_units
 
 MB = 2**20
 
@@ -47,49 +50,56 @@ def forward(model: nn.Module, x: torch.Tensor, trainable: Collection[int] | None
             checkpoint: bool = False) -> torch.Tensor:
     """Run the blocks; the frozen prefix runs without autograd, so it stores no activations.
 
-    With `checkpoint`, each block that needs gradients runs unit by unit (see
-    `checkpoint_units`) and keeps only each unit's input: backward recomputes one unit
-    at a time, trading compute for activation memory.
+    With `checkpoint`, the blocks after it run unit by unit (`fl_app.models.checkpoint_units`)
+    keeping only each unit's input: backward recomputes one unit at a time, trading compute
+    for activation memory. Activations are then also kept channels-last, the layout in which
+    the CPU convolution's backward makes no activation-sized layout copies (it makes two
+    weight-sized ones instead; `fl_app.cost` prices both).
     """
-    grad_needed = False
-    for i, block in enumerate(model.blocks):  # type: ignore[attr-defined]
-        grad_needed = grad_needed or trainable is None or i in trainable
-        with torch.set_grad_enabled(grad_needed and torch.is_grad_enabled()):
-            if checkpoint and torch.is_grad_enabled():
-                for unit in checkpoint_units(block):
-                    x = torch.utils.checkpoint.checkpoint(_run_unit, unit, x, use_reentrant=False)
-            else:
-                x = block(x)
+    frozen, rest = split_blocks(model, trainable, checkpoint)
+    if checkpoint:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for block in frozen:
+            x = block(x)
+    for part in rest:
+        if checkpoint and torch.is_grad_enabled():
+            x = torch.utils.checkpoint.checkpoint(part, x, use_reentrant=False,
+                                                  context_fn=partial(_recompute_context, part))
+        else:
+            x = part(x)
     return x
 
 
-def checkpoint_units(block: nn.Module) -> list[nn.Sequential]:
-    """A block cut into recomputable units: runs of layers ending at an activation or pooling,
-    and whole composite children (a residual block, a stem, an output module's parts).
-
-    Cutting after the in-place ReLU keeps every in-place operation inside one unit.
-    """
-    children = list(block.children()) if isinstance(block, nn.Sequential) else [block]
-    units: list[nn.Sequential] = []
-    run: list[nn.Module] = []
-    for child in children:
-        if any(True for _ in child.children()):  # composite: one unit
-            if run:
-                units.append(nn.Sequential(*run))
-                run = []
-            units.append(child if isinstance(child, nn.Sequential) else nn.Sequential(child))
-            continue
-        run.append(child)
-        if isinstance(child, (nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Flatten)):
-            units.append(nn.Sequential(*run))
-            run = []
-    if run:
-        units.append(nn.Sequential(*run))
-    return units
+def split_blocks(model: nn.Module, trainable: Collection[int] | None,
+                 checkpoint: bool = False) -> tuple[list[nn.Module], list[nn.Module]]:
+    """(the blocks in front of the first trainable one, which need no gradients; what runs after
+    them: the remaining blocks, or with `checkpoint` their checkpoint units)."""
+    blocks = list(model.blocks)  # type: ignore[attr-defined]
+    first = 0 if trainable is None else min(trainable, default=len(blocks))
+    rest = blocks[first:]
+    if checkpoint:
+        rest = [unit for block in rest for unit in checkpoint_units(block)]
+    return blocks[:first], rest
 
 
-def _run_unit(unit: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return unit(x)
+def _recompute_context(unit: nn.Module) -> tuple[AbstractContextManager, AbstractContextManager]:
+    """Checkpointing's (forward, recompute) contexts: the recompute in backward reruns BatchNorm
+    in training mode, which would update its running statistics a second time."""
+    return nullcontext(), _buffers_kept(unit)
+
+
+@contextmanager
+def _buffers_kept(unit: nn.Module) -> Iterator[None]:
+    """Put the unit's buffers (BatchNorm running statistics) back as they were before."""
+    buffers = list(unit.buffers())
+    before = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in zip(buffers, before):
+                b.copy_(value)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

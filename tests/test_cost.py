@@ -41,6 +41,22 @@ def test_predicted_peak_memory_is_close_to_a_measured_step(name, batch):
     assert 0.75 < predicted / measured < 1.35, (predicted / 2**20, measured / 2**20)
 
 
+@pytest.mark.parametrize("batch", [8, 32])
+def test_checkpointed_prediction_is_close_to_a_measured_step_and_not_below(batch):
+    """ResNet-18's largest ProFL step, grow block 1 (stem and layer1 with its output module).
+    At batch 8 its peak is the output module's largest weight gradient, at 32 the recompute of
+    a residual block: the prediction must cover both, and not by much more."""
+    spec, trainable = ModelSpec("resnet18").with_depth(1), [0, 1]
+    torch.manual_seed(0)
+    model = build_model(spec)
+    freeze_except(model, trainable)
+    optimizer = make_optimizer(model, TrainConfig())
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    _, measured = measure_step(model, optimizer, x, y, trainable, checkpoint=True)
+    predicted = model_cost(spec, (3, 32, 32), trainable, checkpoint=True).peak_train_bytes(batch, (3, 32, 32))
+    assert 1.0 <= predicted / measured < 1.2, (predicted / 2**20, measured / 2**20)
+
+
 def test_device_time_adds_compute_and_both_transfers():
     pi = DeviceProfile("pi", gflops=2.0, memory_mb=500, uplink_mbps=8.0, downlink_mbps=16.0)
     assert device_time_s(pi, train_flops=4e9, bytes_down=2_000_000, bytes_up=1_000_000) == pytest.approx(

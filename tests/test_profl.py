@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from fl_app.job import Job
-from fl_app.models import MODEL_NAMES, ModelSpec, block_outputs, build_model, num_blocks
-from fl_app.training import TrainConfig, freeze_except, make_optimizer, train_step
+from fl_app.models import MODEL_NAMES, ModelSpec, block_outputs, build_model, full_widths, num_blocks
+from fl_app.training import TrainConfig, forward, freeze_except, make_optimizer, train_step
 from server_app.strategies.profl import ProFL, Step, effective_movement, part_of
 from tests.test_federation import run
 from tests.test_reft import federation
@@ -49,6 +49,31 @@ def test_frozen_front_gets_no_gradients_and_keeps_its_batchnorm_statistics():
     assert all(p.grad is None for p in model.blocks[0].parameters())
     assert all(torch.equal(v, model.blocks[0].state_dict()[k]) for k, v in front.items())
     assert any(p.grad is not None for p in model.blocks[1].parameters())
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_checkpointing_changes_the_memory_not_the_step(name):
+    """Same loss, gradients and BatchNorm statistics with and without checkpointing: for the whole
+    model, and for a ProFL step (a block and its output module behind a frozen block). In float64,
+    because the two layouts' convolutions round differently in float32, and at 1/8 width so that
+    float64 stays fast: the checkpoint units do not depend on the width."""
+    narrow = {g: max(2, c // 8) for g, c in full_widths(name).items()}
+    x, y = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (2,))
+    for spec, trainable in [(ModelSpec(name, widths=narrow), None), (ModelSpec(name, widths=narrow, depth=2), [1, 2])]:
+        results = []
+        for checkpoint in (False, True):
+            torch.manual_seed(0)
+            model = build_model(spec).double()
+            freeze_except(model, trainable)
+            loss = torch.nn.functional.cross_entropy(forward(model, x, trainable, checkpoint), y)
+            loss.backward()
+            results.append((loss, {k: p.grad for k, p in model.named_parameters()}, dict(model.named_buffers())))
+        (plain_loss, plain_grads, plain_buffers), (loss, grads, buffers) = results
+        torch.testing.assert_close(loss, plain_loss, rtol=1e-9, atol=0)
+        assert {k for k, g in grads.items() if g is None} == {k for k, g in plain_grads.items() if g is None}
+        torch.testing.assert_close({k: g for k, g in grads.items() if g is not None},
+                                   {k: g for k, g in plain_grads.items() if g is not None}, rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(buffers, plain_buffers, rtol=1e-9, atol=1e-12)  # updated once, not twice
 
 
 def test_effective_movement_is_one_for_steady_drift_and_zero_for_oscillation():
