@@ -2,6 +2,8 @@
 
     python benchmarks/profl.py memory          # ResNet-18 and VGG-16, CIFAR-10 shapes, batch 64
     python benchmarks/profl.py participation   # memory-constrained device mix: ProFL vs ExclusiveFL
+    python benchmarks/profl.py accuracy        # same mix, real CIFAR-10: participation and accuracy of
+                                               # fedavg, exclusivefl, allsmall, heterofl, profl
 
 Memory is measured on a real training step (PyTorch profiler allocator events: what was alive
 before the step plus the highest point of what it allocated), next to the cost model's prediction.
@@ -10,7 +12,11 @@ before the step plus the highest point of what it allocated), next to the cost m
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,17 +24,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.run_inprocess import REPO, run_inprocess  # noqa: E402
 from fl_app.config import RunConfig  # noqa: E402
 from fl_app.cost import model_cost  # noqa: E402
-from fl_app.data import make_synthetic  # noqa: E402
+from fl_app.data import federated_split, load_dataset, make_synthetic  # noqa: E402
 from fl_app.models import ModelSpec, build_model, num_blocks  # noqa: E402
 from fl_app.profiles import load_profile, parse_device_mix  # noqa: E402
 from fl_app.training import TrainConfig, freeze_except, make_optimizer, measure_step  # noqa: E402
+from server_app.server_app import _test_batches  # noqa: E402
 from server_app.strategies.base import Device, Federation  # noqa: E402
 from server_app.strategies.profl import Step  # noqa: E402
 
 MB = 2**20
 SHAPE = (3, 32, 32)
+DATA = str(REPO.parent / "shared" / "data")
+STRATEGIES = ("fedavg", "exclusivefl", "allsmall", "heterofl", "profl")
 
 
 def measured_peak(spec: ModelSpec, trainable: list[int] | None, batch: int, checkpoint: bool,
@@ -111,16 +121,169 @@ def participation(batch: int, model: str, mix: str) -> None:
             print(f"  {step.stage} {step.kind} {step.block}: needs {need:6.0f} MB, {eligible}/{len(devices)} devices fit")
 
 
+def _data_check(config: dict, num_nodes: int) -> str:
+    """Class balance of what the runs actually use: the CIFAR-10 arrays are stored sorted by class."""
+    cfg = RunConfig.from_mapping(config)
+    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed)
+    split = federated_split(data, num_nodes, cfg.partition, cfg.seed, cfg.dirichlet_alpha, cfg.shards_per_client,
+                            cfg.public_size, cfg.max_client_examples)
+    classes = data.num_classes
+    counts = np.stack([np.bincount(data.y_train[torch.from_numpy(c)].numpy(), minlength=classes)
+                       for c in split.clients])
+    test = np.bincount(_test_batches(data, cfg).y.numpy(), minlength=classes)
+    return (f"data check: {len(split.clients)} clients x {sorted({len(c) for c in split.clients})} private images, "
+            f"images per class per client min {counts.min()} max {counts.max()} (every client has "
+            f"{(counts > 0).sum(1).min()}+ of {classes} classes); server test images per class min {test.min()} "
+            f"max {test.max()} of {test.sum()}")
+
+
+def _code_version() -> str:
+    """The commit the runs used, and any uncommitted changes to the code they import."""
+    def git(*a: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True).stdout
+
+    head = git("rev-parse", "--short", "HEAD").strip()
+    if not head:
+        return "not a git checkout"
+    dirty = git("status", "--porcelain", "--", "fl_app", "server_app", "client_app", "tests", "benchmarks")
+    changed = sorted(line[3:] for line in dirty.splitlines() if line.strip())
+    return f"git {head}" + (f" + uncommitted changes in {', '.join(changed)}" if changed else "")
+
+
+def _test_subset_npz(folder: Path, test_size: int, seed: int) -> str:
+    """Real CIFAR-10 with its test set replaced by the seeded subset the server would draw for `test-size`.
+
+    The training arrays are the same (same partitions, same normalization), and the server evaluates
+    exactly the images `dataset=cifar10 test-size=N` would give it. What changes: a client's own test
+    share (1/num-nodes of the test set; HeteroFL clients evaluate their submodel on it every round) comes
+    from these N images instead of all 10000, which would cost more than every other run together here.
+    """
+    data = load_dataset("cifar10", DATA, seed)
+    test = _test_batches(data, RunConfig.from_mapping({"dataset": "cifar10", "data-dir": DATA, "seed": seed,
+                                                       "test-size": test_size}))
+    path = folder / f"cifar10_test{test_size}_seed{seed}.npz"
+    np.savez(path, x_train=data.x_train.numpy(), y_train=data.y_train.numpy(), x_test=test.x.numpy(),
+             y_test=test.y.numpy())
+    return f"npz:{path}"
+
+
+def accuracy(args: argparse.Namespace) -> None:
+    """Every strategy on the same devices, data, seed and rounds; runs kept for `python -m fl_app.report`."""
+    num_nodes = len(parse_device_mix(args.mix)) if args.nodes is None else args.nodes
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.full_test_on_clients:
+            data = {"dataset": "cifar10", "data-dir": DATA, "test-size": args.test}
+        else:
+            data = {"dataset": _test_subset_npz(Path(tmp), args.test, args.seed), "test-size": 0}
+        _accuracy(args, num_nodes, data)
+
+
+def _accuracy(args: argparse.Namespace, num_nodes: int, data: dict) -> None:
+    common = {**data, "seed": args.seed, "model": args.model, "batch-size": args.batch, "device-mix": args.mix,
+              "partition": "iid", "num-server-rounds": args.rounds, "max-client-examples": args.examples,
+              "local-epochs": args.epochs, "public-size": args.public, "lr": args.lr, "augment": True,
+              # Memory is the only constraint here: compute-slack large enough that every device's compute
+              # share covers the full model (ProFL never checks compute; the others then check memory only).
+              "compute-slack": args.compute_slack,
+              "profl-shrink-rounds": 1, "block-round-cap": args.cap, "em-window": args.em_window,
+              "em-threshold": args.em_threshold, "em-patience": args.em_patience}
+    total = num_blocks(args.model)
+    print(f"code: {_code_version()}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"load average at start {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"{args.model} on real CIFAR-10 ({DATA}/cifar10), {num_nodes} clients, device mix {args.mix}, "
+          f"batch {args.batch}, fp32, seed {args.seed}")
+    print(f"scale: {args.examples} private images per client (iid over shuffled indices, then a seeded cap), "
+          f"{args.rounds} rounds, {args.epochs} local epoch(s), lr {args.lr}, augmentation on; a seeded random "
+          f"{args.test} of the 10000 test images "
+          + ("(server: test-size; clients' own test shares from all 10000)" if args.full_test_on_clients else
+             "(server and, for HeteroFL's per-client check, the clients: the test set is replaced by that subset, "
+             "so each client's test share is 1/%d of it)" % num_nodes)
+          + f"; public slice {args.public} held out of training (unused by these strategies)")
+    print(f"devices: compute-slack {args.compute_slack} (every device's compute share covers the full model: "
+          f"memory is the only constraint); fedavg ignores memory budgets, the others enforce them")
+    print(f"profl: {total} blocks; shrink {2 * (total - 1)} rounds (profl-shrink-rounds 1), then grow with "
+          f"block-round-cap {args.cap}, em-window {args.em_window}, em-threshold {args.em_threshold}, "
+          f"em-patience {args.em_patience}")
+    print(_data_check({**common, "strategy": "fedavg"}, num_nodes))
+    print("(runs kept in benchmarks/results/runs_profl/<strategy>; figures: python -m fl_app.report "
+          "benchmarks/results/runs_profl/* --out benchmarks/results/report_profl)")
+    print(f"{'strategy':12s} {'final acc':>9s} {'best acc':>8s} {'clients':>7s} {'share':>5s} {'mean/rnd':>8s} "
+          f"{'MB down':>9s} {'MB up':>9s} {'device s':>9s} {'wall s':>7s}", flush=True)
+    out = REPO / "benchmarks" / "results" / "runs_profl"
+    notes = []
+    begin = time.perf_counter()
+    for strategy in args.strategies.split(","):
+        start = time.perf_counter()
+        res = run_inprocess({**common, "strategy": strategy, "output-dir": str(out), "run-name": strategy},
+                            num_nodes)
+        wall = time.perf_counter() - start
+        (out / strategy / "checkpoint.pt").unlink(missing_ok=True)  # resume state (tens of MB): not a result
+        s, rounds = res["summary"], res["rounds"]
+        mean = sum(r["participants"] for r in rounds) / len(rounds)
+        print(f"{strategy:12s} {s['final_accuracy']:9.4f} {s['best_accuracy']:8.4f} "
+              f"{s['distinct_participants']:4d}/{num_nodes:<2d} {s['distinct_participants'] / num_nodes:5.2f} "
+              f"{mean:8.2f} {s['total_bytes_down'] / 1e6:9.2f} {s['total_bytes_up'] / 1e6:9.2f} "
+              f"{s['total_device_time_s']:9.1f} {wall:7.0f}", flush=True)
+        by_round = " ".join(f"{r['accuracy']:.3f}" for r in rounds)
+        notes.append(f"{strategy}: status {res['status']}, {len(rounds)} rounds, {s['client_failures']} client "
+                     f"failures; accuracy by round {by_round}")
+        if strategy == "profl":
+            steps_run = [f"{r['round']}:{r['stage'][0]}{r['step'][0]}{r['active_block']}"
+                         + ("*" if r.get("frozen") else "") for r in rounds]
+            grown = [r["active_block"] for r in rounds if r["stage"] == "grow"]
+            notes.append(f"profl schedule (round:stage step block; s/g = shrink/grow, t/m = train/mimic, "
+                         f"* = block frozen after the round): {' '.join(steps_run)}")
+            notes.append(f"profl: the grow stage reached block {max(grown) if grown else 'none'} of {total}; the "
+                         f"last round trained {rounds[-1]['stage']} block {rounds[-1]['active_block']}; devices "
+                         f"eligible per round {sorted({r['eligible'] for r in rounds})}")
+        if strategy in ("exclusivefl", "allsmall", "heterofl"):
+            left = [c["node_id"] for c in rounds[-1]["clients"] if c["left_out"]]
+            ratios = sorted({round(c["keep_ratio"], 3) for r in rounds for c in r["clients"]
+                             if c.get("keep_ratio") is not None})
+            notes.append(f"{strategy}: left out {len(left)}/{num_nodes} (nodes {left}); keep ratios {ratios}")
+        if strategy == "fedavg":
+            over = sorted({c["profile"] for c in rounds[-1]["clients"] if c.get("fits_memory") is False})
+            count = sum(1 for c in rounds[-1]["clients"] if c.get("fits_memory") is False)
+            notes.append(f"fedavg: {count}/{num_nodes} clients ({', '.join(over)}) trained past their memory "
+                         f"budget every round (fedavg ignores limits: a real device would fail)")
+    print("clients = distinct participants / clients, share = that ratio; mean/rnd = clients that trained per "
+          "round, averaged; MB = 10^6 bytes; device s = emulated device time, sum over rounds of the slowest "
+          "client; wall s = this machine")
+    for note in notes:
+        print(note)
+    print(f"total wall time {time.perf_counter() - begin:.0f} s")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["memory", "participation"])
+    parser.add_argument("part", choices=["memory", "participation", "accuracy"])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--mix", default="raspberry-pi-3b-plus:6,jetson-nano:2,laptop:2")
     parser.add_argument("--models", default="resnet18,vgg16", help="memory: comma-separated model names")
+    acc_args = parser.add_argument_group("accuracy")
+    acc_args.add_argument("--strategies", default=",".join(STRATEGIES))
+    acc_args.add_argument("--nodes", type=int, default=None, help="default: the length of --mix")
+    acc_args.add_argument("--rounds", type=int, default=10)
+    acc_args.add_argument("--examples", type=int, default=64, help="private images per client")
+    acc_args.add_argument("--epochs", type=int, default=1)
+    acc_args.add_argument("--public", type=int, default=500)
+    acc_args.add_argument("--test", type=int, default=500)
+    acc_args.add_argument("--lr", type=float, default=0.05)
+    acc_args.add_argument("--seed", type=int, default=0)
+    acc_args.add_argument("--compute-slack", type=float, default=100.0,
+                          help="large enough that compute never binds (the default mix: laptop / Pi 3B+ = 96x)")
+    acc_args.add_argument("--cap", type=int, default=1, help="profl block-round-cap")
+    acc_args.add_argument("--em-window", type=int, default=6)
+    acc_args.add_argument("--em-threshold", type=float, default=0.2)
+    acc_args.add_argument("--em-patience", type=int, default=2)
+    acc_args.add_argument("--full-test-on-clients", action="store_true",
+                          help="dataset=cifar10 as is: clients' own test shares come from all 10000 test images")
     args = parser.parse_args()
     print(f"$ python benchmarks/profl.py {' '.join(sys.argv[1:])}")
     if args.part == "memory":
         memory(args.batch, args.models.split(","))
-    else:
+    elif args.part == "participation":
         participation(args.batch, args.model, args.mix)
+    else:
+        accuracy(args)
