@@ -139,7 +139,7 @@ def _train(msg: Message, node: LocalNode) -> RecordDict:
     if job.evaluate:
         report["test-accuracy"], report["test-loss"], _ = evaluate(model, node.test_batches())
     content["report"] = MetricRecord(report)
-    fault = fault_for_round(list(node.faults), job.round)
+    fault = fault_for_round(node.faults, job.round)
     if fault is not None:
         content = fault.damage(content, job.returns)
     return content

@@ -18,6 +18,7 @@ buggy or hostile client could send.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,5 +86,5 @@ class Fault:
         return content
 
 
-def fault_for_round(faults: list[Fault], server_round: int) -> Fault | None:
+def fault_for_round(faults: Iterable[Fault], server_round: int) -> Fault | None:
     return next((f for f in faults if f.applies(server_round)), None)

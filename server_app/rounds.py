@@ -40,14 +40,17 @@ class TaskOutcome:
     error: str | None = None
     error_code: int | None = None  # as the client sent it, for errors the client reported
     missed_deadline: bool = False  # no reply before the round deadline (a straggler or a lost node)
+    rejected: bool = False  # replied, but the reply failed validation
 
 
 def query_devices(grid: Grid, node_ids: Iterable[int], timeout: float) -> tuple[list[Device], list[str]]:
     """Ask every node for its device report; (devices, problems with the nodes left out)."""
     messages = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in node_ids]
     devices, problems = [], []
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        node = addressee(reply, messages)
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    to_node = destinations(messages)
+    for reply in replies:
+        node = to_node.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
         if reply.has_error():
             problems.append(f"node {node}: {reply.error.reason}")
             continue
@@ -78,8 +81,10 @@ def run_train_tasks(grid: Grid, tasks: list[TrainTask], public_size: int,
         outcomes[task.node_id] = TaskOutcome(task, serialized_bytes(content), _bytes_by_record(content))
         messages.append(Message(content, dst_node_id=task.node_id, message_type="train"))
     answered: set[int] = set()
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        node = addressee(reply, messages)
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    to_node = destinations(messages)
+    for reply in replies:
+        node = to_node.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
         outcome = outcomes.get(node)
         if outcome is None or node in answered:
             log(WARNING, "ignoring a reply from node %s, which was sent no task or already replied", node)
@@ -95,7 +100,7 @@ def run_train_tasks(grid: Grid, tasks: list[TrainTask], public_size: int,
                 raise ReplyRejected(f"message type {reply.metadata.message_type!r}, expected 'train'")
             outcome.update = validate_reply(outcome.task, reply.content, public_size, outcome.bytes_up)
         except ReplyRejected as exc:
-            outcome.error = f"rejected: {exc}"
+            outcome.error, outcome.rejected = f"rejected: {exc}", True
             log(WARNING, "round %d: rejected the reply of node %d: %s", outcome.task.job.round, node, exc)
     for outcome in outcomes.values():
         if outcome.task.node_id not in answered:
@@ -104,15 +109,13 @@ def run_train_tasks(grid: Grid, tasks: list[TrainTask], public_size: int,
     return list(outcomes.values())
 
 
-def addressee(reply: Message, sent: list[Message]) -> int:
-    """The node a reply answers for: the destination of the message it replies to.
+def destinations(sent: list[Message]) -> dict[str, int]:
+    """Message id -> the node it went to (ids are set when the grid pushes the messages).
 
-    Not simply its sender: when a node is unavailable the SuperLink itself sends the
-    error reply, from its own node id."""
-    for message in sent:
-        if message.metadata.message_id and message.metadata.message_id == reply.metadata.reply_to_message_id:
-            return message.metadata.dst_node_id
-    return reply.metadata.src_node_id
+    A reply answers for the destination of the message it replies to, not simply its
+    sender: when a node is unavailable the SuperLink itself sends the error reply, from
+    its own node id."""
+    return {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
 
 
 def _bytes_by_record(content: RecordDict) -> dict[str, int]:

@@ -25,11 +25,11 @@ from fl_app.data import Batches, DataError, Dataset, load_dataset
 from fl_app.job import ERROR_MISSING_WEIGHTS
 from fl_app.profiles import ProfileError
 from fl_app.results import ResultsWriter
-from server_app.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint, restore_rng, save_checkpoint
 from fl_app.training import evaluate
+from server_app.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint, restore_rng, save_checkpoint
 from server_app.rounds import TaskOutcome, query_devices, run_train_tasks
 from server_app.strategies import STRATEGIES
-from server_app.strategies.base import Device, Federation, Strategy, StrategySetupError
+from server_app.strategies.base import Device, Federation, Strategy, StrategySetupError, TrainTask
 
 app = ServerApp()
 
@@ -68,11 +68,11 @@ def main(grid: Grid, context: Context) -> None:
     test = _test_batches(dataset, config)
     try:
         for server_round in range(first_round, config.num_server_rounds + 1):
-            record = run_round_until_enough(grid, strategy, federation, writer, server_round, test)
-            save_checkpoint(folder, server_round, strategy.state_dict(), federation.rng,
-                            {**writer.doc, "rounds": writer.rounds + [record]})
-            writer.add_round(record)
-            log(INFO, progress_line(record, config.num_server_rounds))
+            writer.add_round(run_round_until_enough(grid, strategy, federation, writer, server_round, test))
+            # A crash between these two writes is harmless: resuming takes the checkpoint's results
+            # and runs this round again.
+            save_checkpoint(folder, server_round, strategy.state_dict(), federation.rng, writer.doc)
+            log(INFO, progress_line(writer.rounds[-1], config.num_server_rounds))
     except RoundFailed as exc:
         log(ERROR, "run stopped: %s", exc)
         writer.finish(error=str(exc))
@@ -138,6 +138,8 @@ def refresh_devices(grid: Grid, strategy: Strategy, federation: Federation, writ
     if left:
         log(WARNING, "nodes %s are offline; they are skipped until they come back", sorted(left))
     federation.online = online & {d.node_id for d in federation.devices}
+
+
 def run_folder(config: RunConfig) -> Path:
     name = config.run_name or f"{config.strategy}-{config.model}-{datetime.now():%Y%m%d-%H%M%S}"
     return Path(config.output_dir).expanduser().resolve() / name
@@ -176,7 +178,7 @@ def run_round_until_enough(grid: Grid, strategy: Strategy, federation: Federatio
             server_round, attempt, succeeded, len(outcomes), config.min_successful_clients,
             "; retrying" if attempt <= config.round_retries else "")
         if len(outcomes) < config.min_successful_clients and attempt <= config.round_retries:
-            wait_for_nodes(grid, federation, config.min_successful_clients)
+            wait_for_nodes(grid, config.min_successful_clients)
     reasons = "; ".join(f"node {n}: {e}" for n, e in failed[-1]["errors"].items()) or "no node could be given work"
     raise RoundFailed(
         f"round {server_round}: fewer than min-successful-clients = {config.min_successful_clients} valid replies "
@@ -185,7 +187,7 @@ def run_round_until_enough(grid: Grid, strategy: Strategy, federation: Federatio
         f"min-successful-clients, then continue with resume = true and run-name = {writer.folder.name!r}")
 
 
-def wait_for_nodes(grid: Grid, federation: Federation, wanted: int, wait_s: float = 30.0) -> None:
+def wait_for_nodes(grid: Grid, wanted: int, wait_s: float = 30.0) -> None:
     """Give nodes that dropped out a moment to come back before a retry."""
     deadline = time.monotonic() + wait_s
     while len(set(grid.get_node_ids())) < wanted and time.monotonic() < deadline:
@@ -193,15 +195,19 @@ def wait_for_nodes(grid: Grid, federation: Federation, wanted: int, wait_s: floa
 
 
 def run_tasks(grid: Grid, strategy: Strategy, federation: Federation, server_round: int) -> list[TaskOutcome]:
-    """Plan the round, send it with the deadline, and resend to nodes that lack what they kept."""
-    config = federation.config
-    tasks = strategy.configure_train(server_round)
-    for task in tasks:  # a reply may not claim more examples than the node has, times the epochs
+    """Plan the round, send it, and resend to nodes that lack what they kept."""
+    outcomes = send(grid, federation, strategy.configure_train(server_round))
+    return resend_missing(grid, strategy, federation, outcomes)
+
+
+def send(grid: Grid, federation: Federation, tasks: list[TrainTask]) -> list[TaskOutcome]:
+    """Send tasks with the round deadline; a reply may not claim more examples than its node
+    reported having, times the job's epochs."""
+    for task in tasks:
         device = federation.device(task.node_id)
         task.max_examples = device.num_examples * task.job.train.epochs if device else None
-    timeout = config.round_timeout or None
-    return resend_missing(grid, strategy, run_train_tasks(grid, tasks, config.public_size, timeout),
-                          config.public_size, timeout)
+    config = federation.config
+    return run_train_tasks(grid, tasks, config.public_size, config.round_timeout or None)
 
 
 def round_record(strategy: Strategy, federation: Federation, server_round: int, test: Batches,
@@ -218,21 +224,21 @@ def round_record(strategy: Strategy, federation: Federation, server_round: int, 
             "bytes_down": sum(o.bytes_down for o in every), "bytes_up": sum(o.bytes_up for o in every),
             **traffic_by_kind(every), "participants": sum(c["participated"] for c in clients),
             "missed_deadline": sum(o.missed_deadline for o in outcomes),
-            "rejected": sum(1 for o in outcomes if (o.error or "").startswith("rejected")),
+            "rejected": sum(o.rejected for o in outcomes),
             "attempts": len(failed) + 1, "failed_attempts": failed,
             "offline": sorted(d.node_id for d in federation.devices if d.node_id not in federation.online),
             "seconds": time.perf_counter() - started, **extras, "clients": clients}
 
 
-def resend_missing(grid: Grid, strategy: Strategy, outcomes: list[TaskOutcome], public_size: int,
-                   timeout: float | None = None) -> list[TaskOutcome]:
+def resend_missing(grid: Grid, strategy: Strategy, federation: Federation,
+                   outcomes: list[TaskOutcome]) -> list[TaskOutcome]:
     """Once per round, give nodes that lost what they kept (a reboot, a new device) everything again."""
     retry = {o.task.node_id: strategy.resend(o.task) for o in outcomes if o.error_code == ERROR_MISSING_WEIGHTS}
     retry = {node: task for node, task in retry.items() if task is not None}
     if not retry:
         return outcomes
     log(INFO, "resending full weights to nodes %s, which lack what they kept", sorted(retry))
-    second = {o.task.node_id: o for o in run_train_tasks(grid, list(retry.values()), public_size, timeout)}
+    second = {o.task.node_id: o for o in send(grid, federation, list(retry.values()))}
     merged = []
     for o in outcomes:
         again = second.get(o.task.node_id)

@@ -106,7 +106,7 @@ def clean(tmp_path_factory):
 
 @pytest.mark.slow
 class TestFaultSuite:
-    def test_bad_replies_are_rejected_and_a_straggler_is_left_behind(self, tmp_path, clean):
+    def test_bad_replies_are_rejected_and_a_straggler_is_left_behind(self, tmp_path):
         doc = bad_replies_and_a_straggler(tmp_path)
         assert doc["status"] == "completed" and rounds_lost(doc) == 0
         node_of = {d["partition_id"]: d["node_id"] for d in doc["devices"]}
@@ -118,7 +118,7 @@ class TestFaultSuite:
         assert first["missed_deadline"] == 1 and "round deadline" in late["error"]
         assert all(r["participants"] >= 1 for r in doc["rounds"])
 
-    def test_a_supernode_killed_mid_round_is_skipped_and_its_reboot_rejoins(self, tmp_path, clean):
+    def test_a_supernode_killed_mid_round_is_skipped_and_its_reboot_rejoins(self, tmp_path):
         doc = kill_a_supernode_mid_round(tmp_path)
         assert doc["status"] == "completed" and rounds_lost(doc) == 0
         second, third = doc["rounds"][1], doc["rounds"][2]

@@ -206,6 +206,17 @@ class Strategy(ABC):
 
         The default suits strategies that choose among all devices every round."""
 
+    def size_submodels(self, devices: list[Device] | None = None) -> dict[int, float]:
+        """Each device's affordable channel ratio (all devices, or `devices`); those that cannot
+        afford even the `min-keep-ratio` floor are recorded in `left_out`. At setup (no `devices`
+        given), a federation where nobody can afford the floor stops the run before training."""
+        ratios, left_out = self.federation.affordable_ratios(devices)
+        self.left_out |= left_out
+        if devices is None and not ratios:
+            raise StrategySetupError(f"{self.name}: no device can afford even the smallest submodel "
+                                     f"(min-keep-ratio {self.federation.config.min_keep_ratio}); lower it")
+        return ratios
+
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:
         """The global state needed to continue the run (tensors and plain data: it is checkpointed).

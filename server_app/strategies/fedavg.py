@@ -101,10 +101,7 @@ class AllSmall(FedAvg):
 
     def __init__(self, federation: Federation) -> None:
         super().__init__(federation)
-        ratios, self.left_out = federation.affordable_ratios()
-        if not ratios:
-            raise StrategySetupError("allsmall: no device can afford even the smallest submodel "
-                                     f"(min-keep-ratio {federation.config.min_keep_ratio}); lower it")
+        ratios = self.size_submodels()
         self.members = [d for d in federation.devices if d.node_id in ratios]
         self.keep_ratio = min(ratios.values())
         small = extract(self.model, self.keep_ratio, by="first")

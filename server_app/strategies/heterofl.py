@@ -9,7 +9,7 @@ import torch
 from fl_app.job import Job
 from fl_app.models import BlockNet, build_model
 from fl_app.width import ChannelMap, extract, param_axes, scatter_sum
-from server_app.strategies.base import ClientUpdate, Device, Federation, Strategy, StrategySetupError, TrainTask
+from server_app.strategies.base import ClientUpdate, Device, Federation, Strategy, TrainTask
 
 
 class HeteroFL(Strategy):
@@ -28,10 +28,7 @@ class HeteroFL(Strategy):
         torch.manual_seed(federation.config.seed)
         self.model = build_model(federation.full_spec())
         self.axes = param_axes(self.model)
-        self.ratios, self.left_out = federation.affordable_ratios()
-        if not self.ratios:
-            raise StrategySetupError("heterofl: no device can afford even the smallest submodel "
-                                     f"(min-keep-ratio {federation.config.min_keep_ratio}); lower it")
+        self.ratios = self.size_submodels()
         self.keep: dict[int, ChannelMap] = {}
 
     def configure_train(self, server_round: int) -> list[TrainTask]:
@@ -57,9 +54,7 @@ class HeteroFL(Strategy):
         return {}
 
     def admit(self, device: Device) -> None:
-        ratios, left_out = self.federation.affordable_ratios([device])
-        self.ratios |= ratios
-        self.left_out |= left_out
+        self.ratios |= self.size_submodels([device])
 
     def global_model(self) -> BlockNet:
         return self.model

@@ -11,7 +11,7 @@ from fl_app.job import Job
 from fl_app.models import BlockNet, ModelSpec, build_model
 from fl_app.training import distill
 from fl_app.width import extract
-from server_app.strategies.base import ClientUpdate, Device, Federation, Strategy, StrategySetupError, TrainTask
+from server_app.strategies.base import ClientUpdate, Device, Federation, Strategy, TrainTask
 
 
 class REFT(Strategy):
@@ -33,10 +33,7 @@ class REFT(Strategy):
         super().__init__(federation)
         torch.manual_seed(federation.config.seed)
         self.model = build_model(federation.full_spec())
-        self.ratios, self.left_out = federation.affordable_ratios()
-        if not self.ratios:
-            raise StrategySetupError("reft: no device can afford even the smallest submodel "
-                                     f"(min-keep-ratio {federation.config.min_keep_ratio}); lower it")
+        self.ratios = self.size_submodels()
         self.specs: dict[int, ModelSpec] = {}  # the submodel each client holds
         self.ensemble: torch.Tensor | None = None  # last round's teacher logits on the public slice
 
@@ -80,9 +77,7 @@ class REFT(Strategy):
         return {"ensemble_size": len(updates), "server_distill_loss": loss}
 
     def admit(self, device: Device) -> None:
-        ratios, left_out = self.federation.affordable_ratios([device])
-        self.ratios |= ratios
-        self.left_out |= left_out
+        self.ratios |= self.size_submodels([device])
 
     def global_model(self) -> BlockNet:
         return self.model
