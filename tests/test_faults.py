@@ -181,3 +181,23 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_readable(tmp
                                      "device-mix": "raspberry-pi-3b-plus:1,raspberry-pi-4:1,laptop:1,workstation:1"})
     assert load_checkpoint(tmp_path / "run", config)["round"] == 1
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+def test_a_resent_task_keeps_the_bound_on_claimed_examples(tmp_path):
+    """A REFT node that lost its submodel is resent one; its reply is held to the same bound."""
+    from client_app.client_app import KEPT
+
+    def on_grid(grid):
+        def tamper(node, reply):  # node 3 reboots after round 1 and forgets its submodel
+            if reply.metadata.message_type == "train" and node == 3 and KEPT in grid.contexts[3].state:
+                if not reply.has_error() and reply.content["report"]["num-examples"] > 1000:
+                    del grid.contexts[3].state[KEPT]
+            return reply
+        grid.tamper = tamper
+
+    results, grid = run(tmp_path, strategy="reft", on_grid=on_grid, node_config={3: {"fault": "examples"}},
+                        **{**FAST, "num-server-rounds": 2, "compute-slack": 100.0})
+    second = results["rounds"][1]["clients"][2]
+    resent = [m for m in grid.sent if m.metadata.dst_node_id == 3 and m.metadata.message_type == "train"]
+    assert len(resent) == 3 and "weights" in resent[2].content  # round 1, round 2, round 2 resent
+    assert not second["participated"] and "exceeds the" in second["error"]
