@@ -40,7 +40,7 @@ class ResultsWriter:
             self.doc.update(status="running", error=None, config=config)
             self.set_devices(devices)
         folder.mkdir(parents=True, exist_ok=True)
-        self._write()
+        self.write()
 
     def set_devices(self, devices: list[dict[str, Any]]) -> None:
         """Record devices (a node that joined mid-run is added; one that left stays listed)."""
@@ -51,17 +51,18 @@ class ResultsWriter:
     def rounds(self) -> list[dict[str, Any]]:
         return self.doc["rounds"]
 
-    def add_round(self, record: dict[str, Any]) -> None:
+    def add_round(self, record: dict[str, Any], write: bool = True) -> None:
         self.rounds.append(record)
         self.doc["summary"] = summarize(self.rounds)
-        self._write()
+        if write:
+            self.write()
 
     def finish(self, error: str | None = None) -> None:
         self.doc["status"] = "failed" if error else "completed"
         self.doc["error"] = error
-        self._write()
+        self.write()
 
-    def _write(self) -> None:
+    def write(self) -> None:
         atomic_write_bytes(self.folder / "results.json", json.dumps(_finite(self.doc), indent=1).encode())
         buf = io.StringIO()
         writer = csv.DictWriter(buf, CSV_COLUMNS, extrasaction="ignore")

@@ -68,10 +68,12 @@ def main(grid: Grid, context: Context) -> None:
     test = _test_batches(dataset, config)
     try:
         for server_round in range(first_round, config.num_server_rounds + 1):
-            writer.add_round(run_round_until_enough(grid, strategy, federation, writer, server_round, test))
-            # A crash between these two writes is harmless: resuming takes the checkpoint's results
-            # and runs this round again.
+            writer.add_round(run_round_until_enough(grid, strategy, federation, writer, server_round, test),
+                             write=False)
+            # Checkpoint first: results.json never shows a round the checkpoint lacks, so whoever
+            # sees round r finished can resume after it. (A crash in between reruns round r.)
             save_checkpoint(folder, server_round, strategy.state_dict(), federation.rng, writer.doc)
+            writer.write()
             log(INFO, progress_line(writer.rounds[-1], config.num_server_rounds))
     except RoundFailed as exc:
         log(ERROR, "run stopped: %s", exc)
