@@ -20,6 +20,7 @@ from flwr.clientapp import ClientApp
 
 from client_app.faults import FaultConfigError, fault_for_round
 from client_app.node import LocalNode, NodeConfigError
+from fl_app import cpu_safety
 from fl_app.config import ConfigError
 from fl_app.data import Batches, DataError
 from fl_app.job import ERROR_BAD_INPUT, ERROR_MISSING_WEIGHTS, ERROR_OOM, Job, JobError, MissingWeights
@@ -27,6 +28,8 @@ from fl_app.models import ModelSpec, build_model
 from fl_app.profiles import ProfileError
 from fl_app.training import MB, DeviceOutOfMemory, distill, evaluate, predict_logits, train
 from fl_app.wire import decode, encode
+
+cpu_safety.apply()  # before any training: one thread on ARMv8.0 cores (Pi 3B+/4), see fl_app/cpu_safety.py
 
 app = ClientApp()
 

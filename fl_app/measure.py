@@ -29,6 +29,7 @@ import psutil
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from fl_app import cpu_safety
 from fl_app.profiles import DeviceProfile, ProfileError, load_profile
 
 MB = 2**20
@@ -111,6 +112,7 @@ def measure_gflops(seconds: float = 3.0, repeats: int = 5) -> tuple[float, str]:
 
     The conv and the matmul each get `seconds`, so this takes about 2 x `seconds` plus warm-up.
     """
+    cpu_safety.apply()  # one thread on ARMv8.0 cores (Pi 3B+/4), as the ClientApp trains there
     matmul = measure_matmul_gflops(seconds, repeats)
     conv = measure_conv_gflops(seconds, repeats)
     source = (f"measured on {socket.gethostname()} ({cpu_model()}, {torch.get_num_threads()} torch threads, "
