@@ -78,7 +78,7 @@ def memory(batch: int, models: list[str]) -> None:
         worst = {False: 0.0, True: 0.0}
         total = num_blocks(name)
         for step in steps(total):
-            spec = full.with_depth(step.depth(total))
+            spec = full.with_depth(step.depth)
             trainable = step.trainable(total)
             teacher = full.with_depth(step.block) if step.kind == "mimic" else None
             row = []

@@ -3,8 +3,10 @@
 - query:    reply with this node's device report (profile, partition, data size);
 - train:    build the job's model, load its weights (those sent, completed by those it
             kept from earlier rounds), optionally distill soft labels on the public
-            slice, train, and send back what the job asks for;
-- evaluate: accuracy and loss of the job's model on this node's share of the test set.
+            slice, train, and send back what the job asks for (and, if the job says so,
+            the trained model's accuracy on this node's share of the test set).
+
+The server evaluates the global model itself, so there is no evaluate handler.
 
 Known failures (out of memory on an emulated device, a malformed job, missing data)
 come back as error replies that name the problem; the server records them.
@@ -23,10 +25,12 @@ from client_app.node import LocalNode, NodeConfigError
 from fl_app import cpu_safety
 from fl_app.config import ConfigError
 from fl_app.data import Batches, DataError
-from fl_app.job import ERROR_BAD_INPUT, ERROR_MISSING_WEIGHTS, ERROR_OOM, Job, JobError, MissingWeights
+from fl_app.job import (ERROR_BAD_INPUT, ERROR_MISSING_WEIGHTS, ERROR_OOM, Job, JobError, MissingWeights,
+                        reply_state)
 from fl_app.models import ModelSpec, build_model
-from fl_app.profiles import ProfileError
-from fl_app.training import MB, DeviceOutOfMemory, distill, evaluate, predict_logits, train
+from fl_app.profiles import ProfileError, profile_report
+from fl_app.training import DeviceOutOfMemory, distill, evaluate, predict_logits, train
+from fl_app.units import MIB
 from fl_app.wire import decode, encode
 
 cpu_safety.apply()  # before any training: one thread on ARMv8.0 cores (Pi 3B+/4), see fl_app/cpu_safety.py
@@ -47,11 +51,6 @@ def train_handler(msg: Message, context: Context) -> Message:
     return _handle(msg, context, _train)
 
 
-@app.evaluate()
-def evaluate_handler(msg: Message, context: Context) -> Message:
-    return _handle(msg, context, _evaluate)
-
-
 def _handle(msg: Message, context: Context, fn) -> Message:
     try:
         return Message(fn(msg, LocalNode.from_context(context)), reply_to=msg)
@@ -62,10 +61,8 @@ def _handle(msg: Message, context: Context, fn) -> Message:
 
 
 def _query(msg: Message, node: LocalNode) -> RecordDict:
-    p = node.profile
     report = ConfigRecord({
-        "profile": p.name, "gflops": float(p.gflops), "memory_mb": float(p.memory_mb),
-        "uplink_mbps": float(p.uplink_mbps), "downlink_mbps": float(p.downlink_mbps),
+        **profile_report(node.profile),
         "partition_id": node.partition_id, "num_partitions": node.num_partitions,
         "num_examples": int(len(node.train_indices())),
     })
@@ -122,7 +119,7 @@ def _train(msg: Message, node: LocalNode) -> RecordDict:
         _distill_soft_labels(model, msg, node, job)
     # The teacher shares the front blocks sent in "weights"; "teacher-weights" holds the rest.
     teacher = _assemble(job.mimic, msg, ("weights", "teacher-weights"), node.context) if job.mimic else None
-    limit = int(node.profile.memory_mb * MB) if job.enforce_memory else None
+    limit = int(node.profile.memory_mb * MIB) if job.enforce_memory else None
     start = time.perf_counter()
     result = train(model, node.train_batches(job.train.batch_size, job.round), job.train, job.trainable, limit,
                    teacher)
@@ -131,29 +128,19 @@ def _train(msg: Message, node: LocalNode) -> RecordDict:
         node.context.state[KEPT] = encode(kept | model.state_dict())
     content = RecordDict()
     if job.returns == "weights":
-        trainable = set(range(len(model.blocks))) if job.trainable is None else set(job.trainable)
-        content["weights"] = encode(_block_state(model, trainable), job.encoding)
+        content["weights"] = encode(reply_state(job, model.state_dict()), job.encoding)
     else:
         d = node.dataset
         public = d.normalize(d.x_train[node.public_indices()])
         content["logits"] = encode({"logits": predict_logits(model, public)}, job.encoding)
     report = {"num-examples": result.num_examples, "train-loss": result.loss,
-              "train-seconds": time.perf_counter() - start, "peak-memory-mb": result.peak_memory_bytes / MB}
+              "train-seconds": time.perf_counter() - start, "peak-memory-mb": result.peak_memory_bytes / MIB}
     if job.evaluate:
-        report["test-accuracy"], report["test-loss"], _ = evaluate(model, node.test_batches())
+        accuracy, loss, _ = evaluate(model, node.test_batches())
+        if accuracy is not None:  # a node without a test share reports no accuracy (recorded as null)
+            report["test-accuracy"], report["test-loss"] = accuracy, loss
     content["report"] = MetricRecord(report)
     fault = fault_for_round(node.faults, job.round)
     if fault is not None:
         content = fault.damage(content, job.returns)
     return content
-
-
-def _block_state(model: torch.nn.Module, blocks: set[int]) -> dict[str, torch.Tensor]:
-    """The state-dict entries of the given blocks (names as in the full model)."""
-    return {k: v for k, v in model.state_dict().items() if int(k.split(".")[1]) in blocks}
-
-
-def _evaluate(msg: Message, node: LocalNode) -> RecordDict:
-    _, model = _load_job_model(msg, node.context)
-    accuracy, loss, n = evaluate(model, node.test_batches())
-    return RecordDict({"report": MetricRecord({"accuracy": accuracy, "loss": loss, "num-examples": n})})

@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import math
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from fl_app.data import PARTITIONS
+from fl_app.data import DATASET_NAMES, PARTITIONS
 from fl_app.models import MODEL_NAMES
 from fl_app.profiles import ProfileError, parse_device_mix
 from fl_app.wire import ENCODINGS
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
-STRATEGY_NAMES = ("fedavg", "exclusivefl", "allsmall", "heterofl", "reft", "profl")
-_DATASETS = ("synthetic", "mnist", "fashion-mnist", "cifar10", "cifar100")
+_DATASET_PREFIXES = tuple(n.split(":")[0] + ":" for n in DATASET_NAMES if ":" in n)  # "npz:", "imagefolder:"
 
 
 class ConfigError(ValueError):
@@ -72,13 +71,19 @@ class RunConfig:
     run_name: str
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
-        """Validate a Flower run config (keys with dashes); raise ConfigError listing every problem."""
+    def from_mapping(cls, values: Mapping[str, Any], strategies: Collection[str] | None = None) -> RunConfig:
+        """Validate a Flower run config (keys with dashes); raise ConfigError listing every problem.
+
+        `strategies`: the valid strategy names (the server's registry,
+        `server_app.strategies.STRATEGIES`); None skips that check, for a client, which runs
+        jobs and never needs to know the strategy."""
         merged = {**default_run_config(), **values}
         problems = []
         known = {f.name.replace("_", "-"): f for f in fields(cls)}
         for key in sorted(set(merged) - set(known)):
             problems.append(f"unknown key {key!r}; valid keys: {', '.join(sorted(known))}")
+        if strategies is not None and merged.get("strategy") not in strategies:
+            problems.append(f"strategy = {merged.get('strategy')!r}: valid choices are {', '.join(strategies)}")
         kwargs = {}
         for key, f in known.items():
             value, expected = merged.get(key), f.type
@@ -110,7 +115,6 @@ class RunConfig:
             if value < low or (strict and value == low):
                 p.append(f"{key} = {value!r}: must be {'>' if strict else '>='} {low}")
 
-        choice("strategy", self.strategy, STRATEGY_NAMES)
         choice("model", self.model, MODEL_NAMES)
         choice("partition", self.partition, PARTITIONS)
         choice("encoding", self.encoding, ENCODINGS)
@@ -119,9 +123,8 @@ class RunConfig:
         at_least("temperature", self.temperature, 0, strict=True)
         if self.strategy == "reft" and self.public_size < 1:
             p.append("public-size = 0: reft distills on the public slice; give it at least 1 example")
-        if not (self.dataset in _DATASETS or self.dataset.startswith(("npz:", "imagefolder:"))):
-            p.append(f"dataset = {self.dataset!r}: valid choices are {', '.join(_DATASETS)}, "
-                     "npz:<file>, imagefolder:<dir>")
+        if not (self.dataset in DATASET_NAMES or self.dataset.startswith(_DATASET_PREFIXES)):
+            p.append(f"dataset = {self.dataset!r}: valid choices are {', '.join(DATASET_NAMES)}")
         at_least("dirichlet-alpha", self.dirichlet_alpha, 0, strict=True)
         for key in ("shards-per-client", "num-server-rounds", "local-epochs", "batch-size", "min-nodes",
                     "em-window", "em-patience", "block-round-cap", "min-successful-clients"):

@@ -18,8 +18,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from fl_app.models import ModelSpec, build_model
 from fl_app.profiles import DeviceProfile
 from fl_app.training import forward, freeze_except, split_blocks
+from fl_app.units import MIB
 
-MB = 2**20
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class ModelCost:
 
     @property
     def size_mb(self) -> float:
-        return self.state_bytes / MB
+        return self.state_bytes / MIB
 
     def peak_train_bytes(self, batch_size: int, image_shape: tuple[int, ...],
                          optimizer_slots: int = 1) -> int:
@@ -137,11 +137,11 @@ def _largest_layer_io(model: torch.nn.Module, image_shape: tuple[int, ...]) -> f
     handles = [m.register_forward_hook(hook) for m in model.modules() if not any(True for _ in m.children())]
     try:
         with torch.no_grad():
-            model(torch.zeros(1, *image_shape, device="meta"))
+            model(torch.zeros(2, *image_shape, device="meta"))  # 2: a BatchNorm on a 1x1 map needs two values
     finally:
         for h in handles:
             h.remove()
-    return float(largest)
+    return largest / 2
 
 
 def _saved_bytes(run, kept: torch.Tensor | None = None) -> int:
@@ -175,6 +175,20 @@ def _checkpointed_held_bytes(model: torch.nn.Module, x: torch.Tensor,
         held.append(inputs + _saved_bytes(lambda: result.append(unit(x)), kept=x))
         x = result[0]
     return held
+
+
+def job_train_flops(cost: ModelCost, trained_examples: int, distilled_examples: int = 0,
+                    predicted_examples: int = 0) -> float:
+    """FLOPs one job spends on a client.
+
+    - `trained_examples`: samples of training steps on private data (epochs included);
+    - `distilled_examples`: samples of distillation steps on the public slice (REFT's soft
+      labels), priced like training steps;
+    - `predicted_examples`: samples of forward-only passes (logits on the public slice),
+      2 FLOPs per multiply-accumulate.
+    """
+    return (cost.train_flops_per_sample * (trained_examples + distilled_examples)
+            + 2 * cost.forward_macs_per_sample * predicted_examples)
 
 
 def device_time_s(profile: DeviceProfile, train_flops: float, bytes_down: int, bytes_up: int) -> float:

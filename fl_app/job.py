@@ -7,7 +7,10 @@ ConfigRecord, beside the tensors it refers to.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+
+import torch
 
 from fl_app.models import ModelSpec
 from fl_app.training import TrainConfig
@@ -73,3 +76,13 @@ class Job:
         if job.returns not in RETURNS:
             raise JobError(f"job asks to return {job.returns!r}; valid: {', '.join(RETURNS)}")
         return job
+
+
+def reply_state(job: Job, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a "weights" reply to `job` holds: the entries of `state` (a state dict of the job's
+    model, names `blocks.<i>.…`) that belong to the trained blocks, all of them if
+    `trainable` is None. The client selects its reply with it and the server derives the
+    tensors it expects with it, so the two can never disagree."""
+    def trained(name: str) -> bool:
+        return job.trainable is None or int(name.split(".")[1]) in job.trainable
+    return {k: v for k, v in state.items() if trained(k)}

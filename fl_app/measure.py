@@ -31,8 +31,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fl_app import cpu_safety
 from fl_app.profiles import DeviceProfile, ProfileError, load_profile
+from fl_app.units import MIB
 
-MB = 2**20
 MATMUL_SIZE = 512
 # A middle layer of a small CIFAR CNN. Batch 16, not 32, so one step stays near 2 s even on a
 # Raspberry Pi 3B+ (about 3.6 GFLOP per step): each timed repeat runs at least one whole step.
@@ -133,9 +133,9 @@ def measure_memory_mb(fraction: float = 0.7) -> tuple[float, str]:
         raise ValueError(f"memory fraction must be in (0, 1], got {fraction!r}")
     vm = psutil.virtual_memory()
     source = (f"measured on {socket.gethostname()} on {datetime.date.today().isoformat()} by fl_app.measure: "
-              f"{fraction:g} x {vm.available / MB:.0f} MiB available (of {vm.total / MB:.0f} MiB total) "
+              f"{fraction:g} x {vm.available / MIB:.0f} MiB available (of {vm.total / MIB:.0f} MiB total) "
               f"per psutil.virtual_memory()")
-    return vm.available * fraction / MB, source
+    return vm.available * fraction / MIB, source
 
 
 def measure_profile(name: str, uplink_mbps: float, downlink_mbps: float, seconds: float = 3.0,

@@ -19,21 +19,12 @@ these tags to slice and scatter weights; no model-specific code is needed there.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
-MODEL_NAMES = ("cnn", "resnet18", "resnet34", "vgg11", "vgg16", "vgg11-fc4096", "vgg16-fc4096")
-
-_VGG_STAGES = {  # channels per conv, one inner list per max-pool stage
-    "vgg11": [[64], [128], [256, 256], [512, 512], [512, 512]],
-    "vgg16": [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]],
-}
-_RESNET_BLOCKS = {"resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3]}
-_RESNET_STAGE_WIDTHS = [64, 128, 256, 512]
-_CNN_WIDTHS = {"conv1": 32, "conv2": 64, "fc1": 128}
 _CNN_POOL = 4  # the CNN flattens a fixed 4x4 map, whatever the input size
 
 
@@ -72,25 +63,43 @@ class ModelSpec:
         return cls(**json.loads(text))
 
 
+Blocks = list[nn.Module]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One registered model: its full width per group, how to build its blocks, and each block's output.
+
+    - `widths`: width group -> channels of the full model;
+    - `build(spec, widths) -> blocks`: the blocks at the given widths (the last ends in logits);
+    - `block_outputs`: per block, the width group of its output feature map (None: it has none)
+      and its spatial stride; ProFL's output modules are built from these.
+    """
+
+    widths: dict[str, int]
+    build: Callable[[ModelSpec, dict[str, int]], Blocks]
+    block_outputs: list[tuple[str | None, int]]
+
+
+def architecture(name: str) -> Architecture:
+    """The registered architecture `name`; ValueError naming the valid ones otherwise."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
+    return MODELS[name]
+
+
 def full_widths(name: str) -> dict[str, int]:
     """The width of every group of the full model `name`."""
-    if name == "cnn":
-        return dict(_CNN_WIDTHS)
-    if name.removesuffix("-fc4096") in _VGG_STAGES:
-        widths = {}
-        for s, stage in enumerate(_VGG_STAGES[name.removesuffix("-fc4096")], start=1):
-            for c, channels in enumerate(stage, start=1):
-                widths[f"stage{s}.conv{c}"] = channels
-        if name.endswith("-fc4096"):
-            widths.update({"fc1": 4096, "fc2": 4096})
-        return widths
-    if name in _RESNET_BLOCKS:
-        widths = {f"stage{s}": w for s, w in enumerate(_RESNET_STAGE_WIDTHS, start=1)}
-        for s, n_blocks in enumerate(_RESNET_BLOCKS[name], start=1):
-            for b in range(n_blocks):
-                widths[f"stage{s}.block{b}.mid"] = _RESNET_STAGE_WIDTHS[s - 1]
-        return widths
-    raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODEL_NAMES)}")
+    return dict(architecture(name).widths)
+
+
+def block_outputs(name: str) -> list[tuple[str | None, int]]:
+    """For each block: the width group of its output feature map (None: it has none) and its stride."""
+    return list(architecture(name).block_outputs)
+
+
+def num_blocks(name: str) -> int:
+    return len(architecture(name).block_outputs)
 
 
 # --- tagged layers -------------------------------------------------------------------
@@ -165,71 +174,99 @@ class BasicBlock(nn.Module):
         return torch.relu_(out)
 
 
-def _cnn(spec: ModelSpec, w: dict[str, int]) -> list[nn.Module]:
-    def stage(out_g: str, in_g: str | None) -> nn.Sequential:
-        return nn.Sequential(conv(w, out_g, in_g, spec.in_channels), bn(w, out_g), nn.ReLU(inplace=True),
-                             nn.MaxPool2d(2))
+def cnn() -> Architecture:
+    """A small CNN: two conv-bn-relu-pool stages (32, 64 channels), a 128-unit hidden layer."""
+    def build(spec: ModelSpec, w: dict[str, int]) -> Blocks:
+        def stage(out_g: str, in_g: str | None) -> nn.Sequential:
+            return nn.Sequential(conv(w, out_g, in_g, spec.in_channels), bn(w, out_g), nn.ReLU(inplace=True),
+                                 nn.MaxPool2d(2))
 
-    head = nn.Sequential(nn.AdaptiveAvgPool2d(_CNN_POOL), nn.Flatten(),
-                         linear(w, "fc1", "conv2", in_repeat=_CNN_POOL * _CNN_POOL), nn.ReLU(inplace=True),
-                         linear(w, None, "fc1", spec.num_classes))
-    return [stage("conv1", None), stage("conv2", "conv1"), head]
+        head = nn.Sequential(nn.AdaptiveAvgPool2d(_CNN_POOL), nn.Flatten(),
+                             linear(w, "fc1", "conv2", in_repeat=_CNN_POOL * _CNN_POOL), nn.ReLU(inplace=True),
+                             linear(w, None, "fc1", spec.num_classes))
+        return [stage("conv1", None), stage("conv2", "conv1"), head]
 
-
-def _vgg(spec: ModelSpec, w: dict[str, int]) -> list[nn.Module]:
-    base = spec.name.removesuffix("-fc4096")
-    blocks: list[nn.Module] = []
-    in_g: str | None = None
-    for s, stage in enumerate(_VGG_STAGES[base], start=1):
-        layers: list[nn.Module] = []
-        for c in range(1, len(stage) + 1):
-            g = f"stage{s}.conv{c}"
-            layers += [conv(w, g, in_g, spec.in_channels), bn(w, g), nn.ReLU(inplace=True)]
-            in_g = g
-        # ceil_mode lets 28x28 inputs pass five pools (28-14-7-4-2-1) like 32x32 ones.
-        layers.append(nn.MaxPool2d(2, ceil_mode=True))
-        blocks.append(nn.Sequential(*layers))
-    assert in_g is not None
-    if spec.name.endswith("-fc4096"):
-        head = nn.Sequential(
-            nn.Flatten(), linear(w, "fc1", in_g), nn.ReLU(inplace=True), nn.Dropout(0.5),
-            linear(w, "fc2", "fc1"), nn.ReLU(inplace=True), nn.Dropout(0.5),
-            linear(w, None, "fc2", spec.num_classes))
-    else:
-        head = nn.Sequential(nn.Flatten(), linear(w, None, in_g, spec.num_classes))
-    blocks[-1] = nn.Sequential(*blocks[-1], *head)
-    return blocks
+    return Architecture({"conv1": 32, "conv2": 64, "fc1": 128}, build, [("conv1", 2), ("conv2", 2), (None, 1)])
 
 
-def _resnet(spec: ModelSpec, w: dict[str, int]) -> list[nn.Module]:
-    stem = nn.Sequential(conv(w, "stage1", None, spec.in_channels), bn(w, "stage1"), nn.ReLU(inplace=True))
-    stages: list[list[nn.Module]] = []
-    in_g = "stage1"
-    for s, n_blocks in enumerate(_RESNET_BLOCKS[spec.name], start=1):
-        stage_g = f"stage{s}"
-        blocks = []
-        for b in range(n_blocks):
-            stride = 2 if (b == 0 and s > 1) else 1
-            blocks.append(BasicBlock(w, in_g, stage_g, f"{stage_g}.block{b}.mid", stride))
-            in_g = stage_g
-        stages.append(blocks)
-    head = classifier_head(w, "stage4", spec.num_classes)
-    return [nn.Sequential(stem, *stages[0]), nn.Sequential(*stages[1]),
-            nn.Sequential(*stages[2]), nn.Sequential(*stages[3], head)]
+def vgg(stages: list[list[int]], fc4096: bool = False) -> Architecture:
+    """CIFAR VGG with BatchNorm (Simonyan & Zisserman, 2015): `stages` lists the channels of each
+    conv, one inner list per max-pool stage; one block per stage. The classifier is one linear layer,
+    or with `fc4096` the original 512-4096-4096 classifier with dropout."""
+    widths = {f"stage{s}.conv{c}": ch for s, stage in enumerate(stages, start=1)
+              for c, ch in enumerate(stage, start=1)}
+    if fc4096:
+        widths |= {"fc1": 4096, "fc2": 4096}
+
+    def build(spec: ModelSpec, w: dict[str, int]) -> Blocks:
+        blocks: Blocks = []
+        in_g: str | None = None
+        for s, stage in enumerate(stages, start=1):
+            layers: list[nn.Module] = []
+            for c in range(1, len(stage) + 1):
+                g = f"stage{s}.conv{c}"
+                layers += [conv(w, g, in_g, spec.in_channels), bn(w, g), nn.ReLU(inplace=True)]
+                in_g = g
+            # ceil_mode lets 28x28 inputs pass five pools (28-14-7-4-2-1) like 32x32 ones.
+            layers.append(nn.MaxPool2d(2, ceil_mode=True))
+            blocks.append(nn.Sequential(*layers))
+        assert in_g is not None
+        if fc4096:
+            head = nn.Sequential(
+                nn.Flatten(), linear(w, "fc1", in_g), nn.ReLU(inplace=True), nn.Dropout(0.5),
+                linear(w, "fc2", "fc1"), nn.ReLU(inplace=True), nn.Dropout(0.5),
+                linear(w, None, "fc2", spec.num_classes))
+        else:
+            head = nn.Sequential(nn.Flatten(), linear(w, None, in_g, spec.num_classes))
+        blocks[-1] = nn.Sequential(*blocks[-1], *head)
+        return blocks
+
+    outputs: list[tuple[str | None, int]] = [(f"stage{s}.conv{len(stage)}", 2) for s, stage in enumerate(stages, 1)]
+    return Architecture(widths, build, outputs)
 
 
-def block_outputs(name: str) -> list[tuple[str | None, int]]:
-    """For each block: the width group of its output feature map (None: it has none) and its stride."""
-    if name == "cnn":
-        return [("conv1", 2), ("conv2", 2), (None, 1)]
-    if name in _RESNET_BLOCKS:
-        return [("stage1", 1), ("stage2", 2), ("stage3", 2), ("stage4", 2)]
-    stages = _VGG_STAGES[name.removesuffix("-fc4096")]
-    return [(f"stage{s}.conv{len(stage)}", 2) for s, stage in enumerate(stages, start=1)]
+def resnet(blocks_per_stage: list[int], stage_widths: tuple[int, ...] = (64, 128, 256, 512)) -> Architecture:
+    """CIFAR ResNet with basic blocks (He et al., 2016; 3x3 stem, no max-pool). One ProFL block per
+    stage, as in the ProFL authors' scripts: stem + stage 1, stage 2, stage 3, stage 4 + head."""
+    widths = {f"stage{s}": c for s, c in enumerate(stage_widths, start=1)}
+    for s, n_blocks in enumerate(blocks_per_stage, start=1):
+        widths |= {f"stage{s}.block{b}.mid": stage_widths[s - 1] for b in range(n_blocks)}
+
+    def build(spec: ModelSpec, w: dict[str, int]) -> Blocks:
+        stem = nn.Sequential(conv(w, "stage1", None, spec.in_channels), bn(w, "stage1"), nn.ReLU(inplace=True))
+        stages: list[Blocks] = []
+        in_g = "stage1"
+        for s, n_blocks in enumerate(blocks_per_stage, start=1):
+            stage_g = f"stage{s}"
+            stage = []
+            for b in range(n_blocks):
+                stride = 2 if (b == 0 and s > 1) else 1
+                stage.append(BasicBlock(w, in_g, stage_g, f"{stage_g}.block{b}.mid", stride))
+                in_g = stage_g
+            stages.append(stage)
+        head = classifier_head(w, f"stage{len(stages)}", spec.num_classes)
+        return [nn.Sequential(stem, *stages[0]), *(nn.Sequential(*st) for st in stages[1:-1]),
+                nn.Sequential(*stages[-1], head)]
+
+    outputs: list[tuple[str | None, int]] = [("stage1", 1)] + [(f"stage{s}", 2)
+                                                                for s in range(2, len(stage_widths) + 1)]
+    return Architecture(widths, build, outputs)
 
 
-def num_blocks(name: str) -> int:
-    return len(block_outputs(name))
+_VGG11 = [[64], [128], [256, 256], [512, 512], [512, 512]]
+_VGG16 = [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]]
+
+# The model registry: a new model is one entry here (plus its constructor above, if it is a new family).
+MODELS: dict[str, Architecture] = {
+    "cnn": cnn(),
+    "resnet18": resnet([2, 2, 2, 2]),
+    "resnet34": resnet([3, 4, 6, 3]),
+    "vgg11": vgg(_VGG11),
+    "vgg16": vgg(_VGG16),
+    "vgg11-fc4096": vgg(_VGG11, fc4096=True),
+    "vgg16-fc4096": vgg(_VGG16, fc4096=True),  # REFT's VGG-16: 128.4 MB, 33.6 M parameters
+}
+MODEL_NAMES = tuple(MODELS)
 
 
 class OutputModule(nn.Module):
@@ -302,12 +339,7 @@ def build_model(spec: ModelSpec) -> BlockNet:
     bad = {g: c for g, c in widths.items() if not isinstance(c, int) or c < 1}
     if bad:
         raise ValueError(f"model {spec.name!r}: every width must be a positive integer, got {bad}")
-    if spec.name == "cnn":
-        blocks = _cnn(spec, widths)
-    elif spec.name in _RESNET_BLOCKS:
-        blocks = _resnet(spec, widths)
-    else:
-        blocks = _vgg(spec, widths)
+    blocks = architecture(spec.name).build(spec, widths)
     if spec.depth:
         if not 1 <= spec.depth <= len(blocks):
             raise ValueError(f"model {spec.name!r} has {len(blocks)} blocks; depth {spec.depth} is out of range")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import tomllib
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -94,6 +95,20 @@ def profile_from_dict(data: dict, where: str) -> DeviceProfile:
     return DeviceProfile(name=str(data["name"]), description=str(data.get("description", "")),
                          sources={str(k): str(v) for k, v in sources.items()},
                          **{k: data[k] for k in NUMERIC_FIELDS})
+
+
+def profile_report(profile: DeviceProfile) -> dict[str, str | float]:
+    """The profile as a node reports it in the device query and as results record it: the name
+    under "profile", every number as a float. `profile_from_report` reads it back."""
+    return {"profile": profile.name, **{k: float(getattr(profile, k)) for k in NUMERIC_FIELDS}}
+
+
+def profile_from_report(report: Mapping, where: str) -> DeviceProfile:
+    """The profile in a `profile_report` dict; ProfileError naming what is missing or wrong."""
+    missing = [k for k in ("profile", *NUMERIC_FIELDS) if k not in report]
+    if missing:
+        raise ProfileError(f"device report {where}: missing {missing}")
+    return profile_from_dict({"name": report["profile"], **{k: report[k] for k in NUMERIC_FIELDS}}, where)
 
 
 def parse_device_mix(mix: str) -> list[str]:

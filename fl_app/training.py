@@ -6,21 +6,20 @@ prices (FLOPs, saved activations) is what a client actually executes.
 
 from __future__ import annotations
 
-import time
+import math
 from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from fl_app.data import Batches
-from fl_app.models import checkpoint_units
-
-MB = 2**20
+from fl_app.data import Batches, DataError
+from fl_app.models import ModelSpec, build_model, checkpoint_units
+from fl_app.units import MIB
 
 
 @dataclass(frozen=True)
@@ -134,7 +133,6 @@ def distillation_loss(temperature: float) -> Loss:
 class TrainResult:
     num_examples: int
     loss: float
-    seconds: float
     peak_memory_bytes: int
 
 
@@ -151,10 +149,12 @@ def train(model: nn.Module, batches: Batches, cfg: TrainConfig, trainable: Colle
     loss_fn: Loss = F.cross_entropy if teacher is None else F.mse_loss
     if teacher is not None:
         teacher.eval()
-    start = time.perf_counter()
     seen, loss_sum, peak = 0, 0.0, 0
+    pairs = needs_pairs(model, tuple(batches.x.shape[1:]), trainable)
     for epoch in range(cfg.epochs):
         for x, y in batches.epoch(epoch, augment=cfg.augment):
+            if pairs and len(x) == 1:  # a trailing single example: BatchNorm cannot train on it
+                continue
             target = y if teacher is None else _logits(teacher, x)
             if peak == 0:
                 loss, peak = measure_step(model, optimizer, x, target, trainable, loss_fn, cfg.checkpoint)
@@ -164,7 +164,8 @@ def train(model: nn.Module, batches: Batches, cfg: TrainConfig, trainable: Colle
                 loss = train_step(model, optimizer, x, target, trainable, loss_fn, cfg.checkpoint)
             seen += len(x)
             loss_sum += loss * len(x)
-    return TrainResult(seen, loss_sum / max(seen, 1), time.perf_counter() - start, peak)
+    _check_trained(model, batches, seen, cfg.epochs)
+    return TrainResult(seen, loss_sum / max(seen, 1), peak)
 
 
 @torch.no_grad()
@@ -178,19 +179,109 @@ def distill(model: nn.Module, batches: Batches, cfg: TrainConfig, epochs: int, t
     optimizer = make_optimizer(model, cfg)
     loss_fn = distillation_loss(temperature)
     loss_sum, seen = 0.0, 0
+    pairs = needs_pairs(model, tuple(batches.x.shape[1:]), None)
     for epoch in range(epochs):
         for x, teacher_logits in batches.epoch(epoch, augment=False):
+            if pairs and len(x) == 1:  # a trailing single example: BatchNorm cannot train on it
+                continue
             loss_sum += train_step(model, optimizer, x, teacher_logits, None, loss_fn) * len(x)
             seen += len(x)
+    _check_trained(model, batches, seen, epochs)
     return loss_sum / max(seen, 1)
+
+
+# --- BatchNorm needs more than one value per channel -------------------------------------------
+
+
+def needs_pairs(model: nn.Module, image_shape: tuple[int, ...], trainable: Collection[int] | None) -> bool:
+    """Whether a BatchNorm that trains sees a single value per channel from one example (a 1x1 map):
+    such a model cannot train on a batch of one, so training skips a trailing batch of one."""
+    spec = getattr(model, "spec", None)
+    if spec is None:
+        return False
+    key = None if trainable is None else tuple(sorted(trainable))
+    return _fewest_bn_values(spec.to_json(), tuple(image_shape), key) <= 1
+
+
+@lru_cache(maxsize=256)
+def _fewest_bn_values(spec_json: str, image_shape: tuple[int, ...], trainable: tuple[int, ...] | None) -> float:
+    """The fewest values per channel, per example, that a training-mode BatchNorm sees (on meta)."""
+    with torch.device("meta"):
+        model = build_model(ModelSpec.from_json(spec_json))
+    freeze_except(model, trainable)
+    fewest = [math.inf]
+
+    def hook(module: nn.Module, inputs: tuple) -> None:
+        if module.training:
+            x = inputs[0]
+            fewest[0] = min(fewest[0], x.numel() // max(x.shape[0] * x.shape[1], 1))
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, *image_shape, device="meta"))
+    except (RuntimeError, ValueError):
+        return math.inf  # an input the model cannot take at all: `check_input_size` names it
+    finally:
+        for h in handles:
+            h.remove()
+    return fewest[0]
+
+
+def _check_trained(model: nn.Module, batches: Batches, seen: int, epochs: int) -> None:
+    if seen or not len(batches) or not epochs:
+        return
+    name = getattr(getattr(model, "spec", None), "name", "the model")
+    h, w = batches.x.shape[-2:]
+    if batches.batch_size == 1:
+        raise DataError(f"batch-size 1: {name} on {h}x{w} images gives a BatchNorm one value per channel, "
+                        "which cannot train; use batch-size 2 or more")
+    raise DataError(f"this node holds {len(batches)} example: {name} on {h}x{w} images cannot train on a "
+                    "single example (a BatchNorm would see one value per channel); give the node 2 or more")
+
+
+def _accepts(spec: ModelSpec, image_shape: tuple[int, ...], batch_size: int) -> bool:
+    """Whether `spec` trains on `image_shape` inputs at `batch_size` (a forward pass on meta)."""
+    with torch.device("meta"):
+        model = build_model(spec)
+    model.train()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(batch_size, *image_shape, device="meta"))
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+def smallest_input_size(spec: ModelSpec, batch_size: int, limit: int = 512) -> int | None:
+    """The smallest square input side `spec` trains on at `batch-size` (training skips a trailing
+    batch of one, so any batch-size of 2 or more behaves as 2); None if none up to `limit`."""
+    b = min(batch_size, 2)
+    return next((s for s in range(1, limit + 1) if _accepts(spec, (spec.in_channels, s, s), b)), None)
+
+
+def check_input_size(spec: ModelSpec, image_shape: tuple[int, ...], batch_size: int) -> None:
+    """Refuse, before any training, a model and input size that cannot work together (one line that
+    names the smallest input size the model accepts)."""
+    if _accepts(spec, tuple(image_shape), min(batch_size, 2)):
+        return
+    h, w = image_shape[-2:]
+    smallest = smallest_input_size(spec, batch_size)
+    need = f"images of at least {smallest}x{smallest}" if smallest else "larger images"
+    if batch_size == 1 and _accepts(spec, tuple(image_shape), 2):
+        raise DataError(f"model {spec.name!r} cannot train on {h}x{w} images at batch-size 1 (a BatchNorm would "
+                        f"see one value per channel); it needs {need} at batch-size 1, or batch-size >= 2")
+    raise DataError(f"model {spec.name!r} cannot take {h}x{w} images (its downsampling leaves nothing); it needs "
+                    f"{need}: resize the images or choose another model")
 
 
 class DeviceOutOfMemory(RuntimeError):
     """A training step needed more memory than the (emulated) device has."""
 
     def __init__(self, needed: int, available: int) -> None:
-        super().__init__(f"out of memory: the training step needs {needed / MB:.1f} MB, "
-                         f"the device has {available / MB:.1f} MB for training")
+        super().__init__(f"out of memory: the training step needs {needed / MIB:.1f} MB, "
+                         f"the device has {available / MIB:.1f} MB for training")
         self.needed, self.available = needed, available
 
 
@@ -231,8 +322,9 @@ def _live_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Batches) -> tuple[float, float, int]:
-    """(accuracy, mean cross-entropy, examples) over `batches` in eval mode."""
+def evaluate(model: nn.Module, batches: Batches) -> tuple[float | None, float | None, int]:
+    """(accuracy, mean cross-entropy, examples) over `batches` in eval mode; (None, None, 0) when
+    `batches` is empty: an accuracy is never reported for zero examples."""
     model.eval()
     correct, loss_sum, n = 0, 0.0, 0
     for x, y in batches.epoch(0, augment=False):
@@ -240,7 +332,9 @@ def evaluate(model: nn.Module, batches: Batches) -> tuple[float, float, int]:
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
         n += len(y)
-    return correct / max(n, 1), loss_sum / max(n, 1), n
+    if n == 0:  # nothing to score: no accuracy, rather than a 0.0 that reads as a measurement
+        return None, None, 0
+    return correct / n, loss_sum / n, n
 
 
 @torch.no_grad()

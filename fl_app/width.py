@@ -185,7 +185,11 @@ def fit_ratio(spec: ModelSpec, image_shape: tuple[int, int, int], batch_size: in
 def extract(model: nn.Module, ratio: float, by: str = "magnitude") -> Submodel:
     """Cut the submodel keeping `ratio` of every group's channels, chosen `by` magnitude or first-k."""
     spec: ModelSpec = model.spec  # type: ignore[assignment]
-    widths = widths_at_ratio(spec, ratio)
-    keep = select_channels(model, widths, by)
-    state = slice_state(model.state_dict(), param_axes(model), keep)
-    return Submodel(spec.with_widths(widths), keep, state, ratio)
+    return cut(model, select_channels(model, widths_at_ratio(spec, ratio), by), ratio)
+
+
+def cut(model: nn.Module, keep: ChannelMap, ratio: float) -> Submodel:
+    """The submodel of `model` holding exactly the channels in `keep` (every group), with their weights."""
+    spec: ModelSpec = model.spec  # type: ignore[assignment]
+    widths = {g: len(channels) for g, channels in keep.items()}
+    return Submodel(spec.with_widths(widths), keep, slice_state(model.state_dict(), param_axes(model), keep), ratio)

@@ -19,8 +19,9 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from fl_app.job import reply_state
 from fl_app.models import build_model
-from fl_app.profiles import ProfileError, profile_from_dict
+from fl_app.profiles import ProfileError, profile_from_report
 from fl_app.wire import decode, encode, serialized_bytes
 from server_app.strategies.base import ClientUpdate, Device, TrainTask
 
@@ -56,8 +57,7 @@ def query_devices(grid: Grid, node_ids: Iterable[int], timeout: float) -> tuple[
             continue
         try:
             r = dict(reply.content["device"])
-            profile = profile_from_dict({"name": r["profile"], **{k: r[k] for k in (
-                "gflops", "memory_mb", "uplink_mbps", "downlink_mbps")}}, f"reported by node {node}")
+            profile = profile_from_report(r, f"of node {node}")
             devices.append(Device(node, int(r["partition_id"]), profile, int(r["num_examples"])))
         except (KeyError, TypeError, ValueError, ProfileError) as exc:
             problems.append(f"node {node}: malformed device report ({exc})")
@@ -124,15 +124,13 @@ def _bytes_by_record(content: RecordDict) -> dict[str, int]:
 
 def expected_tensors(task: TrainTask, public_size: int) -> dict[str, tuple[tuple[int, ...], bool]]:
     """The tensors a correct reply to `task` holds, name -> (shape, is floating point): the trained
-    blocks' state, or public-slice logits."""
+    blocks' state (`fl_app.job.reply_state`, the rule the client follows too), or public-slice logits."""
     job = task.job
     if job.returns == "logits":
         return {"logits": ((public_size, job.model.num_classes), True)}
     with torch.device("meta"):
         model = build_model(job.model)
-    blocks = set(range(len(model.blocks))) if job.trainable is None else set(job.trainable)
-    return {k: (tuple(v.shape), v.is_floating_point()) for k, v in model.state_dict().items()
-            if int(k.split(".")[1]) in blocks}
+    return {k: (tuple(v.shape), v.is_floating_point()) for k, v in reply_state(job, model.state_dict()).items()}
 
 
 def reply_size_bound(expected: dict[str, tuple[tuple[int, ...], bool]]) -> int:

@@ -1,8 +1,9 @@
 """The ServerApp: query the devices, run the chosen strategy round by round, record everything.
 
-One round: the strategy plans tasks -> tasks are sent and replies validated (rounds.py)
--> the strategy folds the valid updates -> the global model is evaluated on the test
-set -> the round is appended to results.json and logged as one line.
+One round (`run_round`): the strategy plans tasks -> tasks are sent and replies validated
+(rounds.py), retried while too few are valid -> the strategy aggregates the valid updates ->
+the global model is evaluated on the test set -> the round is recorded in results.json and
+logged as one line.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fl_app.config import ConfigError, RunConfig
-from fl_app.cost import device_time_s
+from fl_app.cost import device_time_s, job_train_flops
 from fl_app.data import Batches, DataError, Dataset, load_dataset
 from fl_app.job import ERROR_MISSING_WEIGHTS
 from fl_app.profiles import ProfileError
 from fl_app.results import ResultsWriter
-from fl_app.training import evaluate
+from fl_app.models import ModelSpec
+from fl_app.training import check_input_size, evaluate
+from fl_app.units import MB
 from server_app.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint, restore_rng, save_checkpoint
 from server_app.rounds import TaskOutcome, query_devices, run_train_tasks
 from server_app.strategies import STRATEGIES
@@ -33,18 +36,19 @@ from server_app.strategies.base import Device, Federation, Strategy, StrategySet
 
 app = ServerApp()
 
-MB = 1e6  # traffic is reported in decimal megabytes, as bandwidth is
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     try:  # everything a user can get wrong is checked here, before any training
-        config = RunConfig.from_mapping(dict(context.run_config))
+        config = RunConfig.from_mapping(dict(context.run_config), strategies=STRATEGIES)
         folder = run_folder(config)
         checkpoint = load_checkpoint(folder, config) if config.resume else None
         if checkpoint is None:
             refuse_to_overwrite(folder)
         dataset = load_dataset(config.dataset, config.data_dir, config.seed)
+        check_input_size(ModelSpec(config.model, dataset.num_classes, dataset.image_shape[0]), dataset.image_shape,
+                         config.batch_size)  # a model and input size that cannot train together: refused here
         devices = discover_devices(grid, config)
         federation = Federation(config, devices, dataset, np.random.default_rng(config.seed))
         strategy = STRATEGIES[config.strategy](federation)
@@ -68,7 +72,7 @@ def main(grid: Grid, context: Context) -> None:
     test = _test_batches(dataset, config)
     try:
         for server_round in range(first_round, config.num_server_rounds + 1):
-            writer.add_round(run_round_until_enough(grid, strategy, federation, writer, server_round, test),
+            writer.add_round(run_round(grid, strategy, federation, writer, server_round, test),
                              write=False)
             # Checkpoint first: results.json never shows a round the checkpoint lacks, so whoever
             # sees round r finished can resume after it. (A crash in between reruns round r.)
@@ -157,14 +161,26 @@ def _test_batches(dataset: Dataset, config: RunConfig) -> Batches:
     return Batches(dataset.x_test[idx], dataset.y_test[idx], dataset, batch_size=256, shuffle=False)
 
 
-def run_round_until_enough(grid: Grid, strategy: Strategy, federation: Federation, writer: ResultsWriter,
-                           server_round: int, test: Batches) -> dict[str, Any]:
-    """Run the round; retry it (`round-retries`) while fewer than `min-successful-clients` replies are valid.
+def run_round(grid: Grid, strategy: Strategy, federation: Federation, writer: ResultsWriter,
+              server_round: int, test: Batches) -> dict[str, Any]:
+    """One round: plan -> send -> validate (`collect_valid_replies`) -> aggregate -> evaluate -> record."""
+    started = time.perf_counter()
+    outcomes, spent, failed = collect_valid_replies(grid, strategy, federation, writer, server_round)
+    extras = strategy.aggregate_train(server_round, [o.update for o in outcomes if o.update])
+    accuracy, loss, _ = evaluate(strategy.global_model(), test)
+    return round_record(federation, strategy, server_round, accuracy, loss, outcomes, spent, failed, extras,
+                        time.perf_counter() - started)
+
+
+def collect_valid_replies(grid: Grid, strategy: Strategy, federation: Federation, writer: ResultsWriter,
+                          server_round: int) -> tuple[list[TaskOutcome], list[TaskOutcome], list[dict[str, Any]]]:
+    """Plan, send and validate the round; retry it (`round-retries`) while fewer than
+    `min-successful-clients` replies are valid. Returns (the accepted attempt's outcomes, the
+    outcomes of failed attempts, a description of each failed attempt); raises RoundFailed.
 
     A failed attempt is never aggregated; its traffic still counts (it crossed the wire).
     """
     config = federation.config
-    started = time.perf_counter()
     failed: list[dict[str, Any]] = []
     spent: list[TaskOutcome] = []
     for attempt in range(1, config.round_retries + 2):
@@ -172,7 +188,7 @@ def run_round_until_enough(grid: Grid, strategy: Strategy, federation: Federatio
         outcomes = run_tasks(grid, strategy, federation, server_round)
         succeeded = sum(1 for o in outcomes if o.update)
         if succeeded >= config.min_successful_clients:
-            return round_record(strategy, federation, server_round, test, outcomes, spent, failed, started)
+            return outcomes, spent, failed
         failed.append({"attempt": attempt, "planned": len(outcomes), "succeeded": succeeded,
                        "errors": {str(o.task.node_id): o.error for o in outcomes if o.error}})
         spent += outcomes
@@ -212,24 +228,32 @@ def send(grid: Grid, federation: Federation, tasks: list[TrainTask]) -> list[Tas
     return run_train_tasks(grid, tasks, config.public_size, config.round_timeout or None)
 
 
-def round_record(strategy: Strategy, federation: Federation, server_round: int, test: Batches,
+def round_record(federation: Federation, strategy: Strategy, server_round: int, accuracy: float, loss: float,
                  outcomes: list[TaskOutcome], spent: list[TaskOutcome], failed: list[dict[str, Any]],
-                 started: float) -> dict[str, Any]:
-    """Aggregate the valid updates, evaluate, and describe the round (traffic includes failed attempts)."""
-    extras = strategy.aggregate_train(server_round, [o.update for o in outcomes if o.update])
-    accuracy, loss, _ = evaluate(strategy.global_model(), test)
+                 extras: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """The round as results.json records it (traffic includes failed attempts: it crossed the wire).
+    The strategy's `extras` may add keys but never replace one the loop writes."""
     by_node = {o.task.node_id: o for o in outcomes}
     clients = [client_record(federation, d, by_node.get(d.node_id), strategy.left_out.get(d.node_id))
                for d in federation.devices]
     every = outcomes + spent
-    return {"round": server_round, "accuracy": accuracy, "loss": loss,
-            "bytes_down": sum(o.bytes_down for o in every), "bytes_up": sum(o.bytes_up for o in every),
-            **traffic_by_kind(every), "participants": sum(c["participated"] for c in clients),
-            "missed_deadline": sum(o.missed_deadline for o in outcomes),
-            "rejected": sum(o.rejected for o in outcomes),
-            "attempts": len(failed) + 1, "failed_attempts": failed,
-            "offline": sorted(d.node_id for d in federation.devices if d.node_id not in federation.online),
-            "seconds": time.perf_counter() - started, **extras, "clients": clients}
+    record = {"round": server_round, "accuracy": accuracy, "loss": loss,
+              "bytes_down": sum(o.bytes_down for o in every), "bytes_up": sum(o.bytes_up for o in every),
+              **traffic_by_kind(every), "participants": sum(c["participated"] for c in clients),
+              "missed_deadline": sum(o.missed_deadline for o in outcomes),
+              "rejected": sum(o.rejected for o in outcomes),
+              "attempts": len(failed) + 1, "failed_attempts": failed,
+              "offline": sorted(d.node_id for d in federation.devices if d.node_id not in federation.online),
+              "seconds": seconds, "clients": clients}
+    return with_extras(record, extras, f"{strategy.name}.aggregate_train")
+
+
+def with_extras(record: dict[str, Any], extras: dict[str, Any], source: str) -> dict[str, Any]:
+    """`record` plus a strategy's `extras`; a key the record already has is a bug in `source`."""
+    clash = sorted(set(extras) & set(record))
+    if clash:
+        raise ValueError(f"{source} returned reserved result keys {clash}; rename them")
+    return {**record, **extras}
 
 
 def resend_missing(grid: Grid, strategy: Strategy, federation: Federation,
@@ -275,10 +299,10 @@ def client_record(federation: Federation, device: Device, outcome: TaskOutcome |
     examples = update.num_examples if update else device.num_examples * job.train.epochs
     metrics = update.metrics if update else {}
     public = federation.config.public_size
-    distilled = job.distill_epochs * public if "soft-labels" in outcome.task.extra else 0
-    forward_only = public if job.returns == "logits" else 0  # logits on the public slice
-    train_flops = (cost.train_flops_per_sample * (examples + distilled)
-                   + 2 * cost.forward_macs_per_sample * forward_only)
+    train_flops = job_train_flops(cost, examples,
+                                  distilled_examples=job.distill_epochs * public if "soft-labels" in outcome.task.extra
+                                  else 0,
+                                  predicted_examples=public if job.returns == "logits" else 0)
     record.update({
         "participated": update is not None, "error": outcome.error,
         "model_params": cost.params, "model_size_mb": cost.state_bytes / 2**20,
@@ -289,9 +313,9 @@ def client_record(federation: Federation, device: Device, outcome: TaskOutcome |
         "num_examples": examples if update else None, "train_loss": metrics.get("train-loss"),
         "bytes_down": outcome.bytes_down, "bytes_up": outcome.bytes_up,
         "device_time_s": device_time_s(device.profile, train_flops, outcome.bytes_down, outcome.bytes_up),
-        "submodel_accuracy": metrics.get("test-accuracy"), **outcome.task.info,
+        "submodel_accuracy": metrics.get("test-accuracy"),
     })
-    return record
+    return with_extras(record, outcome.task.info, "the strategy's TrainTask.info")
 
 
 def progress_line(r: dict[str, Any], total_rounds: int) -> str:

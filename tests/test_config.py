@@ -2,7 +2,7 @@
 
 import pytest
 
-from fl_app.config import STRATEGY_NAMES, ConfigError, RunConfig, default_run_config
+from fl_app.config import ConfigError, RunConfig, default_run_config
 from server_app.strategies import STRATEGIES
 
 
@@ -11,8 +11,11 @@ def test_defaults_in_pyproject_are_valid():
     assert config.strategy == "fedavg" and config.dataset == "synthetic"
 
 
-def test_every_registered_strategy_is_a_valid_choice_and_vice_versa():
-    assert set(STRATEGIES) == set(STRATEGY_NAMES)
+def test_the_strategy_registry_is_the_one_list_of_valid_strategies():
+    for name in STRATEGIES:
+        assert RunConfig.from_mapping({"strategy": name}, strategies=STRATEGIES).strategy == name
+    with pytest.raises(ConfigError, match="valid choices are " + ", ".join(STRATEGIES)):
+        RunConfig.from_mapping({"strategy": "fedprox"}, strategies=STRATEGIES)
 
 
 def test_every_default_key_is_a_field():
@@ -35,12 +38,12 @@ def test_every_default_key_is_a_field():
 ])
 def test_bad_values_are_named_with_what_would_be_valid(key, value, message):
     with pytest.raises(ConfigError, match=message) as err:
-        RunConfig.from_mapping({key: value})
+        RunConfig.from_mapping({key: value}, strategies=STRATEGIES)
     assert key in str(err.value)
 
 
 def test_unknown_keys_and_several_problems_are_reported_together():
     with pytest.raises(ConfigError) as err:
-        RunConfig.from_mapping({"learning-rate": 0.1, "strategy": "x", "model": "y"})
+        RunConfig.from_mapping({"learning-rate": 0.1, "strategy": "x", "model": "y"}, strategies=STRATEGIES)
     text = str(err.value)
     assert "unknown key 'learning-rate'" in text and "strategy" in text and "model" in text

@@ -3,7 +3,7 @@
 import torch
 
 from server_app.strategies.base import ClientUpdate
-from server_app.strategies.fedavg import AllSmall
+from server_app.strategies.allsmall import AllSmall
 from server_app.strategies.heterofl import HeteroFL
 from tests.test_federation import run
 from tests.test_reft import federation

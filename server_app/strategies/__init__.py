@@ -1,7 +1,9 @@
-"""Strategies by run-config name."""
+"""Strategies by run-config name: a new strategy is one file in this folder plus one entry here."""
 
+from server_app.strategies.allsmall import AllSmall
 from server_app.strategies.base import Strategy
-from server_app.strategies.fedavg import AllSmall, ExclusiveFL, FedAvg
+from server_app.strategies.exclusivefl import ExclusiveFL
+from server_app.strategies.fedavg import FedAvg
 from server_app.strategies.heterofl import HeteroFL
 from server_app.strategies.profl import ProFL
 from server_app.strategies.reft import REFT

@@ -20,8 +20,9 @@ from fl_app.cost import ModelCost, model_cost
 from fl_app.data import Batches, Dataset, split_public
 from fl_app.job import Job
 from fl_app.models import BlockNet, ModelSpec
-from fl_app.profiles import DeviceProfile
-from fl_app.training import MB, TrainConfig
+from fl_app.profiles import DeviceProfile, profile_report
+from fl_app.training import TrainConfig
+from fl_app.units import MIB
 from fl_app.width import fit_ratio
 
 
@@ -39,10 +40,8 @@ class Device:
     num_examples: int
 
     def to_dict(self) -> dict[str, Any]:
-        p = self.profile
-        return {"node_id": self.node_id, "partition_id": self.partition_id, "profile": p.name,
-                "gflops": p.gflops, "memory_mb": p.memory_mb, "uplink_mbps": p.uplink_mbps,
-                "downlink_mbps": p.downlink_mbps, "num_examples": self.num_examples}
+        return {"node_id": self.node_id, "partition_id": self.partition_id, **profile_report(self.profile),
+                "num_examples": self.num_examples}
 
 
 @dataclass
@@ -119,15 +118,15 @@ class Federation:
         return model_cost(spec, self.image_shape, trainable, checkpoint)
 
     def peak_memory_mb(self, cost: ModelCost) -> float:
-        return cost.peak_train_bytes(self.config.batch_size, self.image_shape) / MB
+        return cost.peak_train_bytes(self.config.batch_size, self.image_shape) / MIB
 
     def job_cost(self, job: Job) -> ModelCost:
         return self.cost(job.model, job.trainable, job.train.checkpoint)
 
     def job_peak_memory_mb(self, job: Job) -> float:
         """Predicted peak memory of a job: its training step, plus the teacher it mimics, if any."""
-        teacher = self.cost(job.mimic).state_bytes / MB if job.mimic else 0.0
-        return self.job_cost(job).peak_train_bytes(job.train.batch_size, self.image_shape) / MB + teacher
+        teacher = self.cost(job.mimic).state_bytes / MIB if job.mimic else 0.0
+        return self.job_cost(job).peak_train_bytes(job.train.batch_size, self.image_shape) / MIB + teacher
 
     def flops_budget(self, device: Device) -> float:
         """Training FLOPs per sample `device` may spend: its share of the full model's.
@@ -140,7 +139,7 @@ class Federation:
         return full * min(1.0, self.config.compute_slack * device.profile.gflops / self.reference_gflops)
 
     def memory_budget_bytes(self, device: Device) -> float:
-        return device.profile.memory_mb * MB
+        return device.profile.memory_mb * MIB
 
     def affordable_ratio(self, device: Device) -> float | None:
         """The largest uniform channel ratio of the full model `device` can afford (None: not even the floor)."""

@@ -24,11 +24,13 @@ class Step:
     block: int  # 1-based index of the block the step is about
     kind: str  # "train" (cross-entropy) or "mimic" (output module reproduces the model with the block)
 
-    def depth(self, total: int) -> int:
+    @property
+    def depth(self) -> int:
+        """The depth of the model the step trains: a mimic step trains the shorter model."""
         return self.block - 1 if self.kind == "mimic" else self.block
 
     def trainable(self, total: int) -> list[int]:
-        depth = self.depth(total)
+        depth = self.depth
         if self.kind == "mimic":
             return [depth]  # the output module that stands in for `block`
         return [depth - 1] + ([depth] if depth < total else [])  # the block and its output module
@@ -103,7 +105,7 @@ class ProFL(Strategy):
         return Step("grow", self.grow_block, "train")
 
     def spec(self, step: Step) -> ModelSpec:
-        return self.federation.full_spec().with_depth(step.depth(self.total))
+        return self.federation.full_spec().with_depth(step.depth)
 
     def job(self, server_round: int, step: Step) -> Job:
         teacher = self.federation.full_spec().with_depth(step.block) if step.kind == "mimic" else None

@@ -1,0 +1,55 @@
+"""The shared base of strategies where every participant trains one and the same model."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Any, ClassVar
+
+import torch
+
+from fl_app.job import Job
+from fl_app.models import BlockNet, build_model
+from server_app.strategies.base import ClientUpdate, Device, Federation, Strategy, TrainTask, weighted_average
+
+
+class SingleModelStrategy(Strategy):
+    """One global model; each round the sampled `candidates()` train it whole and it becomes the
+    example-weighted average of their weights (FedAvg's aggregation, McMahan et al., 2017).
+
+    Subclasses choose who takes part (`candidates`), whether an emulated device may exceed its
+    memory budget (`enforce_memory`), and may replace `self.model` by a smaller one.
+    """
+
+    enforce_memory: ClassVar[bool] = True
+
+    def __init__(self, federation: Federation) -> None:
+        super().__init__(federation)
+        torch.manual_seed(federation.config.seed)
+        self.model = build_model(federation.full_spec())
+        self.keep_ratio = 1.0  # the share of the full model's channels `self.model` has
+
+    @abstractmethod
+    def candidates(self) -> list[Device]:
+        """The devices that may be sampled this round."""
+
+    def configure_train(self, server_round: int) -> list[TrainTask]:
+        job = Job(round=server_round, model=self.model.spec, train=self.federation.train_config(),
+                  encoding=self.federation.config.encoding, enforce_memory=self.enforce_memory)
+        weights = self.model.state_dict()
+        return [TrainTask(d.node_id, job, weights, info={"keep_ratio": self.keep_ratio})
+                for d in self.federation.sample(self.candidates())]
+
+    def aggregate_train(self, server_round: int, updates: list[ClientUpdate]) -> dict[str, Any]:
+        if updates:
+            self.model.load_state_dict(weighted_average([u.tensors for u in updates],
+                                                        [u.num_examples for u in updates]))
+        return {}
+
+    def global_model(self) -> BlockNet:
+        return self.model
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])

@@ -1,0 +1,70 @@
+"""The shared base of strategies where each device trains a width-scaled submodel of one global model."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Any
+
+import torch
+
+from fl_app.job import Job
+from fl_app.models import BlockNet, build_model
+from fl_app.width import ChannelMap, cut, param_axes, scatter_sum, widths_at_ratio
+from server_app.strategies.base import ClientUpdate, Device, Federation, Strategy, TrainTask
+
+
+class WidthScaledStrategy(Strategy):
+    """Each device trains the submodel keeping its affordable share of every layer's channels;
+    `channels` says which ones. Every coordinate of the global model becomes the
+    example-weighted average over the clients whose submodel held it; coordinates nobody
+    trained this round keep their value (HeteroFL's aggregation, Diao et al., 2021).
+    BatchNorm running statistics are averaged the same way (the paper's static BatchNorm is
+    not used).
+    """
+
+    def __init__(self, federation: Federation) -> None:
+        super().__init__(federation)
+        torch.manual_seed(federation.config.seed)
+        self.model = build_model(federation.full_spec())
+        self.axes = param_axes(self.model)
+        self.ratios = self.size_submodels()
+        self.keep: dict[int, ChannelMap] = {}  # node -> the channels its submodel holds this round
+
+    @abstractmethod
+    def channels(self, widths: dict[str, int], server_round: int) -> ChannelMap:
+        """Which `widths[g]` channels of each group g of the global model a submodel takes this round."""
+
+    def configure_train(self, server_round: int) -> list[TrainTask]:
+        members = [d for d in self.federation.devices if d.node_id in self.ratios]
+        tasks = []
+        for device in self.federation.sample(members):
+            ratio = self.ratios[device.node_id]
+            sub = cut(self.model, self.channels(widths_at_ratio(self.model.spec, ratio), server_round), ratio)
+            self.keep[device.node_id] = sub.keep
+            job = Job(round=server_round, model=sub.spec, train=self.federation.train_config(),
+                      encoding=self.federation.config.encoding, evaluate=True)
+            tasks.append(TrainTask(device.node_id, job, sub.state, info={"keep_ratio": sub.ratio}))
+        return tasks
+
+    def aggregate_train(self, server_round: int, updates: list[ClientUpdate]) -> dict[str, Any]:
+        state = self.model.state_dict()
+        total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in state.items()}
+        count = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in state.items()}
+        for u in updates:
+            scatter_sum(total, count, u.tensors, self.axes, self.keep[u.node_id], float(u.num_examples))
+        self.model.load_state_dict({
+            k: torch.where(count[k] > 0, total[k] / count[k].clamp_min(1e-12), v) if v.is_floating_point() else v
+            for k, v in state.items()})
+        return {}
+
+    def admit(self, device: Device) -> None:
+        self.ratios |= self.size_submodels([device])
+
+    def global_model(self) -> BlockNet:
+        return self.model
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
