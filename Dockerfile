@@ -20,7 +20,10 @@ FROM flwr/superexec:${FLWR_VERSION}-${PYTHON_TAG}
 
 # CPU-only PyTorch: the default PyPI wheel for linux/x86_64 drags in several GB of CUDA
 # libraries. The CPU index has x86_64 and aarch64 wheels, so this image builds on an arm64
-# host (a Raspberry Pi 4/5 with 64-bit OS) too. Override for a GPU base if you have one.
+# host (a Raspberry Pi 4/5 with 64-bit OS) too, where pyproject.toml's platform markers pick
+# torch 2.9.1. Override for a GPU base if you have one, or where the CPU index is not reachable:
+# scripts/compose_federation.py (CI) builds with --build-arg TORCH_INDEX_URL=https://pypi.org/simple
+# (a CUDA build of torch 2.14.1 that runs on the CPU: a 6 GB image).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG FLWR_VERSION
 

@@ -23,6 +23,7 @@ from fl_app.job import reply_state
 from fl_app.models import build_model
 from fl_app.profiles import ProfileError, profile_from_report
 from fl_app.wire import decode, encode, serialized_bytes
+from server_app.flower_errors import describe
 from server_app.strategies.base import ClientUpdate, Device, TrainTask
 
 
@@ -53,7 +54,7 @@ def query_devices(grid: Grid, node_ids: Iterable[int], timeout: float) -> tuple[
     for reply in replies:
         node = to_node.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
         if reply.has_error():
-            problems.append(f"node {node}: {reply.error.reason}")
+            problems.append(f"node {node}: {describe(reply.error.code, reply.error.reason)}")
             continue
         try:
             r = dict(reply.content["device"])
@@ -91,7 +92,7 @@ def run_train_tasks(grid: Grid, tasks: list[TrainTask], public_size: int,
             continue
         answered.add(node)
         if reply.has_error():
-            outcome.error, outcome.error_code = reply.error.reason, reply.error.code
+            outcome.error, outcome.error_code = describe(reply.error.code, reply.error.reason), reply.error.code
             continue
         outcome.bytes_up = serialized_bytes(reply.content)
         outcome.bytes_up_by_record = _bytes_by_record(reply.content)
