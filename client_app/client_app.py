@@ -122,7 +122,7 @@ def _train(msg: Message, node: LocalNode) -> RecordDict:
     limit = int(node.profile.memory_mb * MIB) if job.enforce_memory else None
     start = time.perf_counter()
     result = train(model, node.train_batches(job.train.batch_size, job.round), job.train, job.trainable, limit,
-                   teacher)
+                   teacher, job.mutual_distillation)
     if job.keep_state:  # add to what the node keeps; a new tensor of the same name replaces the old
         kept = decode(node.context.state[KEPT]) if KEPT in node.context.state else {}
         node.context.state[KEPT] = encode(kept | model.state_dict())

@@ -75,8 +75,10 @@ def _numel(shape: tuple[int, ...]) -> int:
 def model_cost(spec: ModelSpec, image_shape: tuple[int, int, int],
                trainable: Collection[int] | None = None, checkpoint: bool = False) -> ModelCost:
     """Price `spec` on `image_shape` inputs, training only the blocks in `trainable` (all if None),
-    optionally with activation checkpointing inside the trained blocks."""
+    optionally with activation checkpointing inside the trained blocks. A model with exits
+    (`ModelSpec.exits`) is priced with its heads, and without checkpointing, as it trains."""
     key = None if trainable is None else tuple(sorted(trainable))
+    checkpoint = checkpoint and not spec.exits
     return _model_cost(spec.to_json(), tuple(image_shape), key, checkpoint)
 
 

@@ -21,6 +21,9 @@ RETURNS = ("weights", "logits")
 ERROR_OOM, ERROR_BAD_INPUT, ERROR_MISSING_WEIGHTS = 1001, 1002, 1003
 
 
+_OMITTED_AT_DEFAULT = {"mutual_distillation": 0.0}
+
+
 class JobError(ValueError):
     """A job that cannot be run as written."""
 
@@ -45,6 +48,12 @@ class Job:
     - `evaluate`: also report the trained model's accuracy on the node's test share.
     - `mimic`: instead of the labels, train to reproduce the logits of this teacher model
       (MSE), built from kept weights plus the "teacher-weights" record (ProFL's shrinking).
+    - `mutual_distillation`: for a model with exits (`ModelSpec.exits`), the temperature at which
+      its heads distill each other while training (`fl_app.training.exits_loss`, DepthFL's
+      mutual self-distillation); 0 = every head learns from the labels alone.
+
+    Fields added later (`_OMITTED_AT_DEFAULT`) are left out of the JSON at their default, so a
+    job that does not use them serializes, and counts in a message's bytes, exactly as before.
     """
 
     round: int
@@ -59,9 +68,16 @@ class Job:
     keep_state: bool = False
     evaluate: bool = False
     mimic: ModelSpec | None = None
+    mutual_distillation: float = 0.0
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        d = asdict(self)
+        d["model"] = self.model.to_dict()
+        d["mimic"] = self.mimic.to_dict() if self.mimic else None
+        for name, default in _OMITTED_AT_DEFAULT.items():
+            if d[name] == default:
+                del d[name]
+        return json.dumps(d, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Job:
@@ -75,6 +91,9 @@ class Job:
             raise JobError(f"malformed job: {exc}") from exc
         if job.returns not in RETURNS:
             raise JobError(f"job asks to return {job.returns!r}; valid: {', '.join(RETURNS)}")
+        if job.mutual_distillation < 0 or (job.mutual_distillation and not job.model.exits):
+            raise JobError(f"mutual_distillation = {job.mutual_distillation}: needs a model with exits and a "
+                           "temperature > 0 (0 turns it off)")
         return job
 
 

@@ -19,8 +19,9 @@ these tags to slice and scatter weights; no model-specific code is needed there.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -34,6 +35,13 @@ class ModelSpec:
 
     `widths` left empty means full width. Specs travel inside jobs as JSON, so a
     client can rebuild exactly the (sub)model the server planned.
+
+    `exits` (DepthFL): a classifier head after every kept block (`exit_head`); the last
+    block's own classifier is the last block's head. With `exits`, `depth` keeps blocks
+    1..depth, each with its head, and adds no output module. The model's `forward` then
+    returns the heads' ensemble (`ensemble_log_probs`); `fl_app.training.forward` returns
+    every head's logits. A field at its default is left out of the JSON, so specs without
+    it serialize exactly as before (their JSON counts in every message's bytes).
     """
 
     name: str
@@ -41,6 +49,7 @@ class ModelSpec:
     in_channels: int = 3
     widths: dict[str, int] = field(default_factory=dict)
     depth: int = 0  # ProFL: keep blocks 1..depth and close with their output module; 0 = all blocks
+    exits: bool = False  # DepthFL: a classifier head after every kept block (see above)
 
     def resolved_widths(self) -> dict[str, int]:
         full = full_widths(self.name)
@@ -50,18 +59,30 @@ class ModelSpec:
         return {**full, **self.widths}
 
     def with_widths(self, widths: dict[str, int]) -> ModelSpec:
-        return ModelSpec(self.name, self.num_classes, self.in_channels, dict(widths), self.depth)
+        return replace(self, widths=dict(widths))
 
     def with_depth(self, depth: int) -> ModelSpec:
-        return ModelSpec(self.name, self.num_classes, self.in_channels, dict(self.widths), depth)
+        return replace(self, widths=dict(self.widths), depth=depth)
+
+    def to_dict(self) -> dict:
+        """The spec as plain data; fields added later (`_OMITTED_AT_DEFAULT`) only when set."""
+        d = asdict(self)
+        for name, default in _OMITTED_AT_DEFAULT.items():
+            if d[name] == default:
+                del d[name]
+        return d
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> ModelSpec:
         return cls(**json.loads(text))
 
+
+# Fields that joined the spec later: left out of its JSON at their default, so that the JSON (and
+# the bytes of every message carrying it) of a spec that does not use them stays as it was.
+_OMITTED_AT_DEFAULT = {"exits": False}
 
 Blocks = list[nn.Module]
 
@@ -141,15 +162,37 @@ def classifier_head(w: dict[str, int], in_g: str, num_classes: int) -> nn.Sequen
 class BlockNet(nn.Module):
     """A classifier that is an explicit sequence of blocks (the last one ends in logits)."""
 
-    def __init__(self, spec: ModelSpec, blocks: Sequence[nn.Module]) -> None:
+    def __init__(self, spec: ModelSpec, blocks: Sequence[nn.Module], exits: Sequence[nn.Module] | None = None) -> None:
         super().__init__()
         self.spec = spec
         self.blocks = nn.ModuleList(blocks)
+        # With `spec.exits`: exits[i] is the head after blocks[i], for every block whose output is
+        # not already logits (state names `exits.<i>.…`, i the block's index). None otherwise.
+        self.exits = nn.ModuleList(exits) if exits is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.exits is not None:
+            return ensemble_log_probs(self.exit_logits(x))
         for block in self.blocks:
             x = block(x)
         return x
+
+    def exit_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Every head's logits, (heads, batch, classes): head i after block i (the last block's own
+        output when it ends in logits)."""
+        assert self.exits is not None, "exit_logits needs a model built with exits"
+        outs = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            outs.append(self.exits[i](x) if i < len(self.exits) else x)
+        return torch.stack(outs)
+
+
+def ensemble_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """The log of the heads' mean softmax, (batch, classes), from (heads, batch, classes) logits.
+    Usable as logits: its softmax is the mean of the heads' softmaxes, so argmax and cross-entropy
+    score the ensemble."""
+    return torch.logsumexp(torch.log_softmax(logits, dim=-1), dim=0) - math.log(logits.shape[0])
 
 
 class BasicBlock(nn.Module):
@@ -340,12 +383,33 @@ def build_model(spec: ModelSpec) -> BlockNet:
     if bad:
         raise ValueError(f"model {spec.name!r}: every width must be a positive integer, got {bad}")
     blocks = architecture(spec.name).build(spec, widths)
+    if spec.exits:
+        return _with_exits(spec, widths, blocks)
     if spec.depth:
         if not 1 <= spec.depth <= len(blocks):
             raise ValueError(f"model {spec.name!r} has {len(blocks)} blocks; depth {spec.depth} is out of range")
         if spec.depth < len(blocks):
             blocks = blocks[:spec.depth] + [OutputModule(spec, widths, spec.depth)]
     return BlockNet(spec, blocks)
+
+
+def exit_head(spec: ModelSpec, widths: dict[str, int], block: int) -> nn.Module:
+    """DepthFL's classifier after block `block` (0-based) of a model that goes on past it: global
+    average pooling and one linear layer from the block's output channels to the classes. (The
+    paper's heads add bottleneck convolutions; one linear layer keeps a head cheap for weak devices.)"""
+    group = block_outputs(spec.name)[block][0]
+    if group is None:
+        raise ValueError(f"model {spec.name!r}: block {block + 1} has no feature map to put a classifier on")
+    return classifier_head(widths, group, spec.num_classes)
+
+
+def _with_exits(spec: ModelSpec, widths: dict[str, int], blocks: Blocks) -> BlockNet:
+    """Blocks 1..depth (all if 0), each followed by its head; the last block's own classifier is its head."""
+    depth = spec.depth or len(blocks)
+    if not 1 <= depth <= len(blocks):
+        raise ValueError(f"model {spec.name!r} has {len(blocks)} blocks; depth {spec.depth} is out of range")
+    heads = [exit_head(spec, widths, i) for i in range(min(depth, len(blocks) - 1))]
+    return BlockNet(spec, blocks[:depth], heads)
 
 
 def num_parameters(model: nn.Module) -> int:

@@ -36,13 +36,16 @@ class TrainConfig:
 def freeze_except(model: nn.Module, trainable: Collection[int] | None) -> None:
     """Make only the blocks in `trainable` (all if None) learnable.
 
-    Frozen blocks go to eval mode so their BatchNorm statistics stop drifting.
+    Frozen blocks go to eval mode so their BatchNorm statistics stop drifting. A block's exit
+    head (`ModelSpec.exits`) learns or stays frozen with its block.
     """
+    exits = getattr(model, "exits", None) or []
     for i, block in enumerate(model.blocks):  # type: ignore[attr-defined]
         learn = trainable is None or i in trainable
-        block.train(learn)
-        for p in block.parameters():
-            p.requires_grad_(learn)
+        for part in (block, exits[i]) if i < len(exits) else (block,):
+            part.train(learn)
+            for p in part.parameters():
+                p.requires_grad_(learn)
 
 
 def forward(model: nn.Module, x: torch.Tensor, trainable: Collection[int] | None = None,
@@ -54,7 +57,12 @@ def forward(model: nn.Module, x: torch.Tensor, trainable: Collection[int] | None
     for activation memory. Activations are then also kept channels-last, the layout in which
     the CPU convolution's backward makes no activation-sized layout copies (it makes two
     weight-sized ones instead; `fl_app.cost` prices both).
+
+    A model with exits (`ModelSpec.exits`) returns every head's logits, (heads, batch, classes),
+    and runs without checkpointing (`fl_app.cost` prices it so too).
     """
+    if getattr(model, "exits", None) is not None:
+        return _exits_forward(model, x, trainable)
     frozen, rest = split_blocks(model, trainable, checkpoint)
     if checkpoint:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -68,6 +76,39 @@ def forward(model: nn.Module, x: torch.Tensor, trainable: Collection[int] | None
         else:
             x = part(x)
     return x
+
+
+def _exits_forward(model: nn.Module, x: torch.Tensor, trainable: Collection[int] | None) -> torch.Tensor:
+    """Every head's logits, (heads, batch, classes); the frozen prefix (blocks and their heads) runs
+    without autograd."""
+    frozen, _ = split_blocks(model, trainable)
+    exits, outs = model.exits, []  # type: ignore[attr-defined]
+    for i, block in enumerate(model.blocks):  # type: ignore[attr-defined]
+        with torch.no_grad() if i < len(frozen) else nullcontext():
+            x = block(x)
+            outs.append(exits[i](x) if i < len(exits) else x)
+    return torch.stack(outs)
+
+
+def exits_loss(temperature: float = 0.0) -> Loss:
+    """DepthFL's loss for (heads, batch, classes) logits and (batch,) labels (Kim et al., "DepthFL:
+    Depthwise Federated Learning for Heterogeneous Clients", ICLR 2023, Sec. 3.2, mutual
+    self-distillation): every head's cross-entropy on the labels plus, for every head, the mean
+    over the other heads of KL(softmax(other / T), detached || softmax(head / T)). The KL is
+    scaled by T^2, as `distillation_loss` is, so its gradients keep their size across T.
+    `temperature` 0 (or a single head): the cross-entropies alone."""
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        heads = logits.shape[0]
+        total = sum(F.cross_entropy(head, labels) for head in logits)
+        if not temperature or heads < 2:
+            return total
+        log_p = F.log_softmax(logits / temperature, dim=-1)
+        targets = log_p.detach()
+        for i in range(heads):
+            total = total + sum(F.kl_div(log_p[i], targets[j], reduction="batchmean", log_target=True)
+                                for j in range(heads) if j != i) * temperature ** 2 / (heads - 1)
+        return total
+    return loss
 
 
 def split_blocks(model: nn.Module, trainable: Collection[int] | None,
@@ -137,9 +178,12 @@ class TrainResult:
 
 
 def train(model: nn.Module, batches: Batches, cfg: TrainConfig, trainable: Collection[int] | None = None,
-          memory_limit_bytes: int | None = None, teacher: nn.Module | None = None) -> TrainResult:
+          memory_limit_bytes: int | None = None, teacher: nn.Module | None = None,
+          mutual_distillation: float = 0.0) -> TrainResult:
     """Train for `cfg.epochs` on the labels, or to mimic `teacher`'s logits (MSE) when given.
 
+    A model with exits trains every head on the labels (`exits_loss`), the heads distilling
+    each other at temperature `mutual_distillation` (0: they do not).
     The first step is measured for peak memory. With `memory_limit_bytes`, a first step
     that needs more raises `DeviceOutOfMemory` before any further work, as a device with
     that much memory would fail.
@@ -147,6 +191,10 @@ def train(model: nn.Module, batches: Batches, cfg: TrainConfig, trainable: Colle
     freeze_except(model, trainable)
     optimizer = make_optimizer(model, cfg)
     loss_fn: Loss = F.cross_entropy if teacher is None else F.mse_loss
+    if getattr(model, "exits", None) is not None:
+        if teacher is not None:
+            raise ValueError("a model with exits trains on labels; it cannot mimic a teacher")
+        loss_fn = exits_loss(mutual_distillation)
     if teacher is not None:
         teacher.eval()
     seen, loss_sum, peak = 0, 0.0, 0

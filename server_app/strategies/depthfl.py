@@ -1,0 +1,143 @@
+"""DepthFL (Kim, Kim, Kim and Lee, "DepthFL: Depthwise Federated Learning for Heterogeneous Clients",
+ICLR 2023): depth-scaled submodels, a classifier after every block, mutual self-distillation."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from fl_app.cost import ModelCost
+from fl_app.job import Job
+from fl_app.models import BlockNet, ModelSpec, build_model, num_blocks
+from server_app.strategies.base import ClientUpdate, Device, Federation, Strategy, StrategySetupError, TrainTask
+
+
+class DepthFL(Strategy):
+    """Each device trains the first k blocks of the global model, k the deepest it can afford, each
+    block followed by a classifier head of its own (`fl_app.models.exit_head`: global average
+    pooling and a linear layer, simpler than the paper's bottleneck classifiers; the last block's
+    own classifier is the last head). On the client the heads distill each other while they learn
+    the labels (the paper's mutual self-distillation, Sec. 3.2; `fl_app.training.exits_loss`, at
+    run-config `temperature`).
+
+    Sizing: k is the largest depth whose job (blocks 1..k and their heads, trained at the run's
+    batch size) fits the device under the federation's fitting rule (`Federation.fits`); a device
+    that cannot afford even k = 1 is left out. Depths are fixed for the run (by the device profile).
+    Compute budgets are shares of the full model's training FLOPs; here the full model carries its
+    heads (0.02 % more FLOPs for the CNN), so a submodel's FLOPs are counted as a share of that
+    model's (`sizing_cost`): otherwise not even the strongest device could afford the last block
+    at compute-slack 1, and the last block would never be trained.
+
+    Aggregation: every tensor (blocks and heads alike) becomes the example-weighted average over
+    the clients whose submodel held it this round; a tensor nobody held keeps its value (HeteroFL's
+    rule, by depth instead of width: the deep blocks and heads are averaged over the strong
+    devices only). BatchNorm running statistics are averaged the same way; integer counters take
+    the maximum.
+
+    Evaluation: the global model predicts with the ensemble of all its heads (the mean of their
+    softmaxes, `fl_app.models.ensemble_log_probs`), as the paper evaluates DepthFL's global model.
+    The ensemble also uses the shallow heads, which every client trains, where the last head is
+    trained only by the devices that afford the whole model (if any).
+    """
+
+    name = "depthfl"
+
+    def __init__(self, federation: Federation) -> None:
+        super().__init__(federation)
+        torch.manual_seed(federation.config.seed)
+        self.model = build_model(self.spec(0))
+        self.total = num_blocks(self.model.spec.name)
+        self._flops_scale = (federation.cost(federation.full_spec()).train_flops_per_sample
+                             / federation.cost(self.spec(0)).train_flops_per_sample)
+        self.depths: dict[int, int] = {}  # node -> the depth k of its submodel
+        self._names: dict[int, set[str]] = {}  # depth -> the state names its submodel holds
+        for device in federation.devices:
+            self.admit(device)
+        if not self.depths:
+            cost = self.sizing_cost(1)
+            raise StrategySetupError(
+                f"depthfl: no device can train even the first block of {self.model.spec.name} with its head "
+                f"(needs {federation.peak_memory_mb(cost):.0f} MB at batch {federation.config.batch_size} and "
+                f"{cost.train_flops_per_sample / 1e6:.1f} MFLOPs per sample); use a smaller model or batch, "
+                f"raise compute-slack, or add stronger devices to device-mix")
+
+    def spec(self, depth: int) -> ModelSpec:
+        """The global model's spec with exits, cut after block `depth` (0: all blocks)."""
+        return replace(self.federation.full_spec(), exits=True).with_depth(depth)
+
+    def sizing_cost(self, depth: int) -> ModelCost:
+        """What training the depth-`depth` submodel costs (memory at the run's batch size, as it
+        trains), its FLOPs per sample rescaled so that the whole model with its heads costs what
+        the federation's full model (no heads) does: the reference of its compute budgets."""
+        cost = self.federation.cost(self.spec(depth), None, self.federation.config.checkpoint)
+        return replace(cost, train_flops_per_sample=cost.train_flops_per_sample * self._flops_scale)
+
+    def affordable_depth(self, device: Device) -> int | None:
+        """The largest k whose submodel (blocks 1..k and heads 1..k) fits `device`; None if not even 1."""
+        return next((k for k in range(self.total, 0, -1) if self.federation.fits(self.sizing_cost(k), device)), None)
+
+    def admit(self, device: Device) -> None:
+        depth = self.affordable_depth(device)
+        if depth is None:
+            cost = self.sizing_cost(1)
+            self.left_out[device.node_id] = (
+                f"cannot afford even the first block and its head ({self.federation.peak_memory_mb(cost):.1f} MB, "
+                f"{cost.train_flops_per_sample / 1e6:.1f} MFLOPs per sample; the device has "
+                f"{device.profile.memory_mb:.1f} MB and {self.federation.flops_budget(device) / 1e6:.1f} MFLOPs "
+                f"per sample)")
+        else:
+            self.depths[device.node_id] = depth
+
+    def held(self, depth: int) -> set[str]:
+        """The global state names a depth-`depth` submodel holds: blocks.<i>.… and exits.<i>.… for i < depth."""
+        if depth not in self._names:
+            with torch.device("meta"):
+                self._names[depth] = set(build_model(self.spec(depth)).state_dict())
+        return self._names[depth]
+
+    def configure_train(self, server_round: int) -> list[TrainTask]:
+        config = self.federation.config
+        members = [d for d in self.federation.devices if d.node_id in self.depths]
+        state = self.model.state_dict()
+        tasks = []
+        for device in self.federation.sample(members):
+            depth = self.depths[device.node_id]
+            job = Job(round=server_round, model=self.spec(depth), train=self.federation.train_config(),
+                      encoding=config.encoding, evaluate=True, mutual_distillation=config.temperature)
+            weights = {k: v for k, v in state.items() if k in self.held(depth)}
+            tasks.append(TrainTask(device.node_id, job, weights, info={"depth": depth}))
+        return tasks
+
+    def aggregate_train(self, server_round: int, updates: list[ClientUpdate]) -> dict[str, Any]:
+        self.model.load_state_dict(average_held(self.model.state_dict(), [u.tensors for u in updates],
+                                                [float(u.num_examples) for u in updates]))
+        return {}
+
+    def global_model(self) -> BlockNet:
+        return self.model
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+
+
+def average_held(state: dict[str, torch.Tensor], updates: list[dict[str, torch.Tensor]],
+                 weights: list[float]) -> dict[str, torch.Tensor]:
+    """`state` with every tensor replaced by the `weights`-weighted average of the updates that hold
+    it (float tensors; integer counters such as BatchNorm's batch count take the maximum); a tensor
+    that no update with examples holds keeps its value. Shapes are those of `state` (depth-scaled
+    submodels hold whole tensors)."""
+    out = {}
+    for name, value in state.items():
+        holders = [(u[name], w) for u, w in zip(updates, weights) if name in u and w > 0]
+        if not holders:
+            out[name] = value
+        elif value.is_floating_point():
+            out[name] = sum(w * t for t, w in holders) / sum(w for _, w in holders)
+        else:
+            out[name] = torch.stack([t for t, _ in holders]).max(0).values
+    return out
