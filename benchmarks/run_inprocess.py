@@ -6,24 +6,19 @@ CPU can finish; the protocol, jobs, byte counts and results are exactly those of
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from pathlib import Path
 
-from flwr.app import Context, RecordDict
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from server_app.server_app import main  # noqa: E402
-from tests.inprocess import InProcessGrid  # noqa: E402
+from experiments import inprocess  # noqa: E402
 
 
 def run_inprocess(run_config: dict, num_nodes: int) -> dict:
     """Run to completion, replacing an earlier run of the same name; return the parsed results.json."""
     folder = Path(run_config["output-dir"]) / run_config["run-name"]
     shutil.rmtree(folder, ignore_errors=True)  # a benchmark regenerates its runs; the app itself never overwrites
-    grid = InProcessGrid(run_config, num_nodes)
-    main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config)))
-    return json.loads((folder / "results.json").read_text())
+    return inprocess.run_inprocess(run_config, num_nodes)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 import tomllib
 
 import torch
@@ -10,8 +10,10 @@ from flwr.app import ConfigRecord, Context
 
 from client_app.faults import Fault
 from fl_app.config import RunConfig
-from fl_app.data import Batches, Dataset, FederatedSplit, federated_split, load_dataset
-from fl_app.profiles import DeviceProfile, load_profile, profile_for_partition, profile_from_dict
+from fl_app.data import Batches, Dataset, FederatedSplit, evaluation_indices, federated_split, load_dataset
+from fl_app.cost import full_training_peak_mb
+from fl_app.profiles import (DeviceProfile, load_profile, parse_memory_pool, profile_for_partition,
+                             profile_from_dict)
 
 
 class NodeConfigError(ValueError):
@@ -49,7 +51,23 @@ class LocalNode:
         profile = (node_profile(str(nc["profile"]), context) if "profile" in nc
                    else profile_for_partition(config.device_mix, pid))
         faults = tuple(Fault.parse_all(str(nc["fault"]))) if nc.get("fault") else ()
-        return cls(config, profile, pid, n, str(nc.get("data-dir", config.data_dir)), context, faults)
+        node = cls(config, profile, pid, n, str(nc.get("data-dir", config.data_dir)), context, faults)
+        return node.with_pool_memory()
+
+    def with_pool_memory(self) -> LocalNode:
+        """This node with its memory budget drawn from run-config `memory-pool` (unchanged if it is empty).
+
+        The draw is seeded by the run's seed and this node's partition, so every message of
+        the run, and the server reading the device report, see the same budget."""
+        pool = parse_memory_pool(self.config.memory_pool)
+        if pool is None:
+            return self
+        d, c = self.dataset, self.config
+        full_mb = full_training_peak_mb(c.model, d.image_shape, d.num_classes, c.batch_size)
+        memory_mb = pool.draw_mb(self.partition_id, c.seed, full_mb)
+        profile = replace(self.profile, memory_mb=memory_mb,
+                          sources={**self.profile.sources, "memory_mb": f"drawn from memory-pool {c.memory_pool!r}"})
+        return replace(self, profile=profile)
 
     @property
     def dataset(self) -> Dataset:
@@ -75,9 +93,12 @@ class LocalNode:
                        seed=self.config.seed * 7919 + self.partition_id * 104729 + round_)
 
     def test_batches(self, batch_size: int = 256) -> Batches:
-        """This node's share of the test set (an even, fixed split)."""
-        d = self.dataset
-        idx = torch.arange(self.partition_id, len(d.y_test), self.num_partitions)
+        """This node's share of the run's evaluation set (`test-size` of the test set, as the server
+        uses): every num-partitions-th example from partition-id. Empty when there are more nodes
+        than test examples; evaluating it then gives no accuracy (None), not 0.0."""
+        d, c = self.dataset, self.config
+        subset = evaluation_indices(len(d.y_test), c.test_size, c.seed)
+        idx = torch.from_numpy(subset[self.partition_id::self.num_partitions])
         return Batches(d.x_test[idx], d.y_test[idx], d, batch_size, shuffle=False)
 
 

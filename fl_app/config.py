@@ -16,10 +16,11 @@ from typing import Any
 
 from fl_app.data import DATASET_NAMES, PARTITIONS
 from fl_app.models import MODEL_NAMES
-from fl_app.profiles import ProfileError, parse_device_mix
+from fl_app.profiles import ProfileError, parse_device_mix, parse_memory_pool
 from fl_app.wire import ENCODINGS
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+CONSTRAINTS = ("memory+compute", "memory", "compute")  # which device budgets strategies honour
 _DATASET_PREFIXES = tuple(n.split(":")[0] + ":" for n in DATASET_NAMES if ":" in n)  # "npz:", "imagefolder:"
 
 
@@ -48,6 +49,8 @@ class RunConfig:
     augment: bool
     fraction_train: float
     device_mix: str
+    constraints: str
+    memory_pool: str
     compute_slack: float
     min_keep_ratio: float
     encoding: str
@@ -118,6 +121,11 @@ class RunConfig:
         choice("model", self.model, MODEL_NAMES)
         choice("partition", self.partition, PARTITIONS)
         choice("encoding", self.encoding, ENCODINGS)
+        choice("constraints", self.constraints, CONSTRAINTS)
+        try:
+            parse_memory_pool(self.memory_pool)
+        except ProfileError as exc:
+            p.append(f"memory-pool = {self.memory_pool!r}: {exc}")
         if not 0 < self.min_keep_ratio <= 1:
             p.append(f"min-keep-ratio = {self.min_keep_ratio!r}: must be in (0, 1]")
         at_least("temperature", self.temperature, 0, strict=True)

@@ -179,6 +179,13 @@ def _checkpointed_held_bytes(model: torch.nn.Module, x: torch.Tensor,
     return held
 
 
+def full_training_peak_mb(model: str, image_shape: tuple[int, int, int], num_classes: int, batch_size: int) -> float:
+    """Predicted peak memory (MB = 2^20 bytes) of training the full `model` at `batch_size`:
+    the reference a `memory-pool` of fractions scales (fl_app.profiles.MemoryPool)."""
+    spec = ModelSpec(model, num_classes, image_shape[0])
+    return model_cost(spec, image_shape).peak_train_bytes(batch_size, image_shape) / MIB
+
+
 def job_train_flops(cost: ModelCost, trained_examples: int, distilled_examples: int = 0,
                     predicted_examples: int = 0) -> float:
     """FLOPs one job spends on a client.

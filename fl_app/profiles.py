@@ -21,6 +21,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 NUMERIC_FIELDS = ("gflops", "memory_mb", "uplink_mbps", "downlink_mbps")
 MAX_MIX_COUNT = 100_000  # devices of one profile in a device mix; more is a typo, not a federation
@@ -95,6 +97,45 @@ def profile_from_dict(data: dict, where: str) -> DeviceProfile:
     return DeviceProfile(name=str(data["name"]), description=str(data.get("description", "")),
                          sources={str(k): str(v) for k, v in sources.items()},
                          **{k: data[k] for k in NUMERIC_FIELDS})
+
+
+@dataclass(frozen=True)
+class MemoryPool:
+    """Per-node memory budgets drawn, seeded, from a uniform distribution, as in the ProFL authors'
+    setup (Wu et al., KDD'25: each of 100 clients draws a budget from 100-900 MB).
+
+    Written in the run config as `memory-pool`:
+    - `"uniform:LOW-HIGH"`: MB (2^20 bytes), e.g. "uniform:100-900";
+    - `"uniform-fraction:LOW-HIGH"`: fractions of the full model's predicted peak training memory at
+      the run's batch size, e.g. "uniform-fraction:0.3-1.3", so the constraint binds the same way for
+      any model and input size.
+    """
+
+    unit: str  # "MB" or "fraction"
+    low: float
+    high: float
+
+    def draw_mb(self, partition_id: int, seed: int, full_peak_mb: float) -> float:
+        """The budget of the node holding `partition_id`, in MB: the same in every process that draws it."""
+        u = np.random.default_rng([seed, partition_id, 7129]).uniform(self.low, self.high)
+        return float(u * full_peak_mb if self.unit == "fraction" else u)
+
+
+def parse_memory_pool(text: str) -> MemoryPool | None:
+    """`memory-pool` -> a MemoryPool, or None for "" (each profile's own memory_mb); ProfileError if malformed."""
+    if not text:
+        return None
+    kind, _, bounds = text.partition(":")
+    low, _, high = bounds.partition("-")
+    units = {"uniform": "MB", "uniform-fraction": "fraction"}
+    try:
+        pool = MemoryPool(units[kind], float(low), float(high))
+    except (KeyError, ValueError):
+        raise ProfileError("expected \"uniform:LOW-HIGH\" (MB) or \"uniform-fraction:LOW-HIGH\" (of the full "
+                           "model's predicted training peak), e.g. \"uniform:100-900\"") from None
+    if not (0 < pool.low <= pool.high and math.isfinite(pool.high)):
+        raise ProfileError(f"the bounds must satisfy 0 < LOW <= HIGH, got {pool.low:g}-{pool.high:g}")
+    return pool
 
 
 def profile_report(profile: DeviceProfile) -> dict[str, str | float]:

@@ -13,7 +13,7 @@ from fl_app.wire import encode
 from server_app.rounds import run_train_tasks
 from server_app.strategies.base import TrainTask
 from server_app.server_app import main
-from tests.inprocess import InProcessGrid
+from experiments.inprocess import InProcessGrid
 
 
 def run(tmp_path, num_nodes=4, tamper=None, on_grid=None, node_config=None, **overrides):

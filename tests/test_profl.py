@@ -10,7 +10,7 @@ from server_app.strategies.profl import ProFL, Step, effective_movement, part_of
 from tests.test_federation import run
 from tests.test_reft import federation
 
-QUICK = {"strategy": "profl", "em-window": 2, "block-round-cap": 1, "max-client-examples": 48}
+QUICK = {"strategy": "profl", "em-window": 2, "block-round-cap": 1, "max-client-examples": 48, "constraints": "memory"}
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

@@ -8,6 +8,7 @@ counting bytes, evaluating and recording are done once, by the round loop.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -23,7 +24,7 @@ from fl_app.models import BlockNet, ModelSpec
 from fl_app.profiles import DeviceProfile, profile_report
 from fl_app.training import TrainConfig
 from fl_app.units import MIB
-from fl_app.width import fit_ratio
+from fl_app.width import fit_ratio, widths_at_ratio
 
 
 class StrategySetupError(ValueError):
@@ -133,13 +134,16 @@ class Federation:
 
         The share is its GFLOPS over the strongest device's, times `compute-slack`
         (1.0: a device gets the model it trains in the time the strongest trains the
-        full one), capped at the full model.
+        full one), capped at the full model. Infinite when `constraints` leaves compute out.
         """
+        if "compute" not in self.config.constraints:
+            return math.inf
         full = self.cost(self.full_spec()).train_flops_per_sample
         return full * min(1.0, self.config.compute_slack * device.profile.gflops / self.reference_gflops)
 
     def memory_budget_bytes(self, device: Device) -> float:
-        return device.profile.memory_mb * MIB
+        """The device's memory budget in bytes; infinite when `constraints` leaves memory out."""
+        return device.profile.memory_mb * MIB if "memory" in self.config.constraints else math.inf
 
     def affordable_ratio(self, device: Device) -> float | None:
         """The largest uniform channel ratio of the full model `device` can afford (None: not even the floor)."""
@@ -150,10 +154,31 @@ class Federation:
                                           self.config.min_keep_ratio)
         return self._ratios[key]
 
+    def shortfall(self, cost: ModelCost, device: Device, extra_bytes: float = 0.0) -> str | None:
+        """Why `device` cannot train a model of `cost` under the `constraints` policy (None: it can).
+
+        The one fitting rule every strategy uses: predicted peak training memory at `batch-size`
+        (+ `extra_bytes`, e.g. a teacher held beside it) within the memory budget, and training
+        FLOPs per sample within the compute budget (`flops_budget`), each only when
+        `constraints` includes it. The text names the resource and the key that relaxes it.
+        """
+        peak = cost.peak_train_bytes(self.config.batch_size, self.image_shape) + extra_bytes
+        if peak > self.memory_budget_bytes(device):
+            return (f"memory: needs {peak / MIB:.1f} MB at batch {self.config.batch_size}, has "
+                    f"{device.profile.memory_mb:.1f} MB (lower batch-size, or constraints = 'compute')")
+        if cost.train_flops_per_sample > self.flops_budget(device) * (1 + 1e-9):
+            return (f"compute: needs {cost.train_flops_per_sample / 1e6:.1f} MFLOPs per sample, its share is "
+                    f"{self.flops_budget(device) / 1e6:.1f} (raise compute-slack, or constraints = 'memory')")
+        return None
+
     def fits(self, cost: ModelCost, device: Device) -> bool:
-        """Whether `device` can afford training a model of `cost`: memory and compute."""
-        return (self.peak_memory_mb(cost) <= device.profile.memory_mb
-                and cost.train_flops_per_sample <= self.flops_budget(device) * (1 + 1e-9))
+        """Whether `device` can afford training a model of `cost` (`shortfall` is None)."""
+        return self.shortfall(cost, device) is None
+
+    def job_shortfall(self, job: Job, device: Device) -> str | None:
+        """`shortfall` of a planned job: its model and trainable blocks, plus the teacher it mimics."""
+        teacher = self.cost(job.mimic).state_bytes if job.mimic else 0.0
+        return self.shortfall(self.job_cost(job), device, teacher)
 
     def affordable_ratios(self, devices: list[Device] | None = None) -> tuple[dict[int, float], dict[int, str]]:
         """(node id -> affordable channel ratio, node id -> why it cannot afford even the floor)."""
@@ -161,8 +186,9 @@ class Federation:
         for d in self.devices if devices is None else devices:
             ratio = self.affordable_ratio(d)
             if ratio is None:
+                floor = self.full_spec().with_widths(widths_at_ratio(self.full_spec(), self.config.min_keep_ratio))
                 left_out[d.node_id] = (f"cannot afford even the smallest submodel (min-keep-ratio "
-                                       f"{self.config.min_keep_ratio}) within its compute and memory budget")
+                                       f"{self.config.min_keep_ratio}): {self.shortfall(self.cost(floor), d)}")
             else:
                 ratios[d.node_id] = ratio
         return ratios, left_out

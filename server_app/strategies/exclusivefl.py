@@ -24,15 +24,16 @@ class ExclusiveFL(SingleModelStrategy):
             cost = federation.cost(self.model.spec)
             raise StrategySetupError(
                 f"exclusivefl: no device fits the full {self.model.spec.name} (needs "
-                f"{federation.peak_memory_mb(cost):.0f} MB at batch {federation.config.batch_size} and the "
-                f"strongest device's compute); use a smaller model or batch, raise compute-slack, "
-                f"or add stronger devices to device-mix")
+                f"{federation.peak_memory_mb(cost):.0f} MB at batch {federation.config.batch_size} and, under "
+                f"constraints = {federation.config.constraints!r}, the strongest device's compute); use a smaller "
+                f"model or batch, raise compute-slack, or add stronger devices to device-mix")
 
     def admit(self, device: Device) -> None:
-        if self.federation.fits(self.federation.cost(self.model.spec), device):
+        shortfall = self.federation.shortfall(self.federation.cost(self.model.spec), device)
+        if shortfall is None:
             self.eligible.append(device)
         else:
-            self.left_out[device.node_id] = "does not fit the full model (memory or compute)"
+            self.left_out[device.node_id] = f"does not fit the full model: {shortfall}"
 
     def candidates(self) -> list[Device]:
         return self.eligible

@@ -46,7 +46,8 @@ def effective_movement(history: list[torch.Tensor], window: int) -> float | None
     """EM = ||a_i - a_(i-W)||_1 / sum_(k<W) ||a_(i-k) - a_(i-k-1)||_1, in [0, 1].
 
     Near 1: the parameters move steadily in one direction; near 0: they oscillate in
-    place, i.e. the block has converged. None until W+1 snapshots exist.
+    place, i.e. the block has converged. None until W+1 snapshots exist: the block as its
+    growing step started, and after each of its first W rounds.
     """
     if len(history) <= window:
         return None
@@ -82,8 +83,9 @@ class ProFL(Strategy):
         for depth in range(1, self.total):  # every output module, freshly initialised
             self.weights.update({k: v for k, v in build_model(spec.with_depth(depth)).state_dict().items()
                                  if part_of(k) == f"output{depth}"})
-        self.schedule = [Step("shrink", t, kind) for t in range(self.total, 1, -1)
-                         for kind in ("train", "mimic") for _ in range(config.profl_shrink_rounds)]
+        # Each shrinking step lasts profl-shrink-rounds rounds (counted in aggregate_train); 0 skips shrinking.
+        self.schedule = [Step("shrink", t, kind) for t in range(self.total, 1, -1) for kind in ("train", "mimic")
+                         if config.profl_shrink_rounds > 0]
         self.grow_block = 1
         self.rounds_in_block = 0
         self.calm_rounds = 0
@@ -94,8 +96,9 @@ class ProFL(Strategy):
         self.step = self._next_step()
         self.eligible: list[Device] = []
         if not any(self._fits(d, self.step) for d in federation.devices):
-            raise StrategySetupError("profl: no device fits even the first step's memory; lower batch-size, "
-                                     "enable checkpoint, or add devices with more memory")
+            raise StrategySetupError(f"profl: no device fits even the first step under constraints = "
+                                     f"{config.constraints!r}; lower batch-size, enable checkpoint, or add devices "
+                                     "with more memory")
 
     # --- schedule ---------------------------------------------------------------------------
 
@@ -114,7 +117,8 @@ class ProFL(Strategy):
                    keep_state=True, mimic=teacher)
 
     def _fits(self, device: Device, step: Step) -> bool:
-        return self.federation.job_peak_memory_mb(self.job(0, step)) <= device.profile.memory_mb
+        """Whether `device` can run `step` under the federation's one fitting rule (`constraints`)."""
+        return self.federation.job_shortfall(self.job(0, step), device) is None
 
     # --- the round ----------------------------------------------------------------------------
 
@@ -122,6 +126,8 @@ class ProFL(Strategy):
         step = self.step
         if step.kind == "mimic" and self.rounds_in_block == 0:
             self._init_output_module(step.block - 1)
+        if step.stage == "grow" and not self.history:  # EM's first point: the block as growing starts
+            self.history.append(self._active_parameters())
         self.eligible = [d for d in self.federation.devices if self._fits(d, step)]
         job = self.job(server_round, step)
         return [self._task(d.node_id, job) for d in self.federation.sample(self.eligible)]
@@ -162,29 +168,40 @@ class ProFL(Strategy):
         self.rounds_in_block += 1
         record = {"stage": step.stage, "active_block": step.block, "step": step.kind,
                   "eligible": len(self.eligible), "eligible_nodes": [d.node_id for d in self.eligible],
-                  "effective_movement": None, "frozen": False}
+                  "effective_movement": None, "frozen": False, "freeze_reason": None, "em_at_freeze": None}
         if step.stage == "grow":
             record.update(self._track_movement(updates))
         elif self.rounds_in_block >= self.federation.config.profl_shrink_rounds:
             self._advance()
         return record
 
-    def _track_movement(self, updates: list[ClientUpdate]) -> dict[str, Any]:
-        config = self.federation.config
-        active = torch.cat([v.flatten().float() for k, v in self.weights.items()
-                            if part_of(k) == f"block{self.step.block - 1}" and v.is_floating_point()])
+    def _active_parameters(self) -> torch.Tensor:
+        """The active block's trainable parameters (not BatchNorm's running statistics), at a fixed
+        random sample of at most EM_COORDINATES coordinates, as the authors' scripts track them."""
+        block = f"block{self.step.block - 1}"
+        names = [k for k in parameter_keys(self.spec(self.step)) if part_of(k) == block]
+        active = torch.cat([self.weights[k].flatten().float() for k in names])
         if self.sample_index is None:
-            g = torch.Generator().manual_seed(config.seed + self.step.block)
+            g = torch.Generator().manual_seed(self.federation.config.seed + self.step.block)
             self.sample_index = torch.randperm(len(active), generator=g)[:EM_COORDINATES]
-        self.history.append(active[self.sample_index].clone())
+        return active[self.sample_index].clone()
+
+    def _track_movement(self, updates: list[ClientUpdate]) -> dict[str, Any]:
+        """Append the active block's position, compute EM and decide a freeze: by EM when it stayed below
+        `em-threshold` for `em-patience` rounds in a row, else by `block-round-cap`. The record says which."""
+        config = self.federation.config
+        self.history.append(self._active_parameters())
         em = effective_movement(self.history, config.em_window)
         self.calm_rounds = self.calm_rounds + 1 if em is not None and em < config.em_threshold else 0
-        last = self.step.block == self.total
-        freeze = not last and (self.calm_rounds >= config.em_patience or self.rounds_in_block >= config.block_round_cap)
+        by_em = self.calm_rounds >= config.em_patience
+        by_cap = self.rounds_in_block >= config.block_round_cap
+        freeze = self.step.block < self.total and (by_em or by_cap)  # the last block trains to the end
+        reason = ("em" if by_em else "cap") if freeze else None
         if freeze:
             self.grow_block += 1
             self._advance()
-        return {"effective_movement": em, "frozen": freeze}
+        return {"effective_movement": em, "frozen": freeze, "freeze_reason": reason,
+                "em_at_freeze": em if freeze else None}
 
     def _advance(self) -> None:
         self.step = self._next_step()
@@ -230,6 +247,17 @@ class ProFL(Strategy):
 def _keys(spec_json: str) -> tuple[str, ...]:
     with torch.device("meta"):
         return tuple(build_model(ModelSpec.from_json(spec_json)).state_dict())
+
+
+@lru_cache(maxsize=256)
+def _parameter_keys(spec_json: str) -> tuple[str, ...]:
+    with torch.device("meta"):
+        return tuple(name for name, _ in build_model(ModelSpec.from_json(spec_json)).named_parameters())
+
+
+def parameter_keys(spec: ModelSpec) -> list[str]:
+    """The state-dict names of `spec`'s trainable parameters (no buffers), meta device."""
+    return list(_parameter_keys(spec.to_json()))
 
 
 def build_model_keys(spec: ModelSpec) -> list[str]:

@@ -1,13 +1,16 @@
 """An in-process federation: a Grid whose nodes are the real ClientApp, called directly.
 
-It runs the ServerApp's round loop against the ClientApp's handlers without Ray or a
-SuperLink, so the protocol (jobs, encodings, validation, results) is tested in
-seconds. The real engines are covered by the slow end-to-end tests.
+It runs the ServerApp's round loop (`server_app.server_app.main`) against the ClientApp's
+handlers without Ray or a SuperLink: the protocol, jobs, encodings, validation, byte counts
+and results are exactly those of a `flwr run`, in one process. The experiments command and
+the tests use it; the real engines are covered by the slow end-to-end tests.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
@@ -15,6 +18,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from client_app.client_app import app as client_app
+from server_app.server_app import main as server_main
 
 class InProcessGrid(Grid):
     """Nodes 1..n; node i has partition-id i-1.
@@ -78,3 +82,13 @@ class InProcessGrid(Grid):
             if reply is not None:
                 replies.append(reply)
         return replies
+
+
+def run_inprocess(run_config: dict, num_nodes: int) -> dict:
+    """Run the ServerApp to its end on `num_nodes` in-process nodes; the parsed results.json.
+
+    Raises whatever the ServerApp raises (its results.json then says `failed` and why)."""
+    grid = InProcessGrid(run_config, num_nodes)
+    server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config)))
+    folder = Path(run_config.get("output-dir", "outputs")) / run_config["run-name"]
+    return json.loads((folder / "results.json").read_text())

@@ -1,0 +1,50 @@
+"""`python -m experiments SPEC.toml`: run a grid of experiments and write its report.
+
+    python -m experiments experiments/specs/reproduction.toml            # run what is not done, then report
+    python -m experiments experiments/specs/reproduction.toml --report   # report only, from what is done
+    python -m experiments experiments/specs/reproduction.toml --list     # the runs, and which are done
+
+Re-running the same command skips finished runs and resumes interrupted ones, so a long grid can
+be stopped and continued at any time. A bad spec is refused, whole, before anything runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from experiments.runner import StaleRun, run_grid, run_status
+from experiments.spec import SpecError, load_spec
+from experiments.summary import write_report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__.split("\n\n")[0])
+    parser.add_argument("spec", type=Path, help="the experiment spec (TOML), e.g. experiments/specs/reproduction.toml")
+    parser.add_argument("--report", action="store_true", help="only write the report from the finished runs")
+    parser.add_argument("--list", action="store_true", help="only list the runs and their status")
+    parser.add_argument("--workers", type=int, help="runs at once (default: the spec's `workers`)")
+    args = parser.parse_args(argv)
+    try:
+        spec = load_spec(args.spec)
+        if args.list:
+            for run in spec.runs:
+                print(f"{run.name:50s} {run_status(run) or 'not started'}")
+            return 0
+        started = time.perf_counter()
+        if not args.report:
+            outcomes = run_grid(spec, args.workers)
+            failed = [o for o in outcomes if o.status == "failed"]
+            print(f"grid done in {(time.perf_counter() - started) / 60:.1f} min; {len(failed)} failed", flush=True)
+        for path in write_report(spec):
+            print(f"wrote {path}")
+    except (SpecError, StaleRun) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
