@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -34,6 +35,10 @@ PARTITIONS = ("iid", "dirichlet", "shards")
 
 class DataError(ValueError):
     """A dataset that cannot be loaded; the message says what to fix."""
+
+
+class DataWarning(UserWarning):
+    """Something in a dataset was skipped (e.g. files that are not images); the message counts it."""
 
 
 @dataclass(frozen=True)
@@ -151,26 +156,71 @@ def _read_npz(path: Path) -> tuple:
     return (*arrays, str(path))
 
 
+IMAGE_NOTE = "images in any format Pillow reads (PNG, JPEG, BMP, ...)"
+
+
+def _hidden(name: str) -> bool:
+    """Entries tools leave behind: dot files and folders (.DS_Store, .ipynb_checkpoints, ._x.png)
+    and macOS archive folders (__MACOSX)."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
 def _read_imagefolder(root: Path) -> tuple:
-    from PIL import Image
+    """`train/<class>/...` and `test/<class>/...` images (subfolders of a class included), 32x32 RGB.
+
+    Hidden entries are ignored; any other file that is not a readable image is skipped, and all
+    skipped files are reported in one DataWarning that counts them.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    skipped: list[Path] = []
+
+    def images(folder: Path) -> list[Path]:
+        found = []
+        for path in sorted(folder.rglob("*")):
+            if any(_hidden(part) for part in path.relative_to(folder).parts) or path.is_dir():
+                continue
+            found.append(path)
+        return found
 
     def read(split: str, classes: list[str] | None) -> tuple:
         folder = root / split
         if not folder.is_dir():
             raise DataError(f"imagefolder {root}: missing {split}/ (expected {split}/<class>/<image>)")
-        names = classes or sorted(p.name for p in folder.iterdir() if p.is_dir())
+        present = sorted(p.name for p in folder.iterdir() if p.is_dir() and not _hidden(p.name))
+        skipped.extend(sorted(p for p in folder.iterdir() if not p.is_dir() and not _hidden(p.name)))  # no class
+        if classes is not None:
+            extra = [c for c in present if c not in classes]
+            if extra:
+                raise DataError(f"imagefolder {root}: class folders {', '.join(f'{split}/{c}' for c in extra)} are "
+                                f"not in train/ (classes {', '.join(classes)}); their images would be scored "
+                                "against a class no model learns: add them to train/ or remove them")
+        names = classes or present
         xs, ys = [], []
         for label, cls in enumerate(names):
-            for f in sorted((folder / cls).glob("*")):
-                with Image.open(f) as img:
-                    xs.append(np.asarray(img.convert("RGB").resize((32, 32))).transpose(2, 0, 1))
+            count = 0
+            for f in images(folder / cls) if (folder / cls).is_dir() else []:
+                try:
+                    with Image.open(f) as img:
+                        xs.append(np.asarray(img.convert("RGB").resize((32, 32))).transpose(2, 0, 1))
+                except (UnidentifiedImageError, OSError, ValueError):
+                    skipped.append(f)
+                    continue
                 ys.append(label)
+                count += 1
+            if classes is None and count == 0:
+                raise DataError(f"imagefolder {root}: class folder {split}/{cls} holds no images ({IMAGE_NOTE}); "
+                                "add images or remove the folder, or its label would never occur")
         if not xs:
-            raise DataError(f"imagefolder {folder}: no images found in class folders")
+            raise DataError(f"imagefolder {folder}: no images found in class folders ({IMAGE_NOTE})")
         return np.stack(xs), np.asarray(ys), names
 
     x_tr, y_tr, classes = read("train", None)
     x_te, y_te, _ = read("test", classes)
+    if skipped:
+        examples = ", ".join(str(p.relative_to(root)) for p in skipped[:3])
+        warnings.warn(f"imagefolder {root}: skipped {len(skipped)} files that are not readable images "
+                      f"(e.g. {examples}{'' if len(skipped) <= 3 else ', ...'})", DataWarning, stacklevel=2)
     return x_tr, y_tr, x_te, y_te, str(root)
 
 
@@ -183,29 +233,78 @@ def _as_nchw(x: np.ndarray, what: str) -> np.ndarray:
         x = x.transpose(0, 3, 1, 2)
     if x.shape[1] not in (1, 3):
         raise DataError(f"{what}: images need 1 or 3 channels, got shape {x.shape}")
+    if len(x) == 0:
+        raise DataError(f"{what}: no examples (0 rows); every split needs at least one")
     if x.dtype != np.uint8:
-        if np.issubdtype(x.dtype, np.floating) and x.size and x.max() <= 1.0:
-            x = x * 255.0
-        x = np.clip(x, 0, 255).astype(np.uint8)
+        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+            raise DataError(f"{what}: images must be numbers (uint8 0-255, or floats 0-1 or 0-255), got {x.dtype}")
+        bad = int(np.count_nonzero(~np.isfinite(x))) if np.issubdtype(x.dtype, np.floating) else 0
+        if bad:
+            raise DataError(f"{what}: {bad} pixel values are NaN or infinite; clean or drop those images")
+    return x
+
+
+def _scale_of(x: np.ndarray) -> str:
+    """How a split's pixel values are scaled: 'uint8', '0-1' (floats in [0, 1]) or '0-255'."""
+    if x.dtype == np.uint8:
+        return "uint8"
+    return "0-1" if np.issubdtype(x.dtype, np.floating) and x.max() <= 1.0 else "0-255"
+
+
+def _to_uint8(x: np.ndarray, scale: str) -> np.ndarray:
+    if scale != "uint8":
+        x = np.clip(x * 255.0 if scale == "0-1" else x, 0, 255).astype(np.uint8)
     return np.require(x, requirements=["C", "W"])  # a writable copy if needed: torch shares it
 
 
+def _labels(y: np.ndarray, what: str, num_images: int) -> np.ndarray:
+    """Class indices 0..C-1 as int64, or a DataError naming the split and the bad values."""
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise DataError(f"{what}: labels have shape {y.shape}; they must be class indices of shape "
+                        f"({num_images},), not one-hot or per-pixel (for one-hot rows use y.argmax(1))")
+    if y.dtype == np.bool_ or not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+        raise DataError(f"{what}: labels must be integer class indices, got dtype {y.dtype}")
+    if np.issubdtype(y.dtype, np.floating):
+        bad = np.unique(y[~np.isfinite(y) | (y != np.round(y))]) if len(y) else y
+        if len(bad):
+            raise DataError(f"{what}: labels must be integer class indices; {_few(bad)} are not whole numbers")
+    negative = np.unique(y[y < 0])
+    if len(negative):
+        raise DataError(f"{what}: {int(np.count_nonzero(y < 0))} labels are negative ({_few(negative)}); "
+                        "labels must be class indices 0..C-1: fix or drop those rows")
+    return y.astype(np.int64)
+
+
+def _few(values: np.ndarray, limit: int = 5) -> str:
+    shown = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values[:limit].tolist())
+    return shown + (f", ... ({len(values)} distinct)" if len(values) > limit else "")
+
+
 def _from_arrays(x_tr, y_tr, x_te, y_te, source: str) -> Dataset:
+    """Every property assumed of one split is checked on each: image layout and channels, finite
+    pixels, at least one example, one integer label >= 0 per image; and the splits agree on
+    image shape and pixel scale."""
     x_tr, x_te = _as_nchw(np.asarray(x_tr), f"{source} x_train"), _as_nchw(np.asarray(x_te), f"{source} x_test")
-    y_tr, y_te = np.asarray(y_tr).reshape(-1), np.asarray(y_te).reshape(-1)
+    y_tr, y_te = np.asarray(y_tr), np.asarray(y_te)
+    y_tr, y_te = _labels(y_tr, f"{source} y_train", len(x_tr)), _labels(y_te, f"{source} y_test", len(x_te))
     if len(x_tr) != len(y_tr) or len(x_te) != len(y_te):
         raise DataError(f"{source}: {len(x_tr)} train images but {len(y_tr)} labels, "
                         f"{len(x_te)} test images but {len(y_te)} labels")
     if x_tr.shape[1:] != x_te.shape[1:]:
         raise DataError(f"{source}: train images {x_tr.shape[1:]} and test images {x_te.shape[1:]} differ")
-    if not np.issubdtype(y_tr.dtype, np.integer) or (len(y_tr) and y_tr.min() < 0):
-        raise DataError(f"{source}: labels must be non-negative integers")
+    scales = _scale_of(x_tr), _scale_of(x_te)
+    if "0-1" in scales and scales[0] != scales[1]:
+        raise DataError(f"{source}: x_train pixels are scaled {scales[0]} but x_test pixels {scales[1]}; "
+                        "scale both splits alike (both 0-1 floats, or both 0-255)")
+    x_tr, x_te = _to_uint8(x_tr, scales[0]), _to_uint8(x_te, scales[1])
     num_classes = int(max(y_tr.max(initial=0), y_te.max(initial=0))) + 1
     xf = torch.from_numpy(x_tr).float()
     mean = tuple(xf.mean(dim=(0, 2, 3)).tolist())
     std = tuple(xf.std(dim=(0, 2, 3)).clamp_min(1.0).tolist())
-    return Dataset(torch.from_numpy(x_tr), torch.from_numpy(y_tr.astype(np.int64)),
-                   torch.from_numpy(x_te), torch.from_numpy(y_te.astype(np.int64)), num_classes, mean, std)
+    return Dataset(torch.from_numpy(x_tr), torch.from_numpy(y_tr),
+                   torch.from_numpy(x_te), torch.from_numpy(y_te), num_classes, mean, std)
 
 
 def make_synthetic(num_classes: int = 10, train_size: int = 6000, test_size: int = 1000,
@@ -248,6 +347,15 @@ def split_public(num_train: int, public_size: int, seed: int) -> tuple[np.ndarra
         raise DataError(f"public-size {public_size} must be in [0, {num_train}) for this dataset")
     perm = np.random.default_rng(seed + 7).permutation(num_train)
     return np.sort(perm[:public_size]), np.sort(perm[public_size:])
+
+
+def evaluation_indices(num_test: int, test_size: int, seed: int) -> np.ndarray:
+    """The test examples a run evaluates on: all (`test_size` 0 or >= the test set), else a seeded
+    random subset (never the first rows: stored datasets are often sorted by class). The server
+    scores the global model on it; node i of n scores its submodel on every n-th of it, from i."""
+    if not test_size or test_size >= num_test:
+        return np.arange(num_test)
+    return np.sort(np.random.default_rng(seed + 11).permutation(num_test)[:test_size])
 
 
 def partition(labels: np.ndarray, num_partitions: int, scheme: str = "iid", seed: int = 0,

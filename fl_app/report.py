@@ -18,6 +18,10 @@ itself. The report goes to --out (default: the first run folder's parent / "repo
     summary.md, summary.csv  one row per run (results["summary"] where present and in step with the
                           rounds, the rest recomputed from the rounds)
 
+Legends and the summary name each run's strategy, model and dataset; runs evaluated on different
+data (dataset, data-dir or test-size) are compared with one warning (stderr and summary.md). The
+REFT panel marks devices without a submodel (left out, or never sent one) with an x at its foot.
+
 Failed or stopped-early runs are kept and marked: "(failed)" / "(stopped n/N)" in the legends, an
 x at their last point, and the status column. Memory is in MB of 2^20 bytes, as in the results.
 From Python: `build_report([Path("runs/reft")], Path("report"))`. Bad input raises ReportError;
@@ -40,14 +44,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
 REQUIRED_TOP = ("status", "config", "rounds")
 REQUIRED_ROUND = ("round", "accuracy", "bytes_down", "bytes_up", "clients")
 REQUIRED_DEVICE = ("node_id", "profile", "gflops", "memory_mb")
-CSV_FIELDS = ("run", "strategy", "model", "status", "rounds_completed", "rounds_configured",
+CSV_FIELDS = ("run", "strategy", "model", "dataset", "status", "rounds_completed", "rounds_configured",
               "final_accuracy", "best_accuracy", "total_mb_down", "total_mb_up", "total_device_time_s",
               "peak_memory_mb_max", "peak_memory_mb_median", "distinct_participants", "client_failures")
+# Run-config keys that decide what accuracy is measured on: runs that differ in any are not comparable.
+EVALUATION_KEYS = ("dataset", "data_dir", "test_size")
 
 
 class ReportError(Exception):
@@ -69,6 +75,17 @@ class Run:
         return str(self.doc["config"].get("strategy", "?"))
 
     @property
+    def model(self) -> str:
+        return str(self.doc["config"].get("model", "?"))
+
+    @property
+    def dataset(self) -> str:
+        """The dataset name, a file or folder dataset by its last path part (npz:cifar.npz)."""
+        name = str(self.doc["config"].get("dataset", "?"))
+        kind, sep, where = name.partition(":")
+        return f"{kind}:{Path(where).name}" if sep and kind in ("npz", "imagefolder") else name
+
+    @property
     def configured(self) -> int | None:
         return self.doc["config"].get("num_server_rounds")
 
@@ -84,6 +101,7 @@ class ReportFiles:
     figures: list[Path] = field(default_factory=list)
     summary_md: Path | None = None
     summary_csv: Path | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- loading
@@ -119,9 +137,10 @@ def _check_items(file: Path, what: str, items: Any, keys: tuple[str, ...]) -> No
 
 
 def label_runs(runs: list[Run]) -> None:
-    strategies = [r.strategy for r in runs]
-    for run in runs:
-        run.label = run.strategy if strategies.count(run.strategy) == 1 else f"{run.strategy} ({run.folder.name})"
+    """Legend labels: strategy, model and dataset; the run folder too where those repeat."""
+    bases = [f"{r.strategy}, {r.model}, {r.dataset}" for r in runs]
+    for run, base in zip(runs, bases):
+        run.label = base if bases.count(base) == 1 else f"{base} ({run.folder.name})"
         if run.doc["status"] == "failed":
             run.label += " (failed)"
         elif run.incomplete:
@@ -129,6 +148,25 @@ def label_runs(runs: list[Run]) -> None:
 
 
 # ---------------------------------------------------------------- numbers
+
+def comparability_warnings(runs: list[Run]) -> list[str]:
+    """One warning if the runs were evaluated on different data (dataset, data-dir, test-size):
+    their accuracies then do not compare."""
+    differ = []
+    for key in EVALUATION_KEYS:
+        if key == "data_dir" and all(r.doc["config"].get("dataset") == "synthetic" for r in runs):
+            continue  # synthetic data reads no folder
+        values: dict[str, list[str]] = {}
+        for run in runs:
+            values.setdefault(repr(run.doc["config"].get(key)), []).append(run.folder.name)
+        if len(values) > 1:
+            shown = "; ".join(f"{v}: {', '.join(names)}" for v, names in values.items())
+            differ.append(f"{key.replace('_', '-')} ({shown})")
+    if not differ:
+        return []
+    return ["the runs were evaluated on different data, so their accuracies do not compare: they differ in "
+            + " and in ".join(differ)]
+
 
 def _num(value: Any) -> float:
     return float("nan") if value is None else float(value)
@@ -172,7 +210,7 @@ def summary_row(run: Run) -> dict[str, Any]:
         return s[key] if key in s else recomputed
 
     return {
-        "run": run.folder.name, "strategy": run.strategy, "model": run.doc["config"].get("model", "?"),
+        "run": run.folder.name, "strategy": run.strategy, "model": run.model, "dataset": run.dataset,
         "status": status_text(run),
         "rounds_completed": pick("rounds_completed", len(run.rounds)),
         "rounds_configured": run.configured,
@@ -206,29 +244,85 @@ def _cell(value: Any, digits: int) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def write_markdown(rows: list[dict[str, Any]], path: Path) -> None:
-    head = ["run", "strategy", "model", "status", "rounds", "final acc", "best acc", "MB down", "MB up",
+def write_markdown(rows: list[dict[str, Any]], path: Path, warnings: list[str] | None = None) -> None:
+    head = ["run", "strategy", "model", "dataset", "status", "rounds", "final acc", "best acc", "MB down", "MB up",
             "device time s", "peak mem max MB", "peak mem median MB", "clients", "failures"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [_cell(r["run"], 0), _cell(r["strategy"], 0), _cell(r["model"], 0), _cell(r["status"], 0),
+        cells = [_cell(r["run"], 0), _cell(r["strategy"], 0), _cell(r["model"], 0), _cell(r["dataset"], 0),
+                 _cell(r["status"], 0),
                  f"{r['rounds_completed']}/{_cell(r['rounds_configured'], 0)}",
                  _cell(r["final_accuracy"], 4), _cell(r["best_accuracy"], 4), _cell(r["total_mb_down"], 2),
                  _cell(r["total_mb_up"], 2), _cell(r["total_device_time_s"], 2),
                  _cell(r["peak_memory_mb_max"], 1), _cell(r["peak_memory_mb_median"], 1),
                  _cell(r["distinct_participants"], 0), _cell(r["client_failures"], 0)]
         lines.append("| " + " | ".join(cells) + " |")
-    path.write_text("# Run summary\n\n" + "\n".join(lines) + "\n\nMB down/up: decimal MB (10^6 bytes); "
+    notes = "".join(f"**Warning:** {w}.\n\n" for w in warnings or [])
+    path.write_text("# Run summary\n\n" + notes + "\n".join(lines) + "\n\nMB down/up: decimal MB (10^6 bytes); "
                     "peak memory: participating clients' measured peaks, MB of 2^20 bytes.\n")
 
 
 # ---------------------------------------------------------------- figures
 
 def _save(fig: plt.Figure, path: Path, dpi: int, files: ReportFiles) -> None:
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            if axis.get_scale() == "log":
+                _readable_log(ax, axis)
     fig.tight_layout()
+    if _thin_overlapping_xticks(fig):
+        fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     files.figures.append(path)
+
+
+def _labelled_log_ticks(axis: Any, low: float, high: float) -> int:
+    return sum(1 for t in axis.get_major_locator().tick_values(low, high) if low <= t <= high)
+
+
+def _readable_log(ax: plt.Axes, axis: Any) -> None:
+    """A log axis with at least two labelled ticks: 1-2-5 ticks where decades are too few, and the
+    limits widened to the neighbouring 1-2-5 values if even those leave one."""
+    limits = ax.get_xlim if axis is ax.xaxis else ax.get_ylim
+    low, high = sorted(limits())
+    if low <= 0 or _labelled_log_ticks(axis, low, high) >= 2:
+        return
+    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+    if _labelled_log_ticks(axis, low, high) >= 2:
+        return
+    steps = [m * 10.0 ** e for e in range(int(np.floor(np.log10(low))) - 1, int(np.ceil(np.log10(high))) + 2)
+             for m in (1, 2, 5)]
+    low, high = max(v for v in steps if v <= low), min(v for v in steps if v >= high)
+    if low == high:
+        high = min(v for v in steps if v > low)
+    (ax.set_xlim if axis is ax.xaxis else ax.set_ylim)(low, high)
+
+
+def _thin_overlapping_xticks(fig: plt.Figure) -> bool:
+    """Where x tick labels overlap, turn them upright, then show every k-th; True if any changed."""
+    changed = False
+    for ax in (a for a in fig.axes if a.get_visible()):
+        for attempt in range(2):
+            fig.canvas.draw()
+            labels = [t for t in ax.get_xticklabels() if t.get_visible() and t.get_text()]
+            boxes = [t.get_window_extent() for t in labels]
+            if not any(a.overlaps(b) for a, b in zip(boxes, boxes[1:])):
+                break
+            changed = True
+            if attempt == 0:
+                for t in labels:
+                    t.set_rotation(90)
+                    t.set_horizontalalignment("center")
+                continue
+            widest = max(b.width for b in boxes)
+            spacing = min((b.x0 - a.x0 for a, b in zip(boxes, boxes[1:])), default=widest) or 1.0
+            step = int(np.ceil(1.2 * widest / spacing))
+            for i, t in enumerate(labels):
+                t.set_visible(i % step == 0)
+    return changed
 
 
 def _profile_colors(runs: list[Run]) -> dict[str, Any]:
@@ -256,6 +350,8 @@ def accuracy_figure(runs: list[Run], xaxis: str, path: Path, dpi: int, files: Re
         if run.incomplete and len(y):
             ax.plot(x[-1], y[-1], marker="X", markersize=10, color=line.get_color())
     ax.set_xlabel(titles[xaxis][0])
+    if xaxis == "round":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("Test accuracy (fraction)")
     ax.set_title(titles[xaxis][1])
     ax.grid(alpha=0.3)
@@ -275,7 +371,8 @@ def _panels(n: int, width: float = 5.5, height: float = 4.2) -> tuple[plt.Figure
 
 
 def memory_figure(runs: list[Run], colors: dict[str, Any], path: Path, dpi: int, files: ReportFiles) -> None:
-    fig, axes = _panels(len(runs))
+    most = max(len(run.doc["devices"]) for run in runs)
+    fig, axes = _panels(len(runs), width=max(5.5, 1.2 + 0.3 * most))
     for ax, run in zip(axes, runs):
         devices = sorted(run.doc["devices"], key=lambda d: d["node_id"])
         measured = participating_peaks(run)
@@ -294,7 +391,8 @@ def memory_figure(runs: list[Run], colors: dict[str, Any], path: Path, dpi: int,
                             ha="center", fontsize=7)
             if nid in predicted:
                 ax.plot(i, predicted[nid], "o", mfc="none", color=color, markersize=11)
-        ax.set_xticks(range(len(devices)), [f"{d['node_id']}\n{d['profile']}" for d in devices], fontsize=7)
+        ax.set_xticks(range(len(devices)), [f"{d['node_id']}\n{d['profile']}" for d in devices], fontsize=7,
+                      rotation=90 if len(devices) >= 5 else 0)
         ax.set_yscale("log")
         ax.set_ylabel("Memory (MB, log scale)")
         ax.set_xlabel("Client (node id, profile)")
@@ -336,16 +434,18 @@ def profl_figure(runs: list[Run], path: Path, dpi: int, files: ReportFiles) -> N
                        color="tab:orange" if r.get("stage") == "shrink" else "tab:green", lw=0)
         for r in (r for r in rs if r.get("frozen")):
             ax.axvline(r["round"], color="black", linestyle=":", lw=1)
-        twin = ax.twinx()
-        twin.plot(x, [_num(r.get("effective_movement")) for r in rs], "o-", color="tab:red", markersize=3,
-                  label="effective movement")
+        em = [_num(r.get("effective_movement")) for r in rs]
+        twin = None
+        if any(np.isfinite(em)):
+            twin = ax.twinx()
+            twin.plot(x, em, "o-", color="tab:red", markersize=3, label="effective movement")
+            twin.set_ylabel("Effective movement", color="tab:red")
         ax.set_xlabel("Round (shading: orange = shrink, green = grow; dotted: block frozen)")
         ax.set_ylabel("Active block (1-based)")
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        twin.set_ylabel("Effective movement", color="tab:red")
-        ax.set_title(run.label, fontsize=9)
-        handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+        ax.set_title(run.label + ("" if twin else "\n(effective movement not computed in any round)"), fontsize=9)
+        handles = ax.get_legend_handles_labels()[0] + (twin.get_legend_handles_labels()[0] if twin else [])
         ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="upper left")
     _save(fig, path, dpi, files)
 
@@ -355,6 +455,9 @@ def reft_figure(runs: list[Run], colors: dict[str, Any], path: Path, dpi: int, f
     for (ax_size, ax_flops), run in zip(grid, runs):
         gflops = {d["node_id"]: d["gflops"] for d in run.doc["devices"]}
         latest = {c["node_id"]: c for r in run.rounds for c in r["clients"] if c.get("model_size_mb") is not None}
+        profiles = {d["node_id"]: d["profile"] for d in run.doc["devices"]}
+        unsized = sorted(n for n in gflops if n not in latest)  # left out, or never sent a submodel
+        left_out = {c["node_id"] for r in run.rounds for c in r["clients"] if c.get("left_out")} & set(unsized)
         for ax, key, unit, what in ((ax_size, "model_size_mb", "Submodel size (MB)", "submodel size"),
                                     (ax_flops, "train_flops_per_sample", "Training FLOPs per sample",
                                      "training FLOPs per sample")):
@@ -363,11 +466,21 @@ def reft_figure(runs: list[Run], colors: dict[str, Any], path: Path, dpi: int, f
                     ax.scatter(gflops[nid], c[key], color=colors.get(c["profile"], "gray"), s=40)
                     ax.annotate(c["profile"], (gflops[nid], c[key]), xytext=(4, 4), textcoords="offset points",
                                 fontsize=7)
+            for nid in unsized:  # shown at the foot of the panel, at their compute
+                tag = "left out" if nid in left_out else "no submodel"
+                ax.scatter(gflops[nid], 0.04, transform=ax.get_xaxis_transform(), marker="x", s=40,
+                           color=colors.get(profiles[nid], "gray"))
+                ax.annotate(f"{profiles[nid]}: {tag}", (gflops[nid], 0.04), xycoords=ax.get_xaxis_transform(),
+                            xytext=(4, 4), textcoords="offset points", fontsize=7)
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel("Device compute (GFLOPS, log)")
             ax.set_ylabel(f"{unit}, log")
-            ax.set_title(f"{run.label}: {what} per client vs device compute", fontsize=9)
+            missing = [f"{len(left_out)} of {len(gflops)} devices left out"] if left_out else []
+            if len(unsized) > len(left_out):
+                missing.append(f"{len(unsized) - len(left_out)} never sent a submodel")
+            note = f"\nx: {', '.join(missing)}" if missing else ""
+            ax.set_title(f"{run.label}: {what} per client vs device compute{note}", fontsize=9)
             ax.grid(alpha=0.3, which="both")
     _save(fig, path, dpi, files)
 
@@ -384,7 +497,7 @@ def build_report(run_dirs: list[Path], out: Path | None = None, dpi: int = 200) 
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ReportError(f"{out}: cannot create the report folder ({e})") from None
-    files = ReportFiles(out)
+    files = ReportFiles(out, warnings=comparability_warnings(runs))
     colors = _profile_colors(runs)
     for xaxis, name in (("round", "accuracy_vs_round"), ("traffic", "accuracy_vs_traffic"),
                         ("time", "accuracy_vs_device_time")):
@@ -399,7 +512,7 @@ def build_report(run_dirs: list[Path], out: Path | None = None, dpi: int = 200) 
         reft_figure(reft, colors, out / "reft.png", dpi, files)
     rows = [summary_row(r) for r in runs]
     files.summary_md, files.summary_csv = out / "summary.md", out / "summary.csv"
-    write_markdown(rows, files.summary_md)
+    write_markdown(rows, files.summary_md, files.warnings)
     write_csv(rows, files.summary_csv)
     return files
 
@@ -417,6 +530,8 @@ def main(argv: list[str] | None = None) -> int:
     except ReportError as e:
         print(f"report: error: {e}", file=sys.stderr)
         return 2
+    for warning in files.warnings:
+        print(f"report: warning: {warning}", file=sys.stderr)
     print(f"report: {len(files.figures)} figures, summary.md and summary.csv in {files.out}")
     return 0
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.run_inprocess import run_inprocess
+from fl_app import report as fl_report
 from fl_app.report import ReportError, build_report, label_runs, load_run, main
 from fl_app.results import summarize
 
@@ -161,7 +162,7 @@ def test_profl_and_reft_figures_only_for_their_runs(runs, tmp_path):
 
 def test_repeated_strategies_get_folder_names_in_labels(runs):
     labels = _labels([runs["fedavg"], runs["fedavg"] / "results.json", runs["reft"]])
-    assert labels[0] == "fedavg (fedavg)" and labels[2] == "reft"
+    assert labels[0] == "fedavg, cnn, synthetic (fedavg)" and labels[2] == "reft, cnn, synthetic"
 
 
 def test_cli_default_output_folder_and_dpi(runs, capsys):
@@ -190,3 +191,145 @@ def test_bad_input_raises_report_error_and_cli_exits_2(tmp_path, capsys, case, c
     assert main([str(folder), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and needle in err and str(folder) in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- figures a reader can read (issue #14, item 9)
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """Every figure build_report saves, by file name, kept after saving (laid out as written)."""
+    import fl_app.report as report_module
+
+    saved = {}
+    original = report_module._save
+
+    def keep(fig, path, dpi, files):
+        original(fig, path, dpi, files)
+        fig.canvas.draw()
+        saved[path.name] = fig
+
+    monkeypatch.setattr(report_module, "_save", keep)
+    return saved
+
+
+def _many_clients(runs, tmp_path, n=12) -> Path:
+    """The real fedavg run with its devices and clients repeated to `n`, under Flower-sized node ids."""
+    doc = json.loads((runs["fedavg"] / "results.json").read_text())
+    devices, ids = [], {}
+    for i in range(n):
+        d = dict(doc["devices"][i % len(doc["devices"])])
+        ids[i] = d["node_id"] = 6_000_000_000_000_000_000 + 7919 * i
+        devices.append(d)
+    for r in doc["rounds"]:
+        base = r["clients"]
+        r["clients"] = [dict(base[i % len(base)], node_id=ids[i]) for i in range(n)]
+    doc["devices"] = devices
+    return _write(tmp_path / "many", doc)
+
+
+def _overlaps(labels) -> list[tuple[str, str]]:
+    boxes = [(t.get_text(), t.get_window_extent()) for t in labels if t.get_visible() and t.get_text()]
+    return [(a, b) for i, (a, box_a) in enumerate(boxes) for b, box_b in boxes[i + 1:] if box_a.overlaps(box_b)]
+
+
+@pytest.mark.parametrize("n", [5, 12, 30])
+def test_client_tick_labels_do_not_overlap(runs, tmp_path, figures, n):
+    build_report([_many_clients(runs, tmp_path, n)], tmp_path / "out", dpi=DPI)
+    for name in ("memory_per_client.png", "devices_time.png"):
+        for ax in figures[name].axes:
+            assert not _overlaps(ax.get_xticklabels()), name
+
+
+def _log_axes(figures):
+    for name, fig in figures.items():
+        for ax in fig.axes:
+            if not ax.get_visible():
+                continue
+            for which, axis in (("x", ax.xaxis), ("y", ax.yaxis)):
+                if axis.get_scale() == "log":
+                    yield name, which, ax, axis
+
+
+def test_every_log_axis_shows_at_least_two_labelled_ticks(runs, tmp_path, figures):
+    build_report([runs["fedavg"], runs["reft"], runs["profl"]], tmp_path / "out", dpi=DPI)
+    found = list(_log_axes(figures))
+    assert found
+    for name, which, ax, axis in found:
+        low, high = sorted(ax.get_xlim() if which == "x" else ax.get_ylim())
+        shown = [t for t in axis.get_ticklabels(which="both")
+                 if t.get_text() and low <= (t.get_position()[0] if which == "x" else t.get_position()[1]) <= high]
+        assert len(shown) >= 2, (name, which, [t.get_text() for t in shown])
+
+
+def test_round_axes_have_only_whole_rounds(runs, tmp_path, figures):
+    build_report([runs["fedavg"], runs["profl"]], tmp_path / "out", dpi=DPI)
+    for name in ("accuracy_vs_round.png", "profl.png"):
+        ax = figures[name].axes[0]
+        low, high = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if low <= t <= high]
+        assert ticks and all(float(t).is_integer() for t in ticks), (name, ticks)
+
+
+def test_legends_and_summary_name_model_and_dataset(runs, tmp_path, figures):
+    files = build_report([runs["fedavg"], runs["reft"]], tmp_path / "out", dpi=DPI)
+    legend = [t.get_text() for t in figures["accuracy_vs_round.png"].axes[0].get_legend().get_texts()]
+    assert legend and all("cnn" in t and "synthetic" in t for t in legend), legend
+    rows = _csv_rows(files.summary_csv)
+    assert [r["dataset"] for r in rows] == ["synthetic", "synthetic"] and rows[0]["model"] == "cnn"
+    head = files.summary_md.read_text().splitlines()[2]
+    assert "| dataset |" in head
+
+
+@pytest.mark.parametrize("both, key, value, needle", [({}, "dataset", "mnist", "dataset"),
+                                                      ({}, "test_size", 7, "test-size"),
+                                                      ({"dataset": "mnist"}, "data_dir", "/elsewhere", "data-dir")])
+def test_runs_evaluated_on_different_data_get_one_warning(runs, tmp_path, both, key, value, needle):
+    doc = json.loads((runs["fedavg"] / "results.json").read_text())
+    doc["config"].update(both)
+    first = _write(tmp_path / "first", doc)
+    doc["config"][key] = value
+    other = _write(tmp_path / "other", doc)
+    warned = fl_report.comparability_warnings([load_run(first), load_run(other)])
+    assert len(warned) == 1 and needle in warned[0] and "first" in warned[0] and "other" in warned[0]
+    assert fl_report.comparability_warnings([load_run(runs["fedavg"]), load_run(runs["reft"])]) == []
+
+
+def test_the_warning_reaches_the_summary_and_the_command_line(runs, tmp_path, capsys):
+    doc = json.loads((runs["fedavg"] / "results.json").read_text())
+    doc["config"]["dataset"] = "mnist"
+    other = _write(tmp_path / "other", doc)
+    assert main([str(runs["fedavg"]), str(other), "--out", str(tmp_path / "cli"), "--dpi", str(DPI)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("report: warning:") == 1 and "dataset" in err and "\n" == err[-1] and err.count("\n") == 1
+    assert "**Warning:** the runs were evaluated on different data" in (tmp_path / "cli" / "summary.md").read_text()
+
+
+def test_effective_movement_axis_only_where_it_was_computed(runs, tmp_path, figures):
+    doc = json.loads((runs["profl"] / "results.json").read_text())
+    for r in doc["rounds"]:
+        r["effective_movement"] = None
+    never = _write(tmp_path / "never", doc)
+    build_report([never], tmp_path / "a", dpi=DPI)
+    fig = figures["profl.png"]
+    assert [ax.get_ylabel() for ax in fig.axes if ax.get_visible()] == ["Active block (1-based)"]
+    assert "not computed" in fig.axes[0].get_title()
+    build_report([runs["profl"]], tmp_path / "b", dpi=DPI)
+    assert "Effective movement" in [ax.get_ylabel() for ax in figures["profl.png"].axes]
+
+
+def test_reft_panel_shows_devices_that_were_left_out(runs, tmp_path, figures):
+    doc = json.loads((runs["reft"] / "results.json").read_text())
+    left = doc["devices"][0]["node_id"]
+    for r in doc["rounds"]:
+        for c in r["clients"]:
+            if c["node_id"] == left:
+                c.clear()
+                c.update(node_id=left, profile=doc["devices"][0]["profile"], participated=False, error=None,
+                         left_out="cannot afford even the smallest submodel")
+    folder = _write(tmp_path / "left", doc)
+    build_report([folder], tmp_path / "out", dpi=DPI)
+    for ax in figures["reft.png"].axes:
+        texts = [t.get_text() for t in ax.texts]
+        assert sum("left out" in t for t in texts) == 1, texts
+        assert "1 of 3 devices left out" in ax.get_title()
