@@ -94,6 +94,8 @@ def run_grid(spec: Spec, workers: int | None = None, out=sys.stdout) -> list[Out
     total, started = len(spec.runs), time.perf_counter()
     print(f"{spec.name}: {total} runs, {total - len(todo)} already completed, {len(todo)} to run with "
           f"{workers or spec.workers} workers; logs in {log_dir}", file=out, flush=True)
+    if not todo:
+        return outcomes
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no state shared between runs
     with context.Pool(workers or spec.workers, maxtasksperchild=1) as pool:
         pending = [pool.apply_async(execute, (run, spec.nodes, str(log_dir))) for run in todo]

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from fl_app.job import Job
+from fl_app.job import Job, reply_state
 from fl_app.models import MODEL_NAMES, ModelSpec, block_outputs, build_model, full_widths, num_blocks
 from fl_app.training import TrainConfig, forward, freeze_except, make_optimizer, train_step
-from server_app.strategies.profl import ProFL, Step, effective_movement, part_of
+from server_app.strategies.base import ClientUpdate
+from server_app.strategies.profl import ProFL, Step, build_model_keys, effective_movement, part_of
 from tests.test_federation import run
 from tests.test_reft import federation
 
@@ -160,3 +161,42 @@ def test_the_grown_model_is_the_full_architecture(tmp_path):
     grown = strategy.global_model()
     assert grown.spec.depth == 3 and list(grown.state_dict()) == list(build_model(ModelSpec("cnn")).state_dict())
     assert results["rounds"][-1]["active_block"] == 3
+
+
+def _grow_round(strategy, server_round, shift):
+    """Plan a round and reply as every client would if training moved the active block by `shift`."""
+    tasks = strategy.configure_train(server_round)
+    updates = []
+    for task in tasks:
+        reply = reply_state(task.job, {k: strategy.weights[k] for k in build_model_keys(task.job.model)})
+        moved = {k: v + shift if v.is_floating_point() and k.startswith("blocks.0.") else v for k, v in reply.items()}
+        updates.append(ClientUpdate(task.node_id, task.job, moved, 10, {}))
+    return strategy.aggregate_train(server_round, updates)
+
+
+def test_effective_movement_freezes_an_oscillating_block_before_the_cap():
+    strategy = ProFL(federation(**{"strategy": "profl", "profl-shrink-rounds": 0, "em-window": 2,
+                                   "em-threshold": 0.5, "em-patience": 1, "block-round-cap": 10}))
+    first = _grow_round(strategy, 1, +0.01)
+    assert first["effective_movement"] is None  # one move: no window of 2 yet
+    second = _grow_round(strategy, 2, -0.01)  # back where it started: it oscillates
+    assert second["frozen"] and second["freeze_reason"] == "em" and second["em_at_freeze"] < 0.5
+    assert strategy.step.block == 2  # rounds 2 of a cap of 10: EM decided
+
+
+def test_a_block_that_keeps_moving_is_frozen_by_the_cap_and_says_so():
+    strategy = ProFL(federation(**{"strategy": "profl", "profl-shrink-rounds": 0, "em-window": 2,
+                                   "em-threshold": 0.5, "em-patience": 1, "block-round-cap": 3}))
+    records = [_grow_round(strategy, r, +0.01) for r in (1, 2, 3)]  # steady drift: EM = 1
+    assert [r["frozen"] for r in records] == [False, False, True]
+    assert records[-1]["freeze_reason"] == "cap" and records[-1]["effective_movement"] == pytest.approx(1.0)
+
+
+def test_effective_movement_ignores_batchnorm_running_statistics():
+    strategy = ProFL(federation(**{"strategy": "profl", "profl-shrink-rounds": 0}))
+    strategy.configure_train(1)
+    before = strategy._active_parameters()
+    for k in strategy.weights:
+        if k.startswith("blocks.0.") and ("running_" in k):
+            strategy.weights[k] = strategy.weights[k] + 5.0
+    assert torch.equal(strategy._active_parameters(), before)

@@ -13,7 +13,8 @@ from fl_app.profiles import load_profile
 from fl_app.training import TrainConfig, distill, predict_logits
 from fl_app.wire import decode, encode, serialized_bytes
 from server_app.rounds import run_train_tasks
-from server_app.strategies.base import Device, Federation, TrainTask
+from fl_app.width import extract
+from server_app.strategies.base import ClientUpdate, Device, Federation, TrainTask
 from server_app.strategies.reft import REFT
 from tests.test_federation import run
 
@@ -120,3 +121,27 @@ def test_a_client_that_lost_its_submodel_says_so(tmp_path):
     job = Job(round=2, model=spec, returns="logits", keep_state=True)
     [outcome] = run_train_tasks(grid, [TrainTask(node, job, weights={})], public_size=100)
     assert outcome.update is None and "lacks weights" in outcome.error
+
+
+def test_after_the_warm_up_submodels_are_cut_from_trained_weights_not_the_initial_ones():
+    """With refresh-every = 2, round 3 re-cuts every submodel from the global model as distillation
+    left it: the weights sent differ from a cut of the randomly initialised model."""
+    fed = federation(**{"compute-slack": 20.0, "refresh-every": 2, "public-size": 40, "server-distill-epochs": 2})
+    strategy = REFT(fed)
+    initial = {k: v.clone() for k, v in strategy.model.state_dict().items()}
+    for server_round in (1, 2):
+        tasks = strategy.configure_train(server_round)
+        logits = torch.randn(40, 10, generator=torch.Generator().manual_seed(server_round)) * 3
+        strategy.aggregate_train(server_round, [ClientUpdate(t.node_id, t.job, {"logits": logits}, 10, {})
+                                                for t in tasks])
+    refreshed = strategy.configure_train(3)
+    assert all(t.info["weights_sent"] for t in refreshed)
+    untrained = build_model(fed.full_spec())
+    untrained.load_state_dict(initial)
+    for task in refreshed:
+        cut_of_initial = extract(untrained, strategy.ratios[task.node_id], by="magnitude").state
+        assert any(not torch.equal(v, cut_of_initial[k]) for k, v in task.weights.items() if v.is_floating_point())
+
+
+def test_refresh_is_on_by_default():
+    assert RunConfig.from_mapping({}).refresh_every > 0
