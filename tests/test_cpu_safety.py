@@ -7,7 +7,7 @@ import pytest
 from fl_app import cpu_safety
 
 # 64-bit Raspberry Pi OS (Bookworm); first core shown, the others repeat it.
-PI_3B_PLUS = """processor\t: 0
+A53_CORE = """processor\t: {}
 BogoMIPS\t: 38.40
 Features\t: fp asimd evtstrm crc32 cpuid
 CPU implementer\t: 0x41
@@ -16,16 +16,8 @@ CPU variant\t: 0x0
 CPU part\t: 0xd03
 CPU revision\t: 4
 
-processor\t: 1
-BogoMIPS\t: 38.40
-Features\t: fp asimd evtstrm crc32 cpuid
-CPU implementer\t: 0x41
-CPU architecture: 8
-CPU variant\t: 0x0
-CPU part\t: 0xd03
-CPU revision\t: 4
-
-Revision\t: a020d3
+"""
+PI_3B_PLUS = A53_CORE.format(0) + A53_CORE.format(1) + """Revision\t: a020d3
 Serial\t\t: 00000000a1b2c3d4
 Model\t\t: Raspberry Pi 3 Model B Plus Rev 1.3
 """
