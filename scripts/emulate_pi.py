@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             summary.update(status=result.status, run_wall_s=round(result.run_wall_s, 1),
                            startup_s=round(fed.startup_s, 1))
             logs = {c: fed.log_of(f"supernode-{i + 1}") for i, c in enumerate(cores)}
+            if not result.status.endswith("completed"):
+                summary["node_log_tails"] = {c: log[-1500:] for c, log in logs.items()}
         results = json.loads((out / "emulated-pi" / "results.json").read_text())
         partition_of = {d["node_id"]: d["partition_id"] for d in results.get("devices", [])}
         for r in results.get("rounds", []):

@@ -26,12 +26,14 @@ CACHE=${FL_PI_CACHE:-/var/tmp/fl-app-pi}
 TORCH=2.9.1
 FEDERATION=1
 MEASURE_CMD=1
+PROBE=1
 OUT=$REPO/benchmarks/results/pi_emulation.txt
 while [ $# -gt 0 ]; do
   case $1 in
     --torch) TORCH=$2; shift 2 ;;
     --no-federation) FEDERATION=0; shift ;;
     --no-measure) MEASURE_CMD=0; shift ;;
+    --no-probe) PROBE=0; MEASURE_CMD=0; shift ;;   # the federation only
     --out) OUT=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
@@ -158,6 +160,7 @@ EOF
 cp "$WORK/probe.py" "$ROOT/tmp/probe.py"
 declare -A PROBE MEASURE
 for core in cortex-a53 cortex-a72 cortex-a76; do
+  if [ "$PROBE" = 0 ]; then echo '{"import": "not run"}' > "$WORK/probe-$core.json"; echo "not run" > "$WORK/measure-$core.txt"; continue; fi
   say "$core: probe (import torch, 2-thread matmul, cpu_safety, one cnn training step at batch 32)"
   PROBE[$core]=$("$WORK/pi_exec" $core python3 /tmp/probe.py 2>"$WORK/probe-$core.err" | tail -1 || true)
   [ -n "${PROBE[$core]}" ] || PROBE[$core]="{\"error\": \"$(tail -c 300 "$WORK/probe-$core.err" | tr '\n"' ' \047')\"}"
