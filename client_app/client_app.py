@@ -26,7 +26,7 @@ from fl_app import cpu_safety
 from fl_app.config import ConfigError
 from fl_app.data import Batches, DataError
 from fl_app.job import (ERROR_BAD_INPUT, ERROR_MISSING_WEIGHTS, ERROR_OOM, Job, JobError, MissingWeights,
-                        reply_state)
+                        reply_state, train_report)
 from fl_app.models import ModelSpec, build_model
 from fl_app.profiles import ProfileError, profile_report
 from fl_app.training import DeviceOutOfMemory, distill, evaluate, predict_logits, train
@@ -133,13 +133,13 @@ def _train(msg: Message, node: LocalNode) -> RecordDict:
         d = node.dataset
         public = d.normalize(d.x_train[node.public_indices()])
         content["logits"] = encode({"logits": predict_logits(model, public)}, job.encoding)
-    report = {"num-examples": result.num_examples, "train-loss": result.loss,
-              "train-seconds": time.perf_counter() - start, "peak-memory-mb": result.peak_memory_bytes / MIB}
+    seconds, test = time.perf_counter() - start, None
     if job.evaluate:
         accuracy, loss, _ = evaluate(model, node.test_batches())
         if accuracy is not None:  # a node without a test share reports no accuracy (recorded as null)
-            report["test-accuracy"], report["test-loss"] = accuracy, loss
-    content["report"] = MetricRecord(report)
+            test = (accuracy, loss)
+    content["report"] = MetricRecord(train_report(result.num_examples, result.loss, seconds,
+                                                  result.peak_memory_bytes / MIB, test))
     fault = fault_for_round(node.faults, job.round)
     if fault is not None:
         content = fault.damage(content, job.returns)

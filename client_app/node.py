@@ -12,8 +12,7 @@ from client_app.faults import Fault
 from fl_app.config import RunConfig
 from fl_app.data import Batches, Dataset, FederatedSplit, evaluation_indices, federated_split, load_dataset
 from fl_app.cost import full_training_peak_mb
-from fl_app.profiles import (DeviceProfile, load_profile, parse_memory_pool, profile_for_partition,
-                             profile_from_dict)
+from fl_app.profiles import DeviceProfile, load_profile, pooled_profile, profile_for_partition, profile_from_dict
 
 
 class NodeConfigError(ValueError):
@@ -59,15 +58,14 @@ class LocalNode:
 
         The draw is seeded by the run's seed and this node's partition, so every message of
         the run, and the server reading the device report, see the same budget."""
-        pool = parse_memory_pool(self.config.memory_pool)
-        if pool is None:
-            return self
-        d, c = self.dataset, self.config
-        full_mb = full_training_peak_mb(c.model, d.image_shape, d.num_classes, c.batch_size)
-        memory_mb = pool.draw_mb(self.partition_id, c.seed, full_mb)
-        profile = replace(self.profile, memory_mb=memory_mb,
-                          sources={**self.profile.sources, "memory_mb": f"drawn from memory-pool {c.memory_pool!r}"})
-        return replace(self, profile=profile)
+        c = self.config
+
+        def full_mb() -> float:
+            d = self.dataset
+            return full_training_peak_mb(c.model, d.image_shape, d.num_classes, c.batch_size)
+
+        profile = pooled_profile(self.profile, c.memory_pool, self.partition_id, c.seed, full_mb)
+        return self if profile is self.profile else replace(self, profile=profile)
 
     @property
     def dataset(self) -> Dataset:

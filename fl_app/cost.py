@@ -200,8 +200,16 @@ def job_train_flops(cost: ModelCost, trained_examples: int, distilled_examples: 
             + 2 * cost.forward_macs_per_sample * predicted_examples)
 
 
+def compute_time_s(profile: DeviceProfile, train_flops: float) -> float:
+    """Seconds `profile` computes `train_flops` FLOPs at its sustained GFLOPS."""
+    return train_flops / (profile.gflops * 1e9)
+
+
+def transfer_time_s(profile: DeviceProfile, bytes_down: int, bytes_up: int) -> float:
+    """Seconds `profile` receives `bytes_down` and sends `bytes_up` bytes at its link rates (Mbit/s)."""
+    return 8 * bytes_down / (profile.downlink_mbps * 1e6) + 8 * bytes_up / (profile.uplink_mbps * 1e6)
+
+
 def device_time_s(profile: DeviceProfile, train_flops: float, bytes_down: int, bytes_up: int) -> float:
-    """Emulated wall time on `profile`: compute at its sustained GFLOPS plus transfers."""
-    compute = train_flops / (profile.gflops * 1e9)
-    transfer = 8 * bytes_down / (profile.downlink_mbps * 1e6) + 8 * bytes_up / (profile.uplink_mbps * 1e6)
-    return compute + transfer
+    """Emulated wall time on `profile`, in seconds: compute at its sustained GFLOPS plus transfers."""
+    return compute_time_s(profile, train_flops) + transfer_time_s(profile, bytes_down, bytes_up)

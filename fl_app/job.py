@@ -105,3 +105,16 @@ def reply_state(job: Job, state: Mapping[str, torch.Tensor]) -> dict[str, torch.
     def trained(name: str) -> bool:
         return job.trainable is None or int(name.split(".")[1]) in job.trainable
     return {k: v for k, v in state.items() if trained(k)}
+
+
+def train_report(num_examples: int, train_loss: float, train_seconds: float, peak_memory_mb: float,
+                 test: tuple[float, float] | None = None) -> dict[str, int | float]:
+    """The report a client sends beside a train reply (a MetricRecord): examples trained on (epochs
+    included), mean training loss, wall seconds of training, measured peak memory (MB = 2^20 bytes)
+    and, for a job that evaluates on a node with a test share, (accuracy, loss) on it. The planner
+    (server_app.plan) sizes replies with the same keys, so a reply's predicted bytes stay exact."""
+    report: dict[str, int | float] = {"num-examples": num_examples, "train-loss": train_loss,
+                                      "train-seconds": train_seconds, "peak-memory-mb": peak_memory_mb}
+    if test is not None:
+        report["test-accuracy"], report["test-loss"] = test
+    return report

@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 import math
 import tomllib
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +136,19 @@ def parse_memory_pool(text: str) -> MemoryPool | None:
     if not (0 < pool.low <= pool.high and math.isfinite(pool.high)):
         raise ProfileError(f"the bounds must satisfy 0 < LOW <= HIGH, got {pool.low:g}-{pool.high:g}")
     return pool
+
+
+def pooled_profile(profile: DeviceProfile, memory_pool: str, partition_id: int, seed: int,
+                   full_peak_mb: Callable[[], float]) -> DeviceProfile:
+    """`profile` with its memory budget (MB = 2^20 bytes) drawn from run-config `memory-pool` for the
+    node holding `partition_id` (`profile` itself if the pool is ""). `full_peak_mb` gives the full
+    model's predicted training peak in MB, the reference of a "uniform-fraction" pool; it is called
+    only when a pool is set. Nodes and the planner (server_app.plan) draw through this one function."""
+    pool = parse_memory_pool(memory_pool)
+    if pool is None:
+        return profile
+    return replace(profile, memory_mb=pool.draw_mb(partition_id, seed, full_peak_mb()),
+                   sources={**profile.sources, "memory_mb": f"drawn from memory-pool {memory_pool!r}"})
 
 
 def profile_report(profile: DeviceProfile) -> dict[str, str | float]:

@@ -9,13 +9,13 @@ client, and the round goes on with the others.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import WARNING
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -75,10 +75,7 @@ def run_train_tasks(grid: Grid, tasks: list[TrainTask], public_size: int,
     outcomes: dict[int, TaskOutcome] = {}
     messages = []
     for task in tasks:
-        content = RecordDict({"job": ConfigRecord({"json": task.job.to_json()})})
-        for name, tensors in {"weights": task.weights, **task.extra}.items():
-            if tensors:
-                content[name] = encode(tensors, task.job.encoding)
+        content = task_content(task)
         outcomes[task.node_id] = TaskOutcome(task, serialized_bytes(content), _bytes_by_record(content))
         messages.append(Message(content, dst_node_id=task.node_id, message_type="train"))
     answered: set[int] = set()
@@ -108,6 +105,18 @@ def run_train_tasks(grid: Grid, tasks: list[TrainTask], public_size: int,
             outcome.missed_deadline = timeout is not None
             outcome.error = f"no reply within the round deadline ({timeout:g} s)" if timeout else "no reply"
     return list(outcomes.values())
+
+
+def task_content(task: TrainTask,
+                 encoder: Callable[[dict[str, torch.Tensor], str], ArrayRecord] = encode) -> RecordDict:
+    """The content of `task`'s message: the job as JSON, and each non-empty tensor record ("weights",
+    then the task's extras) encoded by `encoder` in the job's encoding. The planner (server_app.plan)
+    sizes planned messages through this too, with an encoder that reuses records of equal layout."""
+    content = RecordDict({"job": ConfigRecord({"json": task.job.to_json()})})
+    for name, tensors in {"weights": task.weights, **task.extra}.items():
+        if tensors:
+            content[name] = encoder(tensors, task.job.encoding)
+    return content
 
 
 def destinations(sent: list[Message]) -> dict[str, int]:

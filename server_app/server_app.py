@@ -21,7 +21,6 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fl_app.config import ConfigError, RunConfig
-from fl_app.cost import device_time_s, job_train_flops
 from fl_app.data import Batches, DataError, Dataset, load_dataset
 from fl_app.job import ERROR_MISSING_WEIGHTS
 from fl_app.profiles import ProfileError
@@ -30,6 +29,7 @@ from fl_app.models import ModelSpec
 from fl_app.training import check_input_size, evaluate
 from fl_app.units import MB
 from server_app.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint, restore_rng, save_checkpoint
+from server_app.pricing import planned_examples, price_task
 from server_app.rounds import TaskOutcome, query_devices, run_train_tasks
 from server_app.strategies import STRATEGIES
 from server_app.strategies.base import Device, Federation, Strategy, StrategySetupError, TrainTask
@@ -293,26 +293,20 @@ def client_record(federation: Federation, device: Device, outcome: TaskOutcome |
                               "participated": False, "error": None, "left_out": left_out}
     if outcome is None:
         return record
-    job = outcome.task.job
-    cost = federation.job_cost(job)
     update = outcome.update
-    examples = update.num_examples if update else device.num_examples * job.train.epochs
+    examples = update.num_examples if update else planned_examples(device, outcome.task.job)
     metrics = update.metrics if update else {}
-    public = federation.config.public_size
-    train_flops = job_train_flops(cost, examples,
-                                  distilled_examples=job.distill_epochs * public if "soft-labels" in outcome.task.extra
-                                  else 0,
-                                  predicted_examples=public if job.returns == "logits" else 0)
+    price = price_task(federation, device, outcome.task, examples, outcome.bytes_down, outcome.bytes_up)
     record.update({
         "participated": update is not None, "error": outcome.error,
-        "model_params": cost.params, "model_size_mb": cost.state_bytes / 2**20,
-        "train_flops_per_sample": cost.train_flops_per_sample,
-        "predicted_peak_memory_mb": federation.job_peak_memory_mb(job),
+        "model_params": price.model_params, "model_size_mb": price.model_size_mb,
+        "train_flops_per_sample": price.train_flops_per_sample,
+        "predicted_peak_memory_mb": price.predicted_peak_memory_mb,
         "peak_memory_mb": metrics.get("peak-memory-mb"),
-        "fits_memory": federation.job_peak_memory_mb(job) <= device.profile.memory_mb,
+        "fits_memory": price.fits_memory,
         "num_examples": examples if update else None, "train_loss": metrics.get("train-loss"),
         "bytes_down": outcome.bytes_down, "bytes_up": outcome.bytes_up,
-        "device_time_s": device_time_s(device.profile, train_flops, outcome.bytes_down, outcome.bytes_up),
+        "device_time_s": price.device_time_s,
         "submodel_accuracy": metrics.get("test-accuracy"),
     })
     return with_extras(record, outcome.task.info, "the strategy's TrainTask.info")
