@@ -608,7 +608,7 @@ def plot_plan(plan: Plan, path: Path) -> None:
             kind = "error" if s.error else "over" if st["kind"] == "over" else "fits" if st["first_round"] \
                 else st["kind"]
             t = s.task(dev.node_id, st["first_round"]) if st["first_round"] else None
-            text = f"{t.price.device_time_s:.3g}" if t else {"memory": "mem", "compute": "cpu"}.get(kind, "")
+            text = _sec(t.price.device_time_s) if t else {"memory": "mem", "compute": "cpu"}.get(kind, "")
             row.append((kind, text))
         cells.append((dev, tuple(row)))
     groups = _group([(dev, (dev.profile.name, dev.profile.memory_mb, row)) for dev, row in cells])
