@@ -344,7 +344,8 @@ def make_synthetic(num_classes: int = 10, train_size: int = 6000, test_size: int
 def split_public(num_train: int, public_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(public indices, private indices): a fixed seeded slice every party can derive itself."""
     if not 0 <= public_size < num_train:
-        raise DataError(f"public-size {public_size} must be in [0, {num_train}) for this dataset")
+        raise DataError(f"public-size {public_size} must be in [0, {num_train}): the public slice is held out of "
+                        f"this dataset's {num_train} training examples, and the nodes need some; lower public-size")
     perm = np.random.default_rng(seed + 7).permutation(num_train)
     return np.sort(perm[:public_size]), np.sort(perm[public_size:])
 
@@ -369,7 +370,8 @@ def partition(labels: np.ndarray, num_partitions: int, scheme: str = "iid", seed
     rng = np.random.default_rng(seed)
     n = len(labels)
     if num_partitions < 1 or num_partitions > n:
-        raise DataError(f"cannot split {n} examples into {num_partitions} partitions")
+        raise DataError(f"cannot split {n} examples into {num_partitions} partitions: use fewer nodes, a smaller "
+                        "public-size, or a larger training set")
     if scheme == "iid":
         return [np.sort(p) for p in np.array_split(rng.permutation(n), num_partitions)]
     if scheme == "dirichlet":
@@ -394,7 +396,8 @@ def _dirichlet(labels: np.ndarray, k: int, alpha: float, rng: np.random.Generato
                 parts[client].extend(chunk.tolist())
         if all(parts):
             return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
-    raise DataError(f"dirichlet-alpha {alpha} leaves some of {k} clients without data; raise it")
+    raise DataError(f"dirichlet-alpha {alpha} leaves some of {k} clients without data: raise dirichlet-alpha "
+                    "(e.g. 0.1), use fewer nodes, or partition = 'iid'")
 
 
 # --- batches -----------------------------------------------------------------------------

@@ -5,6 +5,7 @@ file, then rename over the old one), so finished rounds are never lost.
 
 Schema of `results.json` (documented in the README):
     {"status": "running" | "completed" | "failed", "error": str | null,
+     "stopped_before_training": true (only when the run stopped before its first round),
      "config": {...run config...},
      "devices": [{"node_id", "partition_id", "profile", "gflops", "memory_mb",
                   "uplink_mbps", "downlink_mbps"}],
@@ -41,6 +42,17 @@ class ResultsWriter:
             self.set_devices(devices)
         folder.mkdir(parents=True, exist_ok=True)
         self.write()
+
+    @classmethod
+    def stopped_before_training(cls, folder: Path, config: dict[str, Any], devices: list[dict[str, Any]],
+                                error: str) -> ResultsWriter:
+        """The results of a run that stopped before its first round: status "failed", the error, the
+        config and the devices known by then. Marked `stopped_before_training`, so that a corrected
+        run may reuse the run-name (the folder holds no results of a run)."""
+        writer = cls(folder, config, devices)
+        writer.doc["stopped_before_training"] = True
+        writer.finish(error=error)
+        return writer
 
     def set_devices(self, devices: list[dict[str, Any]]) -> None:
         """Record devices (a node that joined mid-run is added; one that left stays listed)."""
@@ -81,12 +93,12 @@ def _csv_row(r: dict[str, Any]) -> dict[str, Any]:
 def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     if not rounds:
         return {}
-    accs = [r["accuracy"] for r in rounds]
+    accs = [r["accuracy"] for r in rounds]  # None: a round with nothing to score (no accuracy, not 0.0)
     clients = [c for r in rounds for c in r["clients"]]
     return {
         "rounds_completed": len(rounds),
         "final_accuracy": accs[-1],
-        "best_accuracy": max(accs),
+        "best_accuracy": max((a for a in accs if a is not None), default=None),
         "total_bytes_down": sum(r["bytes_down"] for r in rounds),
         "total_bytes_up": sum(r["bytes_up"] for r in rounds),
         # Clients of a round run in parallel: the round takes as long as its slowest client.

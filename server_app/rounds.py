@@ -45,8 +45,10 @@ class TaskOutcome:
     rejected: bool = False  # replied, but the reply failed validation
 
 
-def query_devices(grid: Grid, node_ids: Iterable[int], timeout: float) -> tuple[list[Device], list[str]]:
-    """Ask every node for its device report; (devices, problems with the nodes left out)."""
+def query_devices(grid: Grid, node_ids: Iterable[int],
+                  timeout: float) -> tuple[list[Device], list[tuple[int, str]]]:
+    """Ask every node for its device report; (devices, (node, problem) of each node that answered
+    with an error or a malformed report). A node that does not answer within `timeout` is in neither."""
     messages = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in node_ids]
     devices, problems = [], []
     replies = list(grid.send_and_receive(messages, timeout=timeout))
@@ -54,14 +56,14 @@ def query_devices(grid: Grid, node_ids: Iterable[int], timeout: float) -> tuple[
     for reply in replies:
         node = to_node.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
         if reply.has_error():
-            problems.append(f"node {node}: {describe(reply.error.code, reply.error.reason)}")
+            problems.append((node, describe(reply.error.code, reply.error.reason)))
             continue
         try:
             r = dict(reply.content["device"])
             profile = profile_from_report(r, f"of node {node}")
             devices.append(Device(node, int(r["partition_id"]), profile, int(r["num_examples"])))
         except (KeyError, TypeError, ValueError, ProfileError) as exc:
-            problems.append(f"node {node}: malformed device report ({exc})")
+            problems.append((node, f"malformed device report ({exc})"))
     return sorted(devices, key=lambda d: d.partition_id), problems
 
 

@@ -8,7 +8,11 @@ logged as one line.
 
 from __future__ import annotations
 
+import json
+import re
 import time
+from collections import Counter
+from collections.abc import Iterable
 from datetime import datetime
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
@@ -20,8 +24,8 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fl_app.config import ConfigError, RunConfig
-from fl_app.data import Batches, DataError, Dataset, load_dataset
+from fl_app.config import ConfigError, RunConfig, default_run_config
+from fl_app.data import Batches, DataError, Dataset, evaluation_indices, federated_split, load_dataset
 from fl_app.job import ERROR_MISSING_WEIGHTS
 from fl_app.profiles import ProfileError
 from fl_app.results import ResultsWriter
@@ -33,6 +37,7 @@ from server_app.pricing import planned_examples, price_task
 from server_app.rounds import TaskOutcome, query_devices, run_train_tasks
 from server_app.strategies import STRATEGIES
 from server_app.strategies.base import Device, Federation, Strategy, StrategySetupError, TrainTask
+from server_app.strategies.profl import ProFL
 
 app = ServerApp()
 
@@ -40,6 +45,8 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    config: RunConfig | None = None
+    devices: list[Device] = []
     try:  # everything a user can get wrong is checked here, before any training
         config = RunConfig.from_mapping(dict(context.run_config), strategies=STRATEGIES)
         folder = run_folder(config)
@@ -49,11 +56,18 @@ def main(grid: Grid, context: Context) -> None:
         dataset = load_dataset(config.dataset, config.data_dir, config.seed)
         check_input_size(ModelSpec(config.model, dataset.num_classes, dataset.image_shape[0]), dataset.image_shape,
                          config.batch_size)  # a model and input size that cannot train together: refused here
-        devices = discover_devices(grid, config)
-        federation = Federation(config, devices, dataset, np.random.default_rng(config.seed))
+        node_ids = wait_for_min_nodes(grid, config)
+        check_split(dataset, config, len(node_ids))  # what the server can check itself, before asking any node
+        devices, refused = discover_devices(grid, config, node_ids)
+        federation = admit_devices(config, devices, dataset, refused)
         strategy = STRATEGIES[config.strategy](federation)
-    except (ConfigError, CheckpointError, DataError, ProfileError, StrategySetupError, NoDevicesError) as exc:
+    except SETUP_ERRORS as exc:  # the user's to fix: one line, in the log and in results.json
         log(ERROR, "run stopped before training: %s", exc)
+        record_stopped_before_training(context, config, devices, str(exc))
+        # Raising is what marks the run failed; Flower then logs a traceback of its own, kept short here.
+        raise exc.with_traceback(None) from None
+    except Exception as exc:  # a bug: the full traceback, and results.json still says the run failed
+        record_stopped_before_training(context, config, devices, f"{type(exc).__name__}: {exc}")
         raise
     first_round = 1
     device_list = [d.to_dict() for d in devices]
@@ -69,6 +83,8 @@ def main(grid: Grid, context: Context) -> None:
         writer = ResultsWriter(folder, config.__dict__, device_list)
     log(INFO, "%s on %d devices (%s); results in %s", strategy.name, len(devices),
         ", ".join(sorted({d.profile.name for d in devices})), writer.folder)
+    for line in device_table(federation, left_out_reasons(strategy, federation, first_round), strategy.name):
+        log(INFO, line)
     test = _test_batches(dataset, config)
     try:
         for server_round in range(first_round, config.num_server_rounds + 1):
@@ -92,33 +108,142 @@ def main(grid: Grid, context: Context) -> None:
 
 
 class NoDevicesError(RuntimeError):
-    """Fewer nodes answered than the run needs."""
+    """Fewer usable nodes than the run needs; the message says why (not connected, errors, no data)."""
 
 
 class RoundFailed(RuntimeError):
     """A round did not get `min-successful-clients` valid replies in any attempt; the run stops."""
 
 
+SETUP_ERRORS = (ConfigError, CheckpointError, DataError, ProfileError, StrategySetupError, NoDevicesError)
+
+
 def refuse_to_overwrite(folder: Path) -> None:
-    if (folder / "results.json").exists():
+    """A folder that holds the results of a run is never reused (a run that stopped before training
+    left none: its results.json says only that and why, and a corrected run may take its place)."""
+    if (folder / "results.json").exists() and not _stopped_before_training(folder):
         raise ConfigError(f"{folder} already holds the results of a run: set resume = true to continue it, "
                           "or choose another run-name (an empty run-name makes a new timestamped folder)")
 
 
-def discover_devices(grid: Grid, config: RunConfig, wait_s: float = 120.0) -> list[Device]:
-    """Wait for `min-nodes` nodes, then query them all for their device reports."""
+def _stopped_before_training(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "results.json").read_text()).get("stopped_before_training") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def record_stopped_before_training(context: Context, config: RunConfig | None, devices: list[Device],
+                                   error: str) -> None:
+    """results.json with status "failed", the error, the config and the devices known by then, in the
+    run folder; never over the results of a run (`refuse_to_overwrite`'s rule). A config that could not
+    be parsed is recorded as given, in the folder its output-dir and run-name name."""
+    raw = dict(context.run_config)
+    folder = run_folder(config) if config is not None else _raw_run_folder(raw)
+    if folder is None:
+        log(WARNING, "no results.json written: output-dir and run-name cannot be read from the run config")
+        return
+    if (folder / "results.json").exists() and not _stopped_before_training(folder):
+        return
+    try:
+        ResultsWriter.stopped_before_training(folder, config.__dict__ if config is not None else raw,
+                                              [d.to_dict() for d in devices], error)
+    except OSError as exc:
+        log(WARNING, "no results.json written in %s: %s", folder, exc)
+
+
+def _raw_run_folder(raw: dict[str, Any]) -> Path | None:
+    """The run folder named by a run config that did not validate (None if it names none)."""
+    merged = {**default_run_config(), **raw}
+    parts = [merged.get(k) for k in ("output-dir", "run-name", "strategy", "model")]
+    if not all(isinstance(p, str) for p in parts):
+        return None
+    output_dir, name, strategy, model = parts
+    name = name or f"{strategy}-{model}-{datetime.now():%Y%m%d-%H%M%S}"
+    if "/" in name or name.startswith(".") or not output_dir:
+        return None
+    return Path(output_dir).expanduser().resolve() / name
+
+
+def wait_for_min_nodes(grid: Grid, config: RunConfig, wait_s: float = 120.0) -> list[int]:
+    """The connected nodes, once `min-nodes` are (or after `wait_s` seconds)."""
     deadline = time.monotonic() + wait_s
     node_ids = list(grid.get_node_ids())
     while len(node_ids) < config.min_nodes and time.monotonic() < deadline:
         time.sleep(1.0)
         node_ids = list(grid.get_node_ids())
+    return node_ids
+
+
+def check_split(dataset: Dataset, config: RunConfig, num_nodes: int) -> None:
+    """Refuse, before any node is asked, a federated split that cannot be made: a public-size the
+    training set cannot spare, more partitions than private examples, a dirichlet-alpha that leaves
+    nodes without data. Every party derives the split alike from the run config (fl_app.data), so the
+    server computes it for one partition per connected node, as simulation gives them (a deployment
+    sets num-partitions on each node: the same count when every node is connected)."""
+    if num_nodes:
+        federated_split(dataset, num_nodes, config.partition, config.seed, config.dirichlet_alpha,
+                        config.shards_per_client, config.public_size, config.max_client_examples)
+
+
+def discover_devices(grid: Grid, config: RunConfig, node_ids: list[int],
+                     wait_s: float = 120.0) -> tuple[list[Device], set[int]]:
+    """Query the connected nodes for their device reports: (devices, the nodes that answered with
+    errors, never asked again). Identical problems of many nodes are one line; when fewer than
+    `min-nodes` remain, NoDevicesError says how many answered, how many answered with errors (and
+    which, grouped) and how many did not answer."""
     devices, problems = query_devices(grid, node_ids, timeout=wait_s)
-    for problem in problems:
-        log(WARNING, "left out of the run: %s", problem)
-    if len(devices) < config.min_nodes:
-        raise NoDevicesError(f"only {len(devices)} nodes answered the device query, min-nodes is "
-                           f"{config.min_nodes}: {'; '.join(problems) or 'no node connected'}")
-    return devices
+    if len(devices) >= config.min_nodes:
+        for line in group_problems(problems):
+            log(WARNING, "left out of the run: %s", line)
+        return devices, {node for node, _ in problems}
+    n, silent = len(node_ids), len(node_ids) - len(devices) - len(problems)
+    if not node_ids:
+        head = f"no node connected within {wait_s:g} s"
+    elif problems and not devices and not silent:
+        head = f"all {n} nodes answered the device query with errors"
+    else:
+        head = (f"{len(devices)} of {n} connected nodes reported their device"
+                + (f", {len(problems)} answered with errors" if problems else "")
+                + (f", {silent} did not answer within {wait_s:g} s" if silent else ""))
+    fix = ("" if problems else
+           "; start more SuperNodes (or check that they reach this SuperLink), or lower min-nodes")
+    raise NoDevicesError(f"{head}; min-nodes is {config.min_nodes}{fix}"
+                         + "".join(f"; {line}" for line in group_problems(problems)))
+
+
+def group_problems(problems: list[tuple[int, str]]) -> list[str]:
+    """One line per distinct problem, in first-seen order: "node 3: <reason>", or for many nodes
+    "20 nodes (1, 2, 3, ...): <reason>"."""
+    nodes: dict[str, list[int]] = {}
+    for node, reason in problems:
+        nodes.setdefault(reason, []).append(node)
+    return [f"node {ids[0]}: {reason}" if len(ids) == 1 else f"{len(ids)} nodes ({_few_ids(ids)}): {reason}"
+            for reason, ids in nodes.items()]
+
+
+def _few_ids(ids: list[int], limit: int = 3) -> str:
+    ids = sorted(ids)
+    return ", ".join(map(str, ids[:limit])) + (", ..." if len(ids) > limit else "")
+
+
+def no_data_reason(config: RunConfig) -> str:
+    """Why a node that reported no training examples is left out, with what would give it some."""
+    fix = {"shards": "lower shards-per-client, use fewer nodes, or partition = 'iid'",
+           "dirichlet": "raise dirichlet-alpha, use fewer nodes, or partition = 'iid'"}.get(
+        config.partition, "use fewer nodes or a larger training set")
+    return f"holds no training data (0 examples in its partition of the {config.partition} split): {fix}"
+
+
+def admit_devices(config: RunConfig, devices: list[Device], dataset: Dataset, refused: set[int]) -> Federation:
+    """The federation of the devices that hold training data; the others are kept in `idle`: recorded
+    every round as left out, never planned for, sent a task, or counted as rejected. `refused`: nodes
+    whose device query failed (not asked again)."""
+    with_data = [d for d in devices if d.num_examples > 0]
+    if not with_data:
+        raise NoDevicesError(f"none of the {len(devices)} nodes holds training data; {no_data_reason(config)}")
+    return Federation(config, with_data, dataset, np.random.default_rng(config.seed), refused=set(refused),
+                      idle=[d for d in devices if d.num_examples <= 0])
 
 
 def refresh_devices(grid: Grid, strategy: Strategy, federation: Federation, writer: ResultsWriter) -> None:
@@ -128,14 +253,18 @@ def refresh_devices(grid: Grid, strategy: Strategy, federation: Federation, writ
     and since it keeps nothing the strategy sends it everything it needs.
     """
     online = set(grid.get_node_ids())
-    known = {d.node_id for d in federation.devices}
+    known = {d.node_id for d in federation.devices + federation.idle}
     new = sorted(online - known - federation.refused)
     if new:
         devices, problems = query_devices(grid, new, timeout=federation.config.round_timeout or 120.0)
-        for problem in problems:
-            log(WARNING, "a joining node was left out: %s", problem)
+        for line in group_problems(problems):
+            log(WARNING, "a joining node was left out: %s", line)
         federation.refused |= set(new) - {d.node_id for d in devices}
         for device in devices:
+            if device.num_examples <= 0:
+                federation.idle.append(device)
+                log(WARNING, "node %d joined but %s", device.node_id, no_data_reason(federation.config))
+                continue
             federation.devices.append(device)
             strategy.admit(device)
             log(INFO, "node %d joined (partition %d, %s)", device.node_id, device.partition_id, device.profile.name)
@@ -152,12 +281,9 @@ def run_folder(config: RunConfig) -> Path:
 
 
 def _test_batches(dataset: Dataset, config: RunConfig) -> Batches:
-    """The test set, or a seeded random `test-size` subset of it (never its first rows: stored
-    datasets are often sorted by class)."""
-    n = len(dataset.y_test)
-    idx = np.arange(n) if not config.test_size or config.test_size >= n else np.sort(
-        np.random.default_rng(config.seed + 11).permutation(n)[:config.test_size])
-    idx = torch.from_numpy(idx)
+    """The run's evaluation set (`fl_app.data.evaluation_indices`): the test set, or a seeded random
+    `test-size` subset of it, the one the nodes' test shares split."""
+    idx = torch.from_numpy(evaluation_indices(len(dataset.y_test), config.test_size, config.seed))
     return Batches(dataset.x_test[idx], dataset.y_test[idx], dataset, batch_size=256, shuffle=False)
 
 
@@ -166,10 +292,13 @@ def run_round(grid: Grid, strategy: Strategy, federation: Federation, writer: Re
     """One round: plan -> send -> validate (`collect_valid_replies`) -> aggregate -> evaluate -> record."""
     started = time.perf_counter()
     outcomes, spent, failed = collect_valid_replies(grid, strategy, federation, writer, server_round)
+    left_out = left_out_reasons(strategy, federation, server_round)  # before aggregating moves ProFL on
     extras = strategy.aggregate_train(server_round, [o.update for o in outcomes if o.update])
     accuracy, loss, _ = evaluate(strategy.global_model(), test)
-    return round_record(federation, strategy, server_round, accuracy, loss, outcomes, spent, failed, extras,
-                        time.perf_counter() - started)
+    record = round_record(federation, strategy, server_round, accuracy, loss, outcomes, spent, failed, extras,
+                          time.perf_counter() - started)
+    record["left_out_by_kind"] = left_out_by_kind(left_out.values())
+    return record
 
 
 def collect_valid_replies(grid: Grid, strategy: Strategy, federation: Federation, writer: ResultsWriter,
@@ -236,6 +365,7 @@ def round_record(federation: Federation, strategy: Strategy, server_round: int, 
     by_node = {o.task.node_id: o for o in outcomes}
     clients = [client_record(federation, d, by_node.get(d.node_id), strategy.left_out.get(d.node_id))
                for d in federation.devices]
+    clients += [client_record(federation, d, None, no_data_reason(federation.config)) for d in federation.idle]
     every = outcomes + spent
     record = {"round": server_round, "accuracy": accuracy, "loss": loss,
               "bytes_down": sum(o.bytes_down for o in every), "bytes_up": sum(o.bytes_up for o in every),
@@ -313,9 +443,82 @@ def client_record(federation: Federation, device: Device, outcome: TaskOutcome |
 
 
 def progress_line(r: dict[str, Any], total_rounds: int) -> str:
+    """The round in one console line: accuracy, traffic, who took part, who was left out by what
+    (`left_out_by_kind`) and who failed, and for ProFL the stage and block it trained."""
     failed = sum(1 for c in r["clients"] if c["error"])
-    return (f"round {r['round']}/{total_rounds}  accuracy {r['accuracy']:.4f}  loss {r['loss']:.4f}  "
+    kinds = r.get("left_out_by_kind") or {}
+    left = (f"{sum(kinds.values())} left out: {', '.join(f'{k} {n}' for k, n in kinds.items())}; "
+            if kinds else "")
+    step = (f"  profl {r['stage']} block {r['active_block']}{' mimic' if r.get('step') == 'mimic' else ''}"
+            if "stage" in r and "active_block" in r else "")
+    return (f"round {r['round']}/{total_rounds}  accuracy {_figure(r['accuracy'])}  loss {_figure(r['loss'])}  "
             f"down {r['bytes_down'] / MB:.2f} MB  up {r['bytes_up'] / MB:.2f} MB  "
-            f"clients {r['participants']}/{len(r['clients'])} ({failed} failed)  {r['seconds']:.1f} s")
+            f"clients {r['participants']}/{len(r['clients'])} ({left}{failed} failed)  {r['seconds']:.1f} s{step}")
+
+
+def _figure(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def left_out_reasons(strategy: Strategy, federation: Federation, server_round: int) -> dict[int, str]:
+    """Node -> why it can get no work in `server_round`: it holds no data, the strategy left it out
+    (`Strategy.left_out`), or, for ProFL, its budget does not fit the round's step."""
+    reasons = {d.node_id: no_data_reason(federation.config) for d in federation.idle}
+    known = {d.node_id for d in federation.devices}
+    reasons |= {node: reason for node, reason in strategy.left_out.items() if node in known}
+    if isinstance(strategy, ProFL):
+        step = strategy.step
+        job = strategy.job(server_round, step)
+        for d in federation.devices:
+            shortfall = None if d.node_id in reasons else federation.job_shortfall(job, d)
+            if shortfall:
+                reasons[d.node_id] = f"does not fit step {step.stage} {step.block} {step.kind}: {shortfall}"
+    return reasons
+
+
+def left_out_kind(reason: str) -> str:
+    """What a left-out reason says falls short: "memory", "compute", "no data", or "other"."""
+    if reason.startswith("holds no training data"):
+        return "no data"
+    match = re.search(r"\b(memory|compute): ", reason)  # Federation.shortfall's wording
+    return match.group(1) if match else "other"
+
+
+def left_out_by_kind(reasons: Iterable[str]) -> dict[str, int]:
+    """How many were left out by each kind of reason, the most frequent first."""
+    return dict(Counter(left_out_kind(r) for r in reasons).most_common())
+
+
+def device_table(federation: Federation, left_out: dict[int, str], strategy_name: str) -> list[str]:
+    """The devices once, at the start: per profile the count, GFLOPS, memory budget range (memory-pool
+    budgets vary per node) and how many the strategy leaves out by what; then the grouped reasons,
+    each with one node's full text (it names the key that relaxes it)."""
+    everyone = federation.devices + federation.idle
+    profiles: dict[str, list[Device]] = {}
+    for d in everyone:
+        profiles.setdefault(d.profile.name, []).append(d)
+    width = max(len(name) for name in profiles)
+    lines = []
+    for name, group in profiles.items():
+        gflops = sorted({d.profile.gflops for d in group})
+        memory = sorted(d.profile.memory_mb for d in group)
+        kinds = left_out_by_kind(left_out[d.node_id] for d in group if d.node_id in left_out)
+        lines.append(f"  {name:<{width}}  x{len(group):<3} "
+                     f"{_span(gflops, '{:g}')} GFLOPS  memory {_span(memory, '{:.0f}')} MB  "
+                     + (f"left out {sum(kinds.values())} ({', '.join(kinds)})" if kinds else "eligible"))
+    if left_out:
+        examples: dict[str, tuple[int, str]] = {}
+        for node, reason in left_out.items():
+            examples.setdefault(left_out_kind(reason), (node, reason))
+        kinds = left_out_by_kind(left_out.values())
+        lines.append(f"{strategy_name} leaves out {len(left_out)} of {len(everyone)} devices: "
+                     + "; ".join(f"{kind} {count} (e.g. node {examples[kind][0]}: {examples[kind][1]})"
+                                 for kind, count in kinds.items()))
+    return lines
+
+
+def _span(values: list[float], fmt: str) -> str:
+    low, high = fmt.format(min(values)), fmt.format(max(values))
+    return low if low == high else f"{low}-{high}"
 
 

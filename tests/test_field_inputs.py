@@ -39,6 +39,12 @@ def _run(tmp_path, num_nodes, **overrides):
     return json.loads((tmp_path / "run" / "results.json").read_text())
 
 
+def _assert_stopped_before_training(tmp_path):
+    """Nothing trained; results.json says so (issue #14 item 8)."""
+    doc = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert doc["status"] == "failed" and doc["error"] and doc["rounds"] == [] and doc["stopped_before_training"]
+
+
 # --- 1. every split is checked like the training split -------------------------------------------
 
 
@@ -96,7 +102,7 @@ def test_bad_test_labels_stop_the_run_before_any_training(tmp_path):
     name = _npz(tmp_path / "bad.npz", y_test=y_test)
     with pytest.raises(DataError, match="y_test"):
         _run(tmp_path, 2, dataset=name, model="cnn")
-    assert not (tmp_path / "run" / "results.json").exists()
+    _assert_stopped_before_training(tmp_path)
 
 
 # --- 2. empty splits ------------------------------------------------------------------------------
@@ -113,7 +119,7 @@ def test_an_empty_test_set_stops_the_run_before_training(tmp_path):
     name = _npz(tmp_path / "empty.npz", x_test=np.zeros((0, 8, 8), np.uint8), y_test=np.zeros(0, np.int64))
     with pytest.raises(DataError, match="x_test"):
         _run(tmp_path, 2, dataset=name)
-    assert not (tmp_path / "run" / "results.json").exists()
+    _assert_stopped_before_training(tmp_path)
 
 
 def test_evaluating_zero_examples_records_no_accuracy():
@@ -264,7 +270,7 @@ def test_a_too_small_input_stops_the_run_before_training(tmp_path):
     name = _npz(tmp_path / "tiny.npz", shape=(2, 2))
     with pytest.raises(DataError, match=r"cnn.*4x4"):
         _run(tmp_path, 2, dataset=name, model="cnn")
-    assert not (tmp_path / "run" / "results.json").exists()
+    _assert_stopped_before_training(tmp_path)
 
 
 # --- 6. more nodes than test examples; the node test share follows test-size ------------------------

@@ -72,7 +72,8 @@ class ClientUpdate:
 class Federation:
     """The environment strategies plan in: run config, devices, data shape, budgets, sampling.
 
-    `devices` holds every node seen in the run, in the order they joined; `online` the ids
+    `devices` holds every node seen in the run that holds training data, in the order they
+    joined (`idle` those that hold none); `online` the ids
     of those reachable now. Strategies may plan for any device, but `sample` only ever
     picks online ones, so a node that drops out is skipped until it comes back.
     """
@@ -83,6 +84,9 @@ class Federation:
     rng: np.random.Generator
     online: set[int] = field(default_factory=set)
     refused: set[int] = field(default_factory=set)  # nodes whose device query failed: not asked again
+    # Nodes that reported no training data: recorded by the round loop, never in `devices`, so no
+    # strategy plans, samples, sizes or averages for them (server_app.server_app.admit_devices).
+    idle: list[Device] = field(default_factory=list)
     _ratios: dict[tuple[float, float], float | None] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
