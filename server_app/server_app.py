@@ -58,7 +58,8 @@ def main(grid: Grid, context: Context) -> None:
                          config.batch_size)  # a model and input size that cannot train together: refused here
         node_ids = wait_for_min_nodes(grid, config)
         check_split(dataset, config, len(node_ids))  # what the server can check itself, before asking any node
-        devices, refused = discover_devices(grid, config, node_ids)
+        # A slow node (an emulated Pi starts its ClientApp in minutes) gets the round deadline to answer.
+        devices, refused = discover_devices(grid, config, node_ids, wait_s=max(120.0, config.round_timeout))
         federation = admit_devices(config, devices, dataset, refused)
         strategy = STRATEGIES[config.strategy](federation)
     except SETUP_ERRORS as exc:  # the user's to fix: one line, in the log and in results.json
