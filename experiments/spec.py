@@ -121,12 +121,14 @@ def _is_int(value: Any) -> bool:
 
 def _expand(strategies: list[str], seeds: list[int], config: dict[str, Any], vary: dict[str, list],
             runs_dir: Path) -> list[Run]:
+    """The grid's runs, seed by seed: a grid stopped early holds whole seeds of every group, not every
+    seed of a few groups."""
     keys = sorted(vary)
     runs = []
-    for strategy in strategies:
-        for values in itertools.product(*(vary[k] for k in keys)):
-            group = strategy + "".join(f"-{k}={v}" for k, v in zip(keys, values))
-            for seed in seeds:
+    for seed in seeds:
+        for strategy in strategies:
+            for values in itertools.product(*(vary[k] for k in keys)):
+                group = strategy + "".join(f"-{k}={v}" for k, v in zip(keys, values))
                 name = f"{group}-seed{seed}"
                 runs.append(Run(name, group, seed, {**config, **dict(zip(keys, values)), "strategy": strategy,
                                                     "seed": seed, "output-dir": str(runs_dir), "run-name": name}))

@@ -22,6 +22,16 @@ from fl_app.models import ModelSpec, build_model, checkpoint_units
 from fl_app.units import MIB
 
 
+def accelerator() -> torch.device:
+    """Where training, distillation and evaluation run: a CUDA device when one is present (paper-scale
+    runs), else the CPU. Models come back to the CPU after each call, so weights, wire encoding and
+    aggregation never see device tensors."""
+    return _ACCELERATOR
+
+
+_ACCELERATOR = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 1
@@ -196,11 +206,13 @@ def train(model: nn.Module, batches: Batches, cfg: TrainConfig, trainable: Colle
             raise ValueError("a model with exits trains on labels; it cannot mimic a teacher")
         loss_fn = exits_loss(mutual_distillation)
     if teacher is not None:
-        teacher.eval()
+        teacher.eval().to(accelerator())
+    model.to(accelerator())
     seen, loss_sum, peak = 0, 0.0, 0
     pairs = needs_pairs(model, tuple(batches.x.shape[1:]), trainable)
     for epoch in range(cfg.epochs):
         for x, y in batches.epoch(epoch, augment=cfg.augment):
+            x, y = x.to(accelerator()), y.to(accelerator())
             if pairs and len(x) == 1:  # a trailing single example: BatchNorm cannot train on it
                 continue
             target = y if teacher is None else _logits(teacher, x)
@@ -213,6 +225,7 @@ def train(model: nn.Module, batches: Batches, cfg: TrainConfig, trainable: Colle
             seen += len(x)
             loss_sum += loss * len(x)
     _check_trained(model, batches, seen, cfg.epochs)
+    model.cpu()
     return TrainResult(seen, loss_sum / max(seen, 1), peak)
 
 
@@ -228,13 +241,16 @@ def distill(model: nn.Module, batches: Batches, cfg: TrainConfig, epochs: int, t
     loss_fn = distillation_loss(temperature)
     loss_sum, seen = 0.0, 0
     pairs = needs_pairs(model, tuple(batches.x.shape[1:]), None)
+    model.to(accelerator())
     for epoch in range(epochs):
         for x, teacher_logits in batches.epoch(epoch, augment=False):
+            x, teacher_logits = x.to(accelerator()), teacher_logits.to(accelerator())
             if pairs and len(x) == 1:  # a trailing single example: BatchNorm cannot train on it
                 continue
             loss_sum += train_step(model, optimizer, x, teacher_logits, None, loss_fn) * len(x)
             seen += len(x)
     _check_trained(model, batches, seen, epochs)
+    model.cpu()
     return loss_sum / max(seen, 1)
 
 
@@ -373,13 +389,15 @@ def _live_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
 def evaluate(model: nn.Module, batches: Batches) -> tuple[float | None, float | None, int]:
     """(accuracy, mean cross-entropy, examples) over `batches` in eval mode; (None, None, 0) when
     `batches` is empty: an accuracy is never reported for zero examples."""
-    model.eval()
+    model.eval().to(accelerator())
     correct, loss_sum, n = 0, 0.0, 0
     for x, y in batches.epoch(0, augment=False):
+        x, y = x.to(accelerator()), y.to(accelerator())
         logits = model(x)
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
         n += len(y)
+    model.cpu()
     if n == 0:  # nothing to score: no accuracy, rather than a 0.0 that reads as a measurement
         return None, None, 0
     return correct / n, loss_sum / n, n
@@ -388,8 +406,10 @@ def evaluate(model: nn.Module, batches: Batches) -> tuple[float | None, float | 
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Logits of `x` (already normalized) in eval mode, batched to bound memory."""
-    model.eval()
-    return torch.cat([model(chunk) for chunk in _chunks(x, batch_size)]) if len(x) else torch.empty(0)
+    model.eval().to(accelerator())
+    logits = [model(chunk.to(accelerator())).cpu() for chunk in _chunks(x, batch_size)]
+    model.cpu()
+    return torch.cat(logits) if len(x) else torch.empty(0)
 
 
 def _chunks(x: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
