@@ -20,7 +20,7 @@ from fl_app.config import RunConfig
 from fl_app.cost import ModelCost, model_cost
 from fl_app.data import Batches, Dataset, split_public
 from fl_app.job import Job
-from fl_app.models import BlockNet, ModelSpec
+from fl_app.models import BlockNet, ModelSpec, build_model
 from fl_app.profiles import DeviceProfile, profile_report
 from fl_app.training import TrainConfig
 from fl_app.units import MIB
@@ -255,6 +255,30 @@ class Strategy(ABC):
     @abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state_dict()`'s output."""
+
+
+class GlobalModelStrategy(Strategy):
+    """A strategy whose global state is one model, `self.model`: built from `initial_spec()` with the
+    run's seed, evaluated as it stands, checkpointed as its state dict. FedAvg's family, the width
+    strategies, DepthFL and REFT (which adds its ensemble to the state) build on it."""
+
+    def __init__(self, federation: Federation) -> None:
+        super().__init__(federation)
+        torch.manual_seed(federation.config.seed)
+        self.model = build_model(self.initial_spec())
+
+    def initial_spec(self) -> ModelSpec:
+        """The global model's architecture (default: the run's full model)."""
+        return self.federation.full_spec()
+
+    def global_model(self) -> BlockNet:
+        return self.model
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
 
 
 def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:

@@ -10,11 +10,12 @@ import torch
 
 from fl_app.cost import ModelCost
 from fl_app.job import Job
-from fl_app.models import BlockNet, ModelSpec, build_model, num_blocks
-from server_app.strategies.base import ClientUpdate, Device, Federation, Strategy, StrategySetupError, TrainTask
+from fl_app.models import ModelSpec, build_model, num_blocks
+from server_app.strategies.base import (ClientUpdate, Device, Federation, GlobalModelStrategy, StrategySetupError,
+                                        TrainTask)
 
 
-class DepthFL(Strategy):
+class DepthFL(GlobalModelStrategy):
     """Each device trains the first k blocks of the global model, k the deepest it can afford, each
     block followed by a classifier head of its own (`fl_app.models.exit_head`: global average
     pooling and a linear layer, simpler than the paper's bottleneck classifiers; the last block's
@@ -46,8 +47,6 @@ class DepthFL(Strategy):
 
     def __init__(self, federation: Federation) -> None:
         super().__init__(federation)
-        torch.manual_seed(federation.config.seed)
-        self.model = build_model(self.spec(0))
         self.total = num_blocks(self.model.spec.name)
         self._flops_scale = (federation.cost(federation.full_spec()).train_flops_per_sample
                              / federation.cost(self.spec(0)).train_flops_per_sample)
@@ -62,6 +61,9 @@ class DepthFL(Strategy):
                 f"(needs {federation.peak_memory_mb(cost):.0f} MB at batch {federation.config.batch_size} and "
                 f"{cost.train_flops_per_sample / 1e6:.1f} MFLOPs per sample); use a smaller model or batch, "
                 f"raise compute-slack, or add stronger devices to device-mix")
+
+    def initial_spec(self) -> ModelSpec:
+        return self.spec(0)
 
     def spec(self, depth: int) -> ModelSpec:
         """The global model's spec with exits, cut after block `depth` (0: all blocks)."""
@@ -114,15 +116,6 @@ class DepthFL(Strategy):
         self.model.load_state_dict(average_held(self.model.state_dict(), [u.tensors for u in updates],
                                                 [float(u.num_examples) for u in updates]))
         return {}
-
-    def global_model(self) -> BlockNet:
-        return self.model
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
 
 
 def average_held(state: dict[str, torch.Tensor], updates: list[dict[str, torch.Tensor]],

@@ -8,13 +8,13 @@ from typing import Any
 import torch
 
 from fl_app.job import Job
-from fl_app.models import BlockNet, ModelSpec, build_model
+from fl_app.models import ModelSpec
 from fl_app.training import distill
 from fl_app.width import extract
-from server_app.strategies.base import ClientUpdate, Device, Federation, Strategy, TrainTask
+from server_app.strategies.base import ClientUpdate, Device, Federation, GlobalModelStrategy, TrainTask
 
 
-class REFT(Strategy):
+class REFT(GlobalModelStrategy):
     """Resource-efficient federated training with variable pruning and ensemble distillation.
 
     Setup (round 1, and every `refresh-every` rounds): the server prunes the global
@@ -31,8 +31,6 @@ class REFT(Strategy):
 
     def __init__(self, federation: Federation) -> None:
         super().__init__(federation)
-        torch.manual_seed(federation.config.seed)
-        self.model = build_model(federation.full_spec())
         self.ratios = self.size_submodels()
         self.specs: dict[int, ModelSpec] = {}  # the submodel each client holds
         self.ensemble: torch.Tensor | None = None  # last round's teacher logits on the public slice
@@ -79,14 +77,11 @@ class REFT(Strategy):
     def admit(self, device: Device) -> None:
         self.ratios |= self.size_submodels([device])
 
-    def global_model(self) -> BlockNet:
-        return self.model
-
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "ensemble": self.ensemble}
+        return {**super().state_dict(), "ensemble": self.ensemble}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue with the global model and teacher; every node is cut a fresh submodel (it kept nothing)."""
-        self.model.load_state_dict(state["model"])
+        super().load_state_dict(state)
         self.ensemble = state["ensemble"]
         self.specs = {}

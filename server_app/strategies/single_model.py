@@ -5,14 +5,12 @@ from __future__ import annotations
 from abc import abstractmethod
 from typing import Any, ClassVar
 
-import torch
-
 from fl_app.job import Job
-from fl_app.models import BlockNet, build_model
-from server_app.strategies.base import ClientUpdate, Device, Federation, Strategy, TrainTask, weighted_average
+from server_app.strategies.base import (ClientUpdate, Device, Federation, GlobalModelStrategy, TrainTask,
+                                        weighted_average)
 
 
-class SingleModelStrategy(Strategy):
+class SingleModelStrategy(GlobalModelStrategy):
     """One global model; each round the sampled `candidates()` train it whole and it becomes the
     example-weighted average of their weights (FedAvg's aggregation, McMahan et al., 2017).
 
@@ -24,8 +22,6 @@ class SingleModelStrategy(Strategy):
 
     def __init__(self, federation: Federation) -> None:
         super().__init__(federation)
-        torch.manual_seed(federation.config.seed)
-        self.model = build_model(federation.full_spec())
         self.keep_ratio = 1.0  # the share of the full model's channels `self.model` has
 
     @abstractmethod
@@ -44,12 +40,3 @@ class SingleModelStrategy(Strategy):
             self.model.load_state_dict(weighted_average([u.tensors for u in updates],
                                                         [u.num_examples for u in updates]))
         return {}
-
-    def global_model(self) -> BlockNet:
-        return self.model
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])

@@ -8,12 +8,11 @@ from typing import Any
 import torch
 
 from fl_app.job import Job
-from fl_app.models import BlockNet, build_model
 from fl_app.width import ChannelMap, cut, param_axes, scatter_sum, widths_at_ratio
-from server_app.strategies.base import ClientUpdate, Device, Federation, Strategy, TrainTask
+from server_app.strategies.base import ClientUpdate, Device, Federation, GlobalModelStrategy, TrainTask
 
 
-class WidthScaledStrategy(Strategy):
+class WidthScaledStrategy(GlobalModelStrategy):
     """Each device trains the submodel keeping its affordable share of every layer's channels;
     `channels` says which ones. Every coordinate of the global model becomes the
     example-weighted average over the clients whose submodel held it; coordinates nobody
@@ -24,8 +23,6 @@ class WidthScaledStrategy(Strategy):
 
     def __init__(self, federation: Federation) -> None:
         super().__init__(federation)
-        torch.manual_seed(federation.config.seed)
-        self.model = build_model(federation.full_spec())
         self.axes = param_axes(self.model)
         self.ratios = self.size_submodels()
         self.keep: dict[int, ChannelMap] = {}  # node -> the channels its submodel holds this round
@@ -59,12 +56,3 @@ class WidthScaledStrategy(Strategy):
 
     def admit(self, device: Device) -> None:
         self.ratios |= self.size_submodels([device])
-
-    def global_model(self) -> BlockNet:
-        return self.model
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
