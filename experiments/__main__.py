@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"grid done in {(time.perf_counter() - started) / 60:.1f} min; {len(failed)} failed", flush=True)
         for path in write_report(spec):
             print(f"wrote {path}")
+        if not args.report and not args.list and failed:
+            print(f"error: {len(failed)} runs failed; their results.json and logs say why", file=sys.stderr)
+            return 1
     except (SpecError, StaleRun) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

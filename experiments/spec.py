@@ -99,11 +99,11 @@ def load_spec(path: Path) -> Spec:
         config["data-dir"] = str((base / config["data-dir"]).resolve())
     output_dir = (base / str(raw.get("output-dir", f"results/{path.stem}"))).resolve()
     runs = _expand(strategies, seeds, config, vary, output_dir / "runs") if not problems else []
-    for run in runs:
+    for run in runs:  # a problem shared by every run is named once, not once per run
         try:
             RunConfig.from_mapping(run.config, strategies=STRATEGIES)
         except ConfigError as exc:
-            problems.append(f"run {run.name}: {exc}".replace("\n", " "))
+            problems += [line.strip(" -") for line in str(exc).splitlines()[1:]]
     if not problems and runs:
         first = RunConfig.from_mapping(runs[0].config, strategies=STRATEGIES)
         try:
