@@ -16,6 +16,7 @@ from typing import Any
 from experiments.spec import Run, Spec
 
 COMPLETED = "completed"
+WHERE = ("output-dir", "data-dir", "resume")  # where a run's files are, not what it ran: a clone elsewhere reuses it
 
 
 class StaleRun(RuntimeError):
@@ -43,7 +44,7 @@ def run_status(run: Run) -> str | None:
     if doc.get("status") == COMPLETED:
         made = doc.get("config", {})
         changed = {k: (made.get(k.replace("-", "_")), v) for k, v in run.config.items()
-                   if k not in ("output-dir", "resume") and made.get(k.replace("-", "_"), v) != v}
+                   if k not in WHERE and made.get(k.replace("-", "_"), v) != v}
         if changed:
             raise StaleRun(f"{file.parent} was made with other values {changed} (made, wanted): delete the "
                            "folder to rerun it, or give the spec another output-dir")
