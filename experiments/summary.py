@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments.spec import Spec  # noqa: E402
-from fl_app.report import load_run, participating_peaks, round_device_times  # noqa: E402
+from fl_app.report import load_run, participating_peaks  # noqa: E402
 from fl_app.units import MB  # noqa: E402
 
 METRICS = ("final_accuracy", "best_accuracy", "clients", "mb_down", "mb_up", "device_time_s", "peak_memory_mb")
@@ -57,7 +57,7 @@ def collect(spec: Spec) -> dict[str, list[SeedRun]]:
         groups[run.group].append(SeedRun(run.seed, [r["accuracy"] for r in rounds], traffic, {
             "final_accuracy": summary["final_accuracy"], "best_accuracy": summary["best_accuracy"],
             "clients": summary["distinct_participants"], "mb_down": summary["total_bytes_down"] / MB,
-            "mb_up": summary["total_bytes_up"] / MB, "device_time_s": sum(round_device_times(result)),
+            "mb_up": summary["total_bytes_up"] / MB, "device_time_s": summary["total_device_time_s"],
             "peak_memory_mb": max(peaks.values(), default=float("nan"))}))
     return groups
 

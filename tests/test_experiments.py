@@ -71,7 +71,7 @@ def _fake_completed(run, **config_changes):
     rounds = [{"round": 1, "accuracy": 0.5, "loss": 1.0, "bytes_down": 10**6, "bytes_up": 10**6, "clients": [
         {"node_id": 1, "profile": "laptop", "participated": True, "peak_memory_mb": 12.0, "device_time_s": 3.0}]}]
     summary = {"final_accuracy": 0.5, "best_accuracy": 0.5, "distinct_participants": 1, "total_bytes_down": 10**6,
-               "total_bytes_up": 10**6}
+               "total_bytes_up": 10**6, "total_device_time_s": 3.0}
     (folder / "results.json").write_text(json.dumps({"status": "completed", "error": None, "config": config,
                                                      "devices": [], "rounds": rounds, "summary": summary}))
 
