@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import pytest
 
@@ -31,6 +32,9 @@ def summary():
 
 def test_federation_completes_two_rounds(summary):
     assert not summary["problems"], json.dumps(summary, indent=1)
+    if "first_attempt" in summary:  # retried once (scripts/compose_federation.py says when): shown, not hidden
+        warnings.warn("the first run got no ClientApp started and was retried: "
+                      + json.dumps(summary["first_attempt"], indent=1))
     assert summary["status"] == "finished:completed"
     assert summary["containers"] == 12  # SuperLink, ServerApp SuperExec, 5 SuperNodes, 5 ClientApp SuperExecs
     assert [r["round"] for r in summary["results"]["rounds"]] == [1, 2]
