@@ -8,18 +8,23 @@ matmul/convolution (FlopCounterMode's convention, 2 per multiply-accumulate).
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Collection
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from fl_app.models import ModelSpec, build_model
 from fl_app.profiles import DeviceProfile
 from fl_app.training import forward, freeze_except, split_blocks
 from fl_app.units import MIB
-
 
 
 @dataclass(frozen=True)
@@ -82,13 +87,27 @@ def model_cost(spec: ModelSpec, image_shape: tuple[int, int, int],
     return _model_cost(spec.to_json(), tuple(image_shape), key, checkpoint)
 
 
+# Every distinct (spec, input shape, trainable blocks, checkpointing) is priced once per process:
+# the planner and the ServerApp size the same submodels many times (fit_ratio's bisection, every
+# strategy, every round). The key is all `_model_cost` reads, so a hit is exactly what pricing again
+# would give. At most 4096 entries (a ModelCost and its key, well under 1 kB each: under 4 MB).
 @lru_cache(maxsize=4096)
 def _model_cost(spec_json: str, image_shape: tuple[int, ...], trainable: tuple[int, ...] | None,
                 checkpoint: bool) -> ModelCost:
-    spec = ModelSpec.from_json(spec_json)
+    return _price(ModelSpec.from_json(spec_json), image_shape, trainable, checkpoint)
+
+
+def _price(spec: ModelSpec, image_shape: tuple[int, ...], trainable: tuple[int, ...] | None,
+           checkpoint: bool, memoize_kernels: bool = True) -> ModelCost:
     with torch.device("meta"):
         model = build_model(spec)
     freeze_except(model, trainable)
+    with _MetaKernelCache() if memoize_kernels else nullcontext():
+        return _measure(model, image_shape, trainable, checkpoint)
+
+
+def _measure(model: torch.nn.Module, image_shape: tuple[int, ...], trainable: tuple[int, ...] | None,
+             checkpoint: bool) -> ModelCost:
     params = sum(p.numel() for p in model.parameters())
     trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -113,12 +132,14 @@ def _count(model: torch.nn.Module, image_shape: tuple[int, ...], batch: int,
     with FlopCounterMode(display=False) as fwd_counter:
         with torch.no_grad():
             forward(model, x, trainable)
+    saved: dict[int, torch.Tensor] = {}
     with FlopCounterMode(display=False) as counter:  # counts the recomputation too, if any
-        out = forward(model, x, trainable, checkpoint)
+        # Without checkpointing, what this forward saves for backward is the figure held.
+        with nullcontext() if checkpoint else _saving(saved):
+            out = forward(model, x, trainable, checkpoint)
         if out.requires_grad:
             out.sum().backward()
-    held = _checkpointed_held_bytes(model, x, trainable) if checkpoint else [_saved_bytes(
-        lambda: forward(model, x, trainable))]
+    held = _checkpointed_held_bytes(model, x, trainable) if checkpoint else [_nbytes(saved)]
     return float(counter.get_total_flops()), held, fwd_counter.get_total_flops() / 2
 
 
@@ -146,19 +167,28 @@ def _largest_layer_io(model: torch.nn.Module, image_shape: tuple[int, ...]) -> f
     return largest / 2
 
 
-def _saved_bytes(run, kept: torch.Tensor | None = None) -> int:
-    """Bytes of the distinct tensors autograd saves for backward while `run()` executes,
+def _saving(saved: dict[int, torch.Tensor], kept: torch.Tensor | None = None) -> AbstractContextManager:
+    """Within it, every distinct tensor autograd saves for backward lands in `saved` (by id),
     other than `kept` (a tensor already held, counted by the caller)."""
-    saved: dict[int, torch.Tensor] = {}
-
     def pack(t: torch.Tensor) -> torch.Tensor:
         if t is not kept:
             saved[id(t)] = t  # keep a reference so ids stay unique
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+
+def _nbytes(tensors: dict[int, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _saved_bytes(run, kept: torch.Tensor | None = None) -> int:
+    """Bytes of the distinct tensors autograd saves for backward while `run()` executes,
+    other than `kept` (a tensor already held, counted by the caller)."""
+    saved: dict[int, torch.Tensor] = {}
+    with _saving(saved, kept):
         run()
-    return sum(t.numel() * t.element_size() for t in saved.values())
+    return _nbytes(saved)
 
 
 def _checkpointed_held_bytes(model: torch.nn.Module, x: torch.Tensor,
@@ -177,6 +207,117 @@ def _checkpointed_held_bytes(model: torch.nn.Module, x: torch.Tensor,
         held.append(inputs + _saved_bytes(lambda: result.append(unit(x)), kept=x))
         x = result[0]
     return held
+
+
+# --- meta kernels, memoized ---------------------------------------------------------------------
+#
+# Pricing runs every layer on the meta device, where many kernels (BatchNorm forward and backward,
+# ReLU's backward, ...) are Python decompositions that cost milliseconds per call, for a result that
+# is only shapes: a meta kernel's outputs (shape, strides, dtype) are a function of its inputs'
+# metadata and its other arguments, as there is no data to depend on. So while a model is priced,
+# ops whose outputs are new tensors are looked up by that metadata and answered with new empty
+# meta tensors of the remembered layout; everything else (views, in-place ops, anything unusual)
+# runs as usual. FlopCounterMode and autograd sit above this cache and see the same ops and
+# tensors either way, so every count is unchanged (tests/test_cost.py compares with and without).
+
+_KERNEL_CACHE_SIZE = 8192  # entries; one is an op's input metadata and output layouts (< 2 kB): < 16 MB
+_kernel_outputs: OrderedDict[tuple, Any] = OrderedDict()
+_kernel_lock = threading.Lock()
+_UNCACHEABLE = object()  # a key whose op returned something the cache cannot rebuild: always run it
+_fresh_outputs: dict[Any, bool] = {}  # op -> whether it returns new tensors (one entry per op used)
+_ATOMS = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.layout, torch.memory_format)
+
+
+class _NotCacheable(Exception):
+    pass
+
+
+def _meta_key(value: Any) -> Any:
+    """A hashable stand-in for an op argument: a tensor by its metadata, plain values as they are."""
+    if isinstance(value, torch.Tensor):  # only meta tensors: a real tensor's values could matter
+        if type(value) not in (torch.Tensor, torch.nn.Parameter) or value.device.type != "meta" \
+                or value.layout != torch.strided or value.is_conj() or value.is_neg():
+            raise _NotCacheable
+        return ("tensor", tuple(value.shape), value.stride(), value.storage_offset(), value.dtype)
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_meta_key(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((k, _meta_key(v)) for k, v in value.items()))
+    if type(value) in _ATOMS:
+        return (type(value), value)
+    raise _NotCacheable
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    return tuple(t.shape), t.stride(), t.dtype
+
+
+def _new_empty(layout: tuple) -> torch.Tensor:
+    shape, stride, dtype = layout
+    return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+
+
+def _describe_outputs(out: Any, inputs: list[torch.Tensor]) -> Any:
+    """What a cache hit rebuilds `out` from, or _UNCACHEABLE unless every output is a fresh, plain,
+    dense meta tensor (or None) that a new empty tensor of its layout reproduces exactly."""
+    outs = list(out) if isinstance(out, (tuple, list)) else [out]
+    storages = set()
+    layouts = []
+    for t in outs:
+        if t is None:
+            layouts.append(None)
+            continue
+        if type(t) is not torch.Tensor or t.device.type != "meta" or t.layout != torch.strided \
+                or t.is_conj() or t.is_neg() or t.requires_grad or t.storage_offset() != 0 \
+                or any(t is i for i in inputs):
+            return _UNCACHEABLE
+        storage = t.untyped_storage()
+        if storage._cdata in storages or storage.nbytes() != _new_empty(_layout(t)).untyped_storage().nbytes():
+            return _UNCACHEABLE
+        storages.add(storage._cdata)
+        layouts.append(_layout(t))
+    return (type(out) if isinstance(out, (tuple, list)) else None, tuple(layouts))
+
+
+def _rebuild(described: tuple) -> Any:
+    kind, layouts = described
+    outs = [None if layout is None else _new_empty(layout) for layout in layouts]
+    return outs[0] if kind is None else kind(outs)
+
+
+class _MetaKernelCache(TorchDispatchMode):
+    """Answers repeated meta-device ops from the outputs' remembered layouts (see above)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        fresh = _fresh_outputs.get(func)
+        if fresh is None:  # outputs are new tensors: no aliasing annotation on any return
+            fresh = _fresh_outputs[func] = isinstance(func, torch._ops.OpOverload) and bool(func._schema.returns) \
+                and all(r.alias_info is None for r in func._schema.returns)
+        if not fresh:
+            return func(*args, **kwargs)
+        try:
+            key = (func, _meta_key(args), _meta_key(kwargs))
+        except _NotCacheable:
+            return func(*args, **kwargs)
+        with _kernel_lock:
+            described = _kernel_outputs.get(key)
+            if described is not None:
+                _kernel_outputs.move_to_end(key)
+        if described is _UNCACHEABLE:
+            return func(*args, **kwargs)
+        if described is not None:
+            return _rebuild(described)
+        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        before = [_meta_key(t) for t in inputs]
+        out = func(*args, **kwargs)
+        # An op that changed an input's metadata (a resize) is not a function of its inputs' metadata.
+        unchanged = before == [_meta_key(t) for t in inputs]
+        with _kernel_lock:
+            _kernel_outputs[key] = _describe_outputs(out, inputs) if unchanged else _UNCACHEABLE
+            if len(_kernel_outputs) > _KERNEL_CACHE_SIZE:
+                _kernel_outputs.popitem(last=False)
+        return out
 
 
 def full_training_peak_mb(model: str, image_shape: tuple[int, int, int], num_classes: int, batch_size: int) -> float:

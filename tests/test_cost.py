@@ -61,3 +61,28 @@ def test_device_time_adds_compute_and_both_transfers():
     pi = DeviceProfile("pi", gflops=2.0, memory_mb=500, uplink_mbps=8.0, downlink_mbps=16.0)
     assert device_time_s(pi, train_flops=4e9, bytes_down=2_000_000, bytes_up=1_000_000) == pytest.approx(
         2.0 + 1.0 + 1.0)
+
+
+def test_cached_cost_equals_a_fresh_pricing_and_never_answers_for_other_arguments():
+    """model_cost is memoized (fl_app.cost._model_cost) and meta kernels are answered from their
+    remembered output layouts (_MetaKernelCache): both must give exactly what pricing from scratch
+    gives, and a call that differs in any argument must not get another call's answer."""
+    from fl_app.cost import _model_cost, _price
+
+    resnet = ModelSpec("resnet18")
+    calls = [(resnet, (3, 32, 32), None, False), (resnet, (3, 28, 28), None, False),
+             (ModelSpec("resnet18", in_channels=1), (1, 32, 32), None, False),
+             (resnet, (3, 32, 32), (3,), False), (resnet, (3, 32, 32), (2, 3), False),
+             (resnet, (3, 32, 32), (3,), True), (resnet.with_depth(2), (3, 32, 32), (0, 1), True),
+             (resnet.with_widths({g: max(1, c // 3) for g, c in resnet.resolved_widths().items()}), (3, 32, 32),
+              None, False),
+             (ModelSpec("cnn", exits=True), (3, 32, 32), None, False), (ModelSpec("cnn"), (3, 32, 32), None, False)]
+    costs = [model_cost(spec, shape, trainable, checkpoint) for spec, shape, trainable, checkpoint in calls]
+    assert len(set(costs)) == len(costs)  # every argument changes the answer here
+    for (spec, shape, trainable, checkpoint), cost in zip(calls, costs):
+        checkpoint = checkpoint and not spec.exits
+        fresh = _price(spec, shape, None if trainable is None else tuple(sorted(trainable)), checkpoint,
+                       memoize_kernels=False)
+        assert cost == fresh == model_cost(spec, shape, trainable, checkpoint), (spec, shape, trainable)
+    assert model_cost(resnet, (3, 32, 32), [3, 2]) is model_cost(resnet, (3, 32, 32), (2, 3))  # one entry
+    assert _model_cost.cache_info().maxsize is not None  # bounded
