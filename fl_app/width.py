@@ -64,14 +64,38 @@ def _indexed_dims(axes: tuple[Axis, ...]) -> Iterator[tuple[int, Axis]]:
     return ((dim, a) for dim, a in enumerate(axes) if a is not None)
 
 
+def _span(positions: torch.Tensor) -> tuple[int, int] | None:
+    """(start, length) when `positions` are consecutive ascending (first-k, an unwrapped window)."""
+    n = len(positions)
+    start = int(positions[0]) if n else 0
+    return (start, n) if n and torch.equal(positions, torch.arange(start, start + n)) else None
+
+
 def slice_state(state: dict[str, torch.Tensor], axes: dict[str, tuple[Axis, ...]],
                 keep: ChannelMap) -> dict[str, torch.Tensor]:
-    """The global `state` cut down to the channels in `keep` (a copy)."""
+    """The global `state` cut down to the channels in `keep` (a copy: new, contiguous tensors).
+
+    Each width group's positions are computed once; a dimension whose kept positions are one
+    consecutive run is narrowed (a view), the others gathered, then the result is copied once."""
+    where: dict[Axis, tuple[torch.Tensor, tuple[int, int] | None]] = {}
     out = {}
     for name, tensor in state.items():
-        for dim, axis in _indexed_dims(axes[name]):
-            tensor = tensor.index_select(dim, _positions(axis, keep))
-        out[name] = tensor.clone()
+        dims = list(_indexed_dims(axes[name]))
+        if not dims:
+            out[name] = tensor.clone()
+            continue
+        for _, axis in dims:
+            if axis not in where:
+                positions = _positions(axis, keep)
+                where[axis] = positions, _span(positions)
+        gathered = False
+        for dim, axis in sorted(dims, key=lambda d: where[d[1]][1] is None):  # views first, then gathers
+            positions, span = where[axis]
+            if span is not None:
+                tensor = tensor.narrow(dim, *span)
+            else:
+                tensor, gathered = tensor.index_select(dim, positions), True
+        out[name] = tensor if gathered else tensor.clone(memory_format=torch.contiguous_format)
     return out
 
 
