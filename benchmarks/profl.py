@@ -223,7 +223,7 @@ def _accuracy(args: argparse.Namespace, num_nodes: int, data: dict) -> None:
         print(f"{strategy:12s} {s['final_accuracy']:9.4f} {s['best_accuracy']:8.4f} "
               f"{s['distinct_participants']:4d}/{num_nodes:<2d} {s['distinct_participants'] / num_nodes:5.2f} "
               f"{mean:8.2f} {s['total_bytes_down'] / 1e6:9.2f} {s['total_bytes_up'] / 1e6:9.2f} "
-              f"{s['total_device_time_s']:9.1f} {wall:7.0f}", flush=True)
+              f"{s['emulated_time_s']:9.1f} {wall:7.0f}", flush=True)
         by_round = " ".join(f"{r['accuracy']:.3f}" for r in rounds)
         notes.append(f"{strategy}: status {res['status']}, {len(rounds)} rounds, {s['client_failures']} client "
                      f"failures; accuracy by round {by_round}")

@@ -107,7 +107,7 @@ def accuracy(rounds: int, examples: int, model: str) -> None:
         s = res["summary"]
         print(f"{strategy:12s} {s['final_accuracy']:9.4f} {s['best_accuracy']:8.4f} "
               f"{s['distinct_participants']:7d} {s['total_bytes_down'] / 1e6:9.2f} {s['total_bytes_up'] / 1e6:9.2f} "
-              f"{s['total_device_time_s']:9.1f} {time.perf_counter() - start:7.0f}", flush=True)
+              f"{s['emulated_time_s']:9.1f} {time.perf_counter() - start:7.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client_app.client_app import app as client_app
 from server_app.server_app import main as server_main
+from fl_app.results import load_results
 
 class InProcessGrid(Grid):
     """Nodes 1..n; node i has partition-id i-1.
@@ -91,4 +92,4 @@ def run_inprocess(run_config: dict, num_nodes: int) -> dict:
     grid = InProcessGrid(run_config, num_nodes)
     server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config)))
     folder = Path(run_config.get("output-dir", "outputs")) / run_config["run-name"]
-    return json.loads((folder / "results.json").read_text())
+    return load_results(folder)

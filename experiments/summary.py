@@ -5,8 +5,9 @@ Columns, per seed then averaged:
 - final / best accuracy: the global model's test accuracy after the last round / its best round;
 - clients: distinct clients that took part in at least one round (of the nodes in the run);
 - MB down / up: all traffic of the run, decimal MB (10^6 bytes), failed attempts included;
-- device time: emulated seconds, the sum over rounds of the round's slowest client
-  (FLOPs / GFLOPS + bytes / bandwidth; clients of a round run in parallel);
+- emulated time: the virtual clock after the last round (server_app/clock.py): each round lasts until
+  its slowest included client (FLOPs / GFLOPS + bytes / bandwidth; clients of a round run in
+  parallel) or the emulated deadline;
 - peak memory: the largest measured peak training memory of a participating client (MB = 2^20 bytes).
 """
 
@@ -25,11 +26,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments.spec import Spec  # noqa: E402
-from fl_app.report import load_run, participating_peaks  # noqa: E402
+from fl_app.report import emulated_clock, load_run, participating_peaks  # noqa: E402
 from fl_app.units import MB  # noqa: E402
 
-METRICS = ("final_accuracy", "best_accuracy", "clients", "mb_down", "mb_up", "device_time_s", "peak_memory_mb")
-HEADERS = ("final accuracy", "best accuracy", "clients", "MB down", "MB up", "device time s", "peak memory MB")
+METRICS = ("final_accuracy", "best_accuracy", "clients", "mb_down", "mb_up", "emulated_time_s", "peak_memory_mb")
+HEADERS = ("final accuracy", "best accuracy", "clients", "MB down", "MB up", "emulated time s", "peak memory MB")
 
 
 @dataclass
@@ -37,6 +38,7 @@ class SeedRun:
     seed: int
     accuracy: list[float]  # per round
     traffic_mb: list[float]  # cumulative down + up after each round
+    clock_s: list[float]  # the virtual clock after each round, emulated seconds
     metrics: dict[str, float]
 
 
@@ -54,10 +56,11 @@ def collect(spec: Spec) -> dict[str, list[SeedRun]]:
         summary = result.doc["summary"]
         peaks = participating_peaks(result)
         traffic = np.cumsum([(r["bytes_down"] + r["bytes_up"]) / MB for r in rounds]).tolist()
-        groups[run.group].append(SeedRun(run.seed, [r["accuracy"] for r in rounds], traffic, {
+        clock = emulated_clock(result)
+        groups[run.group].append(SeedRun(run.seed, [r["accuracy"] for r in rounds], traffic, clock, {
             "final_accuracy": summary["final_accuracy"], "best_accuracy": summary["best_accuracy"],
             "clients": summary["distinct_participants"], "mb_down": summary["total_bytes_down"] / MB,
-            "mb_up": summary["total_bytes_up"] / MB, "device_time_s": summary["total_device_time_s"],
+            "mb_up": summary["total_bytes_up"] / MB, "emulated_time_s": clock[-1],
             "peak_memory_mb": max(peaks.values(), default=float("nan"))}))
     return groups
 
@@ -87,7 +90,7 @@ def _fmt(value: object, digits: int) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-DIGITS = {"final_accuracy": 3, "best_accuracy": 3, "clients": 1, "mb_down": 1, "mb_up": 1, "device_time_s": 0,
+DIGITS = {"final_accuracy": 3, "best_accuracy": 3, "clients": 1, "mb_down": 1, "mb_up": 1, "emulated_time_s": 0,
           "peak_memory_mb": 1}
 
 
@@ -114,22 +117,25 @@ def _band(ax: plt.Axes, x: np.ndarray, ys: np.ndarray, label: str) -> None:
 
 
 def write_figures(spec: Spec, groups: dict[str, list[SeedRun]], out: Path, title: str) -> list[Path]:
-    """Accuracy vs round and vs cumulative traffic: mean over seeds, band = ± one standard deviation."""
+    """Accuracy vs round, vs cumulative traffic and vs emulated time (the virtual clock): mean over
+    seeds, band = ± one standard deviation."""
     paths = []
-    for kind in ("round", "traffic"):
+    for kind in ("round", "traffic", "time"):
         fig, ax = plt.subplots(figsize=(7.5, 4.8))
         for group, seeds in groups.items():
             n = min(len(s.accuracy) for s in seeds)
             ys = np.array([s.accuracy[:n] for s in seeds])
             x = (np.arange(1, n + 1) if kind == "round"
-                 else np.array([s.traffic_mb[:n] for s in seeds]).mean(0))
+                 else np.array([(s.traffic_mb if kind == "traffic" else s.clock_s)[:n] for s in seeds]).mean(0))
             _band(ax, x, ys, f"{group} (n={len(seeds)})")
         if kind == "round":
             ax.xaxis.get_major_locator().set_params(integer=True)
             ax.set_xlabel("round")
-        else:
+        elif kind == "traffic":
             ax.set_xscale("log")
             ax.set_xlabel("cumulative traffic down + up (MB = 10^6 bytes, log scale)")
+        else:
+            ax.set_xlabel("emulated time on the devices (s, virtual clock; mean over seeds)")
         ax.set_ylabel("test accuracy of the global model")
         ax.set_title(f"{title}\naccuracy vs {kind}, mean ± std over seeds", fontsize=10)
         ax.grid(alpha=0.3)
@@ -143,7 +149,7 @@ def write_figures(spec: Spec, groups: dict[str, list[SeedRun]], out: Path, title
 
 
 def write_report(spec: Spec) -> list[Path]:
-    """Write table.md, table.csv and the two figures into the spec's output folder; their paths."""
+    """Write table.md, table.csv and the three figures into the spec's output folder; their paths."""
     groups = collect(spec)
     out = spec.output_dir
     out.mkdir(parents=True, exist_ok=True)

@@ -66,6 +66,8 @@ class RunConfig:
     block_round_cap: int
     min_nodes: int
     round_timeout: float
+    emulated_deadline: float
+    availability_trace: str
     min_successful_clients: int
     round_retries: int
     resume: bool
@@ -139,7 +141,7 @@ class RunConfig:
             at_least(key, getattr(self, key.replace("-", "_")), 1)
         for key in ("max-client-examples", "public-size", "test-size", "momentum", "weight-decay",
                     "client-distill-epochs", "server-distill-epochs", "refresh-every", "profl-shrink-rounds",
-                    "em-threshold", "round-timeout", "round-retries"):
+                    "em-threshold", "round-timeout", "emulated-deadline", "round-retries"):
             at_least(key, getattr(self, key.replace("-", "_")), 0)
         at_least("lr", self.lr, 0, strict=True)
         at_least("compute-slack", self.compute_slack, 0, strict=True)

@@ -10,6 +10,9 @@ A profile is a TOML file in `profiles/` (or anywhere, by path):
     downlink_mbps = 40.0
     [sources]             # where each number comes from: a citation or "measured ..."
     gflops = "..."
+    [availability]        # optional: emulated online/offline periods (server_app/clock.py)
+    mean_online_s = 1800.0
+    mean_offline_s = 600.0
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 NUMERIC_FIELDS = ("gflops", "memory_mb", "uplink_mbps", "downlink_mbps")
+AVAILABILITY_FIELDS = ("mean_online_s", "mean_offline_s")  # both 0: always online
 MAX_MIX_COUNT = 100_000  # devices of one profile in a device mix; more is a typo, not a federation
 
 
@@ -41,13 +45,23 @@ class DeviceProfile:
     downlink_mbps: float
     description: str = ""
     sources: dict[str, str] = field(default_factory=dict)
+    # Availability in emulated time: alternating exponential online/offline periods with these means,
+    # in seconds (server_app.clock); both 0 = always online.
+    mean_online_s: float = 0.0
+    mean_offline_s: float = 0.0
 
     def __post_init__(self) -> None:
         for key in NUMERIC_FIELDS:
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value <= 0:
-                raise ProfileError(f"profile {self.name!r}: {key} must be a positive number, got {value!r}")
+            if not _positive(getattr(self, key)):
+                raise ProfileError(f"profile {self.name!r}: {key} must be a positive number, got {getattr(self, key)!r}")
+        on, off = self.mean_online_s, self.mean_offline_s
+        if not ((on == 0 and off == 0) or (_positive(on) and _positive(off))):
+            raise ProfileError(f"profile {self.name!r}: [availability] mean_online_s = {on!r}, mean_offline_s = "
+                               f"{off!r}: give both as positive seconds, or leave both out (always online)")
+
+    @property
+    def always_online(self) -> bool:
+        return self.mean_offline_s == 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,7 +71,14 @@ class DeviceProfile:
         lines = [f"name = {json.dumps(self.name)}", f"description = {json.dumps(self.description)}"]
         lines += [f"{k} = {float(getattr(self, k)):.6g}" for k in NUMERIC_FIELDS]
         lines += ["", "[sources]"] + [f"{json.dumps(k)} = {json.dumps(v)}" for k, v in self.sources.items()]
+        if not self.always_online:
+            lines += ["", "[availability]"] + [f"{k} = {float(getattr(self, k)):.6g}" for k in AVAILABILITY_FIELDS]
         return "\n".join(lines) + "\n"
+
+
+def _positive(value: object) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and value > 0)
 
 
 def available_profiles() -> list[str]:
@@ -87,16 +108,21 @@ def profile_from_dict(data: dict, where: str) -> DeviceProfile:
     if missing:
         raise ProfileError(f"profile {where}: missing keys {missing}; a profile needs name, "
                            f"{', '.join(NUMERIC_FIELDS)} (see profiles/raspberry-pi-4.toml)")
-    known = {"name", "description", "sources", *NUMERIC_FIELDS}
+    known = {"name", "description", "sources", "availability", *NUMERIC_FIELDS}
     unknown = set(data) - known
     if unknown:
         raise ProfileError(f"profile {where}: unknown keys {sorted(unknown)}; valid: {sorted(known)}")
     sources = data.get("sources", {})
     if not isinstance(sources, dict):
         raise ProfileError(f"profile {where}: [sources] must be a table of strings")
+    availability = data.get("availability", {})
+    if not isinstance(availability, dict) or set(availability) - set(AVAILABILITY_FIELDS):
+        raise ProfileError(f"profile {where}: [availability] takes only {', '.join(AVAILABILITY_FIELDS)} "
+                           f"(seconds), got {availability!r}")
     return DeviceProfile(name=str(data["name"]), description=str(data.get("description", "")),
                          sources={str(k): str(v) for k, v in sources.items()},
-                         **{k: data[k] for k in NUMERIC_FIELDS})
+                         **{k: data[k] for k in NUMERIC_FIELDS},
+                         **{k: availability.get(k, 0.0) for k in AVAILABILITY_FIELDS})
 
 
 @dataclass(frozen=True)
@@ -153,8 +179,10 @@ def pooled_profile(profile: DeviceProfile, memory_pool: str, partition_id: int, 
 
 def profile_report(profile: DeviceProfile) -> dict[str, str | float]:
     """The profile as a node reports it in the device query and as results record it: the name
-    under "profile", every number as a float. `profile_from_report` reads it back."""
-    return {"profile": profile.name, **{k: float(getattr(profile, k)) for k in NUMERIC_FIELDS}}
+    under "profile", every number as a float (availability only when the device has periods offline).
+    `profile_from_report` reads it back."""
+    keys = NUMERIC_FIELDS + (() if profile.always_online else AVAILABILITY_FIELDS)
+    return {"profile": profile.name, **{k: float(getattr(profile, k)) for k in keys}}
 
 
 def profile_from_report(report: Mapping, where: str) -> DeviceProfile:
@@ -162,7 +190,9 @@ def profile_from_report(report: Mapping, where: str) -> DeviceProfile:
     missing = [k for k in ("profile", *NUMERIC_FIELDS) if k not in report]
     if missing:
         raise ProfileError(f"device report {where}: missing {missing}")
-    return profile_from_dict({"name": report["profile"], **{k: report[k] for k in NUMERIC_FIELDS}}, where)
+    availability = {k: report[k] for k in AVAILABILITY_FIELDS if k in report}
+    return profile_from_dict({"name": report["profile"], **{k: report[k] for k in NUMERIC_FIELDS},
+                              **({"availability": availability} if availability else {})}, where)
 
 
 def parse_device_mix(mix: str) -> list[str]:

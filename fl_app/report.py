@@ -1,14 +1,16 @@
 """Figures and a summary table from one or more runs' results.json.
 
 Usage:
-    python -m fl_app.report RUN_DIR [RUN_DIR ...] [--out DIR] [--dpi 200]
+    python -m fl_app.report RUN_DIR [RUN_DIR ...] [--out DIR] [--dpi 200] [--target-accuracy 0.4]
 
 RUN_DIR is a run folder (`<output-dir>/<run-name>`, holding results.json) or the results.json
 itself. The report goes to --out (default: the first run folder's parent / "report"):
 
-    accuracy_vs_round.png, accuracy_vs_traffic.png, accuracy_vs_device_time.png
+    accuracy_vs_round.png, accuracy_vs_traffic.png, accuracy_vs_emulated_time.png
                           one line per run; traffic is cumulative decimal MB (10^6 bytes) down + up,
-                          device time the cumulative emulated time of each round's slowest client
+                          emulated time the run's virtual clock (server_app/clock.py: each round
+                          lasts until its slowest included reply, or its emulated deadline), with
+                          the target accuracy as a dotted line
     memory_per_client.png measured (filled) and predicted (hollow) peak training memory per client
                           against its device's memory budget (bar), one panel per run
     devices_time.png      emulated device time per round per client, grouped by device profile
@@ -16,7 +18,9 @@ itself. The report goes to --out (default: the first run folder's parent / "repo
                           effective movement on a twin axis, dotted lines where a block froze
     reft.png              (REFT runs) submodel size and training FLOPs per sample against device GFLOPS
     summary.md, summary.csv  one row per run (results["summary"] where present and in step with the
-                          rounds, the rest recomputed from the rounds)
+                          rounds, the rest recomputed from the rounds), with the emulated time to
+                          reach the target accuracy (--target-accuracy; default: the lowest best
+                          accuracy among the runs, so that every run reaches it)
 
 Legends and the summary name each run's strategy, model and dataset; runs evaluated on different
 data (dataset, data-dir or test-size) are compared with one warning (stderr and summary.md). The
@@ -32,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -46,12 +49,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
+from fl_app.results import ResultsError, load_results  # noqa: E402
+
 REQUIRED_TOP = ("status", "config", "rounds")
 REQUIRED_ROUND = ("round", "accuracy", "bytes_down", "bytes_up", "clients")
 REQUIRED_DEVICE = ("node_id", "profile", "gflops", "memory_mb")
 CSV_FIELDS = ("run", "strategy", "model", "dataset", "status", "rounds_completed", "rounds_configured",
-              "final_accuracy", "best_accuracy", "total_mb_down", "total_mb_up", "total_device_time_s",
-              "peak_memory_mb_max", "peak_memory_mb_median", "distinct_participants", "client_failures")
+              "final_accuracy", "best_accuracy", "total_mb_down", "total_mb_up", "emulated_time_s",
+              "target_accuracy", "time_to_target_s", "peak_memory_mb_max", "peak_memory_mb_median", "distinct_participants", "client_failures")
 # Run-config keys that decide what accuracy is measured on: runs that differ in any are not comparable.
 EVALUATION_KEYS = ("dataset", "data_dir", "test_size")
 
@@ -113,8 +118,8 @@ def load_run(path: Path) -> Run:
     if not file.is_file():
         raise ReportError(f"{file}: no such file (is {path} a run folder?)")
     try:
-        doc = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        doc = load_results(file.parent)
+    except ResultsError as e:
         raise ReportError(f"{file}: not readable JSON ({e})") from None
     if not isinstance(doc, dict) or any(k not in doc for k in REQUIRED_TOP):
         raise ReportError(f"{file}: not a results file of this app (needs keys {', '.join(REQUIRED_TOP)})")
@@ -182,9 +187,27 @@ def participating_peaks(run: Run) -> dict[int, float]:
     return peaks
 
 
-def round_device_times(run: Run) -> list[float]:
-    """Emulated time of each round: its slowest client's device_time_s."""
-    return [max((c.get("device_time_s") or 0 for c in r["clients"]), default=0) for r in run.rounds]
+def emulated_clock(run: Run) -> list[float]:
+    """The run's virtual clock at the end of each round, emulated seconds (results' emulated_clock_s).
+    Results written before the clock existed lack it: for them each round lasted until its slowest
+    client (its device_time_s), which is the clock's rule when no deadline or availability is set."""
+    if all("emulated_clock_s" in r for r in run.rounds):
+        return [float(r["emulated_clock_s"]) for r in run.rounds]
+    slowest = [max((c.get("device_time_s") or 0 for c in r["clients"]), default=0) for r in run.rounds]
+    return [float(t) for t in np.cumsum(slowest)]
+
+
+def time_to_accuracy(run: Run, target: float) -> float | None:
+    """Emulated seconds until the end of the first round whose accuracy reaches `target` (None: never)."""
+    clock = emulated_clock(run)
+    return next((t for r, t in zip(run.rounds, clock) if r["accuracy"] is not None and r["accuracy"] >= target),
+                None)
+
+
+def default_target(runs: list[Run]) -> float | None:
+    """The lowest best accuracy among the runs: the highest target every run reaches."""
+    bests = [max(accs) for run in runs if (accs := [r["accuracy"] for r in run.rounds if r["accuracy"] is not None])]
+    return min(bests) if bests else None
 
 
 def status_text(run: Run) -> str:
@@ -197,8 +220,9 @@ def status_text(run: Run) -> str:
     return "completed"
 
 
-def summary_row(run: Run) -> dict[str, Any]:
-    """The writer's summary where present and in step with the rounds; anything else recomputed."""
+def summary_row(run: Run, target: float | None = None) -> dict[str, Any]:
+    """The writer's summary where present and in step with the rounds; anything else recomputed.
+    `target`: the accuracy (fraction) whose time to reach is reported."""
     s = run.doc.get("summary") or {}
     if s.get("rounds_completed") != len(run.rounds):  # stale (e.g. rounds cut by hand): recompute all
         s = {}
@@ -218,7 +242,9 @@ def summary_row(run: Run) -> dict[str, Any]:
         "best_accuracy": pick("best_accuracy", max(accs) if accs else None),
         "total_mb_down": pick("total_bytes_down", sum(r["bytes_down"] for r in run.rounds)) / 1e6,
         "total_mb_up": pick("total_bytes_up", sum(r["bytes_up"] for r in run.rounds)) / 1e6,
-        "total_device_time_s": float(pick("total_device_time_s", sum(round_device_times(run)))),
+        "emulated_time_s": float(emulated_clock(run)[-1]) if run.rounds else 0.0,
+        "target_accuracy": target,
+        "time_to_target_s": time_to_accuracy(run, target) if target is not None else None,
         "peak_memory_mb_max": max(peaks) if peaks else None,
         "peak_memory_mb_median": statistics.median(peaks) if peaks else None,
         "distinct_participants": pick("distinct_participants",
@@ -246,20 +272,25 @@ def _cell(value: Any, digits: int) -> str:
 
 def write_markdown(rows: list[dict[str, Any]], path: Path, warnings: list[str] | None = None) -> None:
     head = ["run", "strategy", "model", "dataset", "status", "rounds", "final acc", "best acc", "MB down", "MB up",
-            "device time s", "peak mem max MB", "peak mem median MB", "clients", "failures"]
+            "emulated time s", "to target s", "peak mem max MB", "peak mem median MB", "clients", "failures"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [_cell(r["run"], 0), _cell(r["strategy"], 0), _cell(r["model"], 0), _cell(r["dataset"], 0),
                  _cell(r["status"], 0),
                  f"{r['rounds_completed']}/{_cell(r['rounds_configured'], 0)}",
                  _cell(r["final_accuracy"], 4), _cell(r["best_accuracy"], 4), _cell(r["total_mb_down"], 2),
-                 _cell(r["total_mb_up"], 2), _cell(r["total_device_time_s"], 2),
+                 _cell(r["total_mb_up"], 2), _cell(r["emulated_time_s"], 2),
+                 _cell(r["time_to_target_s"], 2),
                  _cell(r["peak_memory_mb_max"], 1), _cell(r["peak_memory_mb_median"], 1),
                  _cell(r["distinct_participants"], 0), _cell(r["client_failures"], 0)]
         lines.append("| " + " | ".join(cells) + " |")
     notes = "".join(f"**Warning:** {w}.\n\n" for w in warnings or [])
+    target = next((r["target_accuracy"] for r in rows if r["target_accuracy"] is not None), None)
+    to_target = (f"to target: emulated seconds until a round's accuracy first reached {target:.4f} (— never); "
+                 if target is not None else "")
     path.write_text("# Run summary\n\n" + notes + "\n".join(lines) + "\n\nMB down/up: decimal MB (10^6 bytes); "
-                    "peak memory: participating clients' measured peaks, MB of 2^20 bytes.\n")
+                    "emulated time: the virtual clock at the last round (seconds on the devices); " + to_target
+                    + "peak memory: participating clients' measured peaks, MB of 2^20 bytes.\n")
 
 
 # ---------------------------------------------------------------- figures
@@ -332,10 +363,11 @@ def _profile_colors(runs: list[Run]) -> dict[str, Any]:
     return {p: cmap(i % 10) for i, p in enumerate(names)}
 
 
-def accuracy_figure(runs: list[Run], xaxis: str, path: Path, dpi: int, files: ReportFiles) -> None:
+def accuracy_figure(runs: list[Run], xaxis: str, path: Path, dpi: int, files: ReportFiles,
+                    target: float | None = None) -> None:
     titles = {"round": ("Round", "Accuracy vs round"),
               "traffic": ("Cumulative traffic down + up (MB, 10^6 bytes)", "Accuracy vs communication"),
-              "time": ("Cumulative emulated device time (s)", "Accuracy vs device time (slowest client per round)")}
+              "time": ("Emulated time on the devices (s, virtual clock)", "Accuracy vs emulated time")}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for run in runs:
         if xaxis == "round":
@@ -343,7 +375,7 @@ def accuracy_figure(runs: list[Run], xaxis: str, path: Path, dpi: int, files: Re
         elif xaxis == "traffic":
             x = np.cumsum([(r["bytes_down"] + r["bytes_up"]) / 1e6 for r in run.rounds])
         else:
-            x = np.cumsum(round_device_times(run))
+            x = np.array(emulated_clock(run))
         y = [_num(r["accuracy"]) for r in run.rounds]
         (line,) = ax.plot(x, y, marker="o", markersize=3, linestyle="--" if run.incomplete else "-",
                           label=run.label)
@@ -353,6 +385,8 @@ def accuracy_figure(runs: list[Run], xaxis: str, path: Path, dpi: int, files: Re
     if xaxis == "round":
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("Test accuracy (fraction)")
+    if xaxis == "time" and target is not None:
+        ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:.3f}")
     ax.set_title(titles[xaxis][1])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -487,10 +521,14 @@ def reft_figure(runs: list[Run], colors: dict[str, Any], path: Path, dpi: int, f
 
 # ---------------------------------------------------------------- entry points
 
-def build_report(run_dirs: list[Path], out: Path | None = None, dpi: int = 200) -> ReportFiles:
+def build_report(run_dirs: list[Path], out: Path | None = None, dpi: int = 200,
+                 target_accuracy: float | None = None) -> ReportFiles:
+    """The figures and summary of module docstring in `out`; `target_accuracy` (fraction) whose emulated
+    time to reach the summary gives (None: `default_target`)."""
     if not run_dirs:
         raise ReportError("no run folders given")
     runs = [load_run(Path(p)) for p in run_dirs]
+    target = default_target(runs) if target_accuracy is None else target_accuracy
     label_runs(runs)
     out = out or runs[0].folder.parent / "report"
     try:
@@ -500,8 +538,8 @@ def build_report(run_dirs: list[Path], out: Path | None = None, dpi: int = 200) 
     files = ReportFiles(out, warnings=comparability_warnings(runs))
     colors = _profile_colors(runs)
     for xaxis, name in (("round", "accuracy_vs_round"), ("traffic", "accuracy_vs_traffic"),
-                        ("time", "accuracy_vs_device_time")):
-        accuracy_figure(runs, xaxis, out / f"{name}.png", dpi, files)
+                        ("time", "accuracy_vs_emulated_time")):
+        accuracy_figure(runs, xaxis, out / f"{name}.png", dpi, files, target)
     memory_figure(runs, colors, out / "memory_per_client.png", dpi, files)
     device_time_figure(runs, colors, out / "devices_time.png", dpi, files)
     profl = [r for r in runs if any("active_block" in rd for rd in r.rounds)]
@@ -510,7 +548,7 @@ def build_report(run_dirs: list[Path], out: Path | None = None, dpi: int = 200) 
     reft = [r for r in runs if r.strategy == "reft"]
     if reft:
         reft_figure(reft, colors, out / "reft.png", dpi, files)
-    rows = [summary_row(r) for r in runs]
+    rows = [summary_row(r, target) for r in runs]
     files.summary_md, files.summary_csv = out / "summary.md", out / "summary.csv"
     write_markdown(rows, files.summary_md, files.warnings)
     write_csv(rows, files.summary_csv)
@@ -522,11 +560,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run folder or its results.json")
     parser.add_argument("--out", type=Path, help="report folder (default: <first run's parent>/report)")
     parser.add_argument("--dpi", type=int, default=200, help="PNG resolution (default 200)")
+    parser.add_argument("--target-accuracy", type=float, default=None,
+                        help="accuracy (fraction) whose emulated time to reach the summary gives "
+                             "(default: the lowest best accuracy among the runs)")
     args = parser.parse_args(argv)
     if args.dpi <= 0:
         parser.error("--dpi must be a positive integer")
+    if args.target_accuracy is not None and not 0 < args.target_accuracy <= 1:
+        parser.error("--target-accuracy must be a fraction in (0, 1], e.g. 0.4")
     try:
-        files = build_report(args.runs, args.out, args.dpi)
+        files = build_report(args.runs, args.out, args.dpi, args.target_accuracy)
     except ReportError as e:
         print(f"report: error: {e}", file=sys.stderr)
         return 2

@@ -1,14 +1,25 @@
-"""Run results: one JSON document and a per-round CSV, rewritten atomically after every round.
+"""Run results: a small results.json, the rounds and devices as JSON Lines, and a per-round CSV.
 
-A crash at any moment leaves the last complete version on disk (write to a temporary
-file, then rename over the old one), so finished rounds are never lost.
+Files in a run folder, written after every round:
 
-Schema of `results.json` (documented in the README):
+    results.json   status, error, config, summary, resumed; rewritten atomically. Its size does not grow
+                   with rounds or nodes, so it stays readable at any scale.
+    rounds.jsonl   one JSON object per round, its clients inside; appended (each line flushed to disk).
+    devices.jsonl  one JSON object per device, appended as nodes are admitted.
+    rounds.csv     the key figures, one line per round.
+
+A crash at any moment leaves every finished round on disk: results.json is replaced atomically
+(write to a temporary file, then rename), and a line of a .jsonl file that was cut short by a
+crash is ignored by `load_results` (a resumed run rewrites both files from its checkpoint).
+`load_results(folder)` returns the whole run as one dict, also for results written before the
+.jsonl files existed (rounds and devices inside results.json).
+
+Schema of the whole run (documented in the README):
     {"status": "running" | "completed" | "failed", "error": str | null,
      "stopped_before_training": true (only when the run stopped before its first round),
      "config": {...run config...},
      "devices": [{"node_id", "partition_id", "profile", "gflops", "memory_mb",
-                  "uplink_mbps", "downlink_mbps"}],
+                  "uplink_mbps", "downlink_mbps", "num_examples"}],
      "rounds": [{"round", "accuracy", "loss", "bytes_down", "bytes_up", "seconds",
                  "participants", "clients": [{...per client...}], ...strategy extras}],
      "summary": {...}}
@@ -26,7 +37,42 @@ from pathlib import Path
 from typing import Any
 
 CSV_COLUMNS = ("round", "accuracy", "loss", "bytes_down", "bytes_up", "participants", "failed",
-               "device_time_s_max", "seconds")
+               "device_time_s_max", "emulated_round_s", "emulated_clock_s", "seconds")
+LISTS = {"rounds": "rounds.jsonl", "devices": "devices.jsonl"}  # kept out of results.json, one line each
+
+
+class ResultsError(ValueError):
+    """A run folder whose results cannot be read; the message names the file and what is wrong."""
+
+
+def load_results(folder: Path) -> dict[str, Any]:
+    """The whole results of the run in `folder` (results.json with its rounds and devices); ResultsError
+    if results.json is missing or not JSON. A .jsonl line cut short by a crash is left out."""
+    path = folder / "results.json"
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ResultsError(f"{path}: cannot read the run's results ({exc})") from None
+    if not isinstance(doc, dict):
+        raise ResultsError(f"{path}: not a results file of this app (expected a JSON object)")
+    for key, name in LISTS.items():
+        if doc.get(f"{key}_file") == name:
+            doc[key] = read_jsonl(folder / name)
+    return doc
+
+
+def read_jsonl(path: Path) -> list[Any]:
+    """Every complete line of a JSON Lines file (none if it does not exist); a last line without its
+    newline was cut short by a crash and is left out. ResultsError for a malformed complete line."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    lines = text.split("\n")[:-1]  # the part after the last newline is incomplete (or empty)
+    try:
+        return [json.loads(line) for line in lines if line.strip()]
+    except ValueError as exc:
+        raise ResultsError(f"{path}: a line is not valid JSON ({exc})") from None
 
 
 class ResultsWriter:
@@ -40,6 +86,7 @@ class ResultsWriter:
         if doc:  # resumed: the checkpoint's rounds, then this run's; devices seen by either
             self.doc.update(status="running", error=None, config=config)
             self.set_devices(devices)
+        self._on_disk = {key: None for key in LISTS}  # lines known to be in each .jsonl (None: rewrite it)
         folder.mkdir(parents=True, exist_ok=True)
         self.write()
 
@@ -75,13 +122,35 @@ class ResultsWriter:
         self.write()
 
     def write(self) -> None:
-        atomic_write_bytes(self.folder / "results.json", json.dumps(_finite(self.doc), indent=1).encode())
+        """Append what is new to rounds.jsonl and devices.jsonl, then replace results.json and rounds.csv."""
+        for key, name in LISTS.items():
+            items, done = self.doc[key], self._on_disk[key]
+            if done is None or done > len(items):  # a new or resumed writer: the file from its own records
+                atomic_write_bytes(self.folder / name, b"".join(_json_line(x) for x in items))
+            elif done < len(items):
+                append_lines(self.folder / name, [_json_line(x) for x in items[done:]])
+            self._on_disk[key] = len(items)
+        small = {k: v for k, v in self.doc.items() if k not in LISTS}
+        small.update({f"{key}_file": name for key, name in LISTS.items()})
+        atomic_write_bytes(self.folder / "results.json", json.dumps(_finite(small), indent=1).encode())
         buf = io.StringIO()
         writer = csv.DictWriter(buf, CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for r in self.rounds:
             writer.writerow(_csv_row(r))
         atomic_write_bytes(self.folder / "rounds.csv", buf.getvalue().encode())
+
+
+def _json_line(item: Any) -> bytes:
+    return (json.dumps(_finite(item), separators=(",", ":")) + "\n").encode()
+
+
+def append_lines(path: Path, lines: list[bytes]) -> None:
+    """Append whole lines and flush them to disk; a crash mid-append leaves at most one cut line."""
+    with open(path, "ab") as f:
+        f.write(b"".join(lines))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _csv_row(r: dict[str, Any]) -> dict[str, Any]:
@@ -101,11 +170,12 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "best_accuracy": max((a for a in accs if a is not None), default=None),
         "total_bytes_down": sum(r["bytes_down"] for r in rounds),
         "total_bytes_up": sum(r["bytes_up"] for r in rounds),
-        # Clients of a round run in parallel: the round takes as long as its slowest client.
-        "total_device_time_s": sum(max((c.get("device_time_s") or 0 for c in r["clients"]), default=0)
-                                   for r in rounds),
+        # The virtual clock (server_app.clock): clients of a round run in parallel, the round lasts until
+        # its slowest included reply or its emulated deadline.
+        "emulated_time_s": rounds[-1].get("emulated_clock_s", 0.0),
         "client_failures": sum(1 for c in clients if c.get("error")),
         "missed_deadline": sum(r.get("missed_deadline", 0) for r in rounds),
+        "dropped_out": sum(r.get("dropped_out", 0) for r in rounds),
         "rejected_replies": sum(r.get("rejected", 0) for r in rounds),
         "retried_rounds": sum(1 for r in rounds if r.get("attempts", 1) > 1),
         "distinct_participants": len({c["node_id"] for c in clients if c.get("participated")}),

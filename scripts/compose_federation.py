@@ -54,6 +54,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 from local_federation import _json_from, write_flower_config  # noqa: E402
+from fl_app.results import load_results
 
 CACHE = Path(os.environ.get("FL_COMPOSE_CACHE", "/var/tmp/fl-app-compose"))
 PROJECT = "fl-app"
@@ -416,7 +417,7 @@ def run_and_fetch(stack: Stack, rounds: int, nodes: int, tls: bool, timeout_s: f
     shutil.rmtree(out, ignore_errors=True)
     server = stack.container("superexec-serverapp")
     sh(["docker", "cp", f"{server}:/app/outputs", str(out)], env=stack.env)
-    return run, json.loads((out / run_name / "results.json").read_text())
+    return run, load_results(out / run_name)
 
 
 def no_clientapp_started(results: dict) -> bool:

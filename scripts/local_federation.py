@@ -53,6 +53,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from fl_app.results import load_results
 
 REPO = Path(__file__).resolve().parents[1]
 CONNECTION = "local-federation"
@@ -698,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, code in enumerate(result.unregistered_exit_codes, 1):
         print(f"unregistered-{i}: {'refused, exit code ' + str(code) if code else 'NOT refused'}")
     if result.results_json and result.results_json.is_file():
-        doc = json.loads(result.results_json.read_text())
+        doc = load_results(result.results_json.parent)
         secs = [r.get("seconds", 0.0) for r in doc.get("rounds", [])]
         if secs:
             print(f"rounds: {len(secs)}, seconds per round: " + ", ".join(f"{s:.1f}" for s in secs)

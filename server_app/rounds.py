@@ -41,8 +41,10 @@ class TaskOutcome:
     update: ClientUpdate | None = None
     error: str | None = None
     error_code: int | None = None  # as the client sent it, for errors the client reported
-    missed_deadline: bool = False  # no reply before the round deadline (a straggler or a lost node)
+    missed_deadline: bool = False  # no reply before the round deadline, real or emulated (server_app.clock)
     rejected: bool = False  # replied, but the reply failed validation
+    dropped_out: bool = False  # its node went offline before the reply was due (server_app.clock)
+    device_time_s: float | None = None  # emulated seconds until its reply arrived (set by the clock)
 
 
 def query_devices(grid: Grid, node_ids: Iterable[int],

@@ -1,9 +1,11 @@
 """The ServerApp: query the devices, run the chosen strategy round by round, record everything.
 
-One round (`run_round`): the strategy plans tasks -> tasks are sent and replies validated
-(rounds.py), retried while too few are valid -> the strategy aggregates the valid updates ->
-the global model is evaluated on the test set -> the round is recorded in results.json and
-logged as one line.
+One round (`run_round`): the strategy plans tasks for the nodes online (nodes offline in their
+emulated availability are not) -> tasks are sent and replies validated (rounds.py) -> the virtual
+clock (clock.py) settles when each reply arrives in emulated time, dropping late replies and
+dropouts -> retried while too few are valid -> the strategy aggregates the valid updates -> the
+global model is evaluated on the test set -> the round is appended to the results (fl_app.results)
+and logged as one line.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 from flwr.app import Context
 from flwr.common.logger import log
@@ -31,7 +34,8 @@ from fl_app.profiles import ProfileError
 from fl_app.results import ResultsWriter
 from fl_app.models import ModelSpec
 from fl_app.training import check_input_size, evaluate
-from fl_app.units import MB
+from fl_app.units import MB, MIB
+from server_app.clock import VirtualClock
 from server_app.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint, restore_rng, save_checkpoint
 from server_app.pricing import planned_examples, price_task
 from server_app.rounds import TaskOutcome, query_devices, run_train_tasks
@@ -53,6 +57,7 @@ def main(grid: Grid, context: Context) -> None:
         checkpoint = load_checkpoint(folder, config) if config.resume else None
         if checkpoint is None:
             refuse_to_overwrite(folder)
+        clock = VirtualClock.for_run(config, now_s=resumed_clock_s(checkpoint))
         dataset = load_dataset(config.dataset, config.data_dir, config.seed)
         check_input_size(ModelSpec(config.model, dataset.num_classes, dataset.image_shape[0]), dataset.image_shape,
                          config.batch_size)  # a model and input size that cannot train together: refused here
@@ -89,7 +94,7 @@ def main(grid: Grid, context: Context) -> None:
     test = _test_batches(dataset, config)
     try:
         for server_round in range(first_round, config.num_server_rounds + 1):
-            writer.add_round(run_round(grid, strategy, federation, writer, server_round, test),
+            writer.add_round(run_round(grid, strategy, federation, writer, server_round, test, clock),
                              write=False)
             # Checkpoint first: results.json never shows a round the checkpoint lacks, so whoever
             # sees round r finished can resume after it. (A crash in between reruns round r.)
@@ -117,6 +122,12 @@ class RoundFailed(RuntimeError):
 
 
 SETUP_ERRORS = (ConfigError, CheckpointError, DataError, ProfileError, StrategySetupError, NoDevicesError)
+
+
+def resumed_clock_s(checkpoint: dict[str, Any] | None) -> float:
+    """The emulated clock where a resumed run stopped (0 for a new run)."""
+    rounds = checkpoint["results"].get("rounds", []) if checkpoint else []
+    return float(rounds[-1].get("emulated_clock_s", 0.0)) if rounds else 0.0
 
 
 def refuse_to_overwrite(folder: Path) -> None:
@@ -289,24 +300,34 @@ def _test_batches(dataset: Dataset, config: RunConfig) -> Batches:
 
 
 def run_round(grid: Grid, strategy: Strategy, federation: Federation, writer: ResultsWriter,
-              server_round: int, test: Batches) -> dict[str, Any]:
-    """One round: plan -> send -> validate (`collect_valid_replies`) -> aggregate -> evaluate -> record."""
-    started = time.perf_counter()
-    outcomes, spent, failed = collect_valid_replies(grid, strategy, federation, writer, server_round)
-    left_out = left_out_reasons(strategy, federation, server_round)  # before aggregating moves ProFL on
+              server_round: int, test: Batches, clock: VirtualClock) -> dict[str, Any]:
+    """One round: plan -> send -> validate (`collect_valid_replies`, on the virtual clock) -> aggregate
+    -> evaluate -> record."""
+    started, started_cpu = time.perf_counter(), time.thread_time()
+    round_start_s = clock.now_s
+    outcomes, spent, failed, unavailable = collect_valid_replies(grid, strategy, federation, writer, server_round,
+                                                                 clock)
+    left_out = left_out_reasons(strategy, federation, server_round) | unavailable  # before ProFL moves on
     extras = strategy.aggregate_train(server_round, [o.update for o in outcomes if o.update])
     accuracy, loss, _ = evaluate(strategy.global_model(), test)
     record = round_record(federation, strategy, server_round, accuracy, loss, outcomes, spent, failed, extras,
-                          time.perf_counter() - started)
-    record["left_out_by_kind"] = left_out_by_kind(left_out.values())
+                          time.perf_counter() - started, unavailable)
+    record.update(emulated_round_s=clock.now_s - round_start_s, emulated_clock_s=clock.now_s,
+                  left_out_by_kind=left_out_by_kind(left_out.values()),
+                  server_rss_mb=psutil.Process().memory_info().rss / MIB,  # the ServerApp's memory now
+                  # CPU seconds of this thread, the ServerApp's own work: in simulation Flower's engine
+                  # runs in the same process, and `seconds` (wall) includes it and the clients' training.
+                  server_cpu_s=time.thread_time() - started_cpu)
     return record
 
 
 def collect_valid_replies(grid: Grid, strategy: Strategy, federation: Federation, writer: ResultsWriter,
-                          server_round: int) -> tuple[list[TaskOutcome], list[TaskOutcome], list[dict[str, Any]]]:
-    """Plan, send and validate the round; retry it (`round-retries`) while fewer than
-    `min-successful-clients` replies are valid. Returns (the accepted attempt's outcomes, the
-    outcomes of failed attempts, a description of each failed attempt); raises RoundFailed.
+                          server_round: int, clock: VirtualClock
+                          ) -> tuple[list[TaskOutcome], list[TaskOutcome], list[dict[str, Any]], dict[int, str]]:
+    """Plan, send and validate the round, each attempt settled on the virtual clock (emulated deadline,
+    dropouts); retry it (`round-retries`) while fewer than `min-successful-clients` replies are valid.
+    Returns (the accepted attempt's outcomes, the outcomes of failed attempts, a description of each
+    failed attempt, node -> why it was unavailable at the accepted attempt's start); raises RoundFailed.
 
     A failed attempt is never aggregated; its traffic still counts (it crossed the wire).
     """
@@ -315,10 +336,14 @@ def collect_valid_replies(grid: Grid, strategy: Strategy, federation: Federation
     spent: list[TaskOutcome] = []
     for attempt in range(1, config.round_retries + 2):
         refresh_devices(grid, strategy, federation, writer)
+        unavailable = {node: f"offline at emulated t = {clock.now_s:.1f} s (availability model)"
+                       for node in clock.offline_now([d for d in federation.devices if d.node_id in federation.online])}
+        federation.online -= set(unavailable)
         outcomes = run_tasks(grid, strategy, federation, server_round)
+        clock.advance(federation, outcomes)
         succeeded = sum(1 for o in outcomes if o.update)
         if succeeded >= config.min_successful_clients:
-            return outcomes, spent, failed
+            return outcomes, spent, failed, unavailable
         failed.append({"attempt": attempt, "planned": len(outcomes), "succeeded": succeeded,
                        "errors": {str(o.task.node_id): o.error for o in outcomes if o.error}})
         spent += outcomes
@@ -360,11 +385,12 @@ def send(grid: Grid, federation: Federation, tasks: list[TrainTask]) -> list[Tas
 
 def round_record(federation: Federation, strategy: Strategy, server_round: int, accuracy: float, loss: float,
                  outcomes: list[TaskOutcome], spent: list[TaskOutcome], failed: list[dict[str, Any]],
-                 extras: dict[str, Any], seconds: float) -> dict[str, Any]:
+                 extras: dict[str, Any], seconds: float, unavailable: dict[int, str]) -> dict[str, Any]:
     """The round as results.json records it (traffic includes failed attempts: it crossed the wire).
     The strategy's `extras` may add keys but never replace one the loop writes."""
     by_node = {o.task.node_id: o for o in outcomes}
-    clients = [client_record(federation, d, by_node.get(d.node_id), strategy.left_out.get(d.node_id))
+    clients = [client_record(federation, d, by_node.get(d.node_id),
+                             strategy.left_out.get(d.node_id) or unavailable.get(d.node_id))
                for d in federation.devices]
     clients += [client_record(federation, d, None, no_data_reason(federation.config)) for d in federation.idle]
     every = outcomes + spent
@@ -372,6 +398,7 @@ def round_record(federation: Federation, strategy: Strategy, server_round: int, 
               "bytes_down": sum(o.bytes_down for o in every), "bytes_up": sum(o.bytes_up for o in every),
               **traffic_by_kind(every), "participants": sum(c["participated"] for c in clients),
               "missed_deadline": sum(o.missed_deadline for o in outcomes),
+              "dropped_out": sum(o.dropped_out for o in outcomes),
               "rejected": sum(o.rejected for o in outcomes),
               "attempts": len(failed) + 1, "failed_attempts": failed,
               "offline": sorted(d.node_id for d in federation.devices if d.node_id not in federation.online),
@@ -437,7 +464,7 @@ def client_record(federation: Federation, device: Device, outcome: TaskOutcome |
         "fits_memory": price.fits_memory,
         "num_examples": examples if update else None, "train_loss": metrics.get("train-loss"),
         "bytes_down": outcome.bytes_down, "bytes_up": outcome.bytes_up,
-        "device_time_s": price.device_time_s,
+        "device_time_s": price.device_time_s if outcome.device_time_s is None else outcome.device_time_s,
         "submodel_accuracy": metrics.get("test-accuracy"),
     })
     return with_extras(record, outcome.task.info, "the strategy's TrainTask.info")
@@ -478,9 +505,12 @@ def left_out_reasons(strategy: Strategy, federation: Federation, server_round: i
 
 
 def left_out_kind(reason: str) -> str:
-    """What a left-out reason says falls short: "memory", "compute", "no data", or "other"."""
+    """What a left-out reason says falls short: "memory", "compute", "no data", "offline" (availability
+    model), or "other"."""
     if reason.startswith("holds no training data"):
         return "no data"
+    if reason.startswith("offline at emulated"):
+        return "offline"
     match = re.search(r"\b(memory|compute): ", reason)  # Federation.shortfall's wording
     return match.group(1) if match else "other"
 

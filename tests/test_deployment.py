@@ -33,6 +33,7 @@ from scripts.local_federation import (FederationError, LocalFederation, config_s
                                       run_local_federation, write_flower_config)
 from scripts.make_certs import make_certs
 from server_app.strategies import STRATEGIES
+from fl_app.results import load_results
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILES_DIR = REPO / "profiles"
@@ -59,7 +60,7 @@ def _explain(result) -> str:
 
 
 def _results(folder: Path) -> dict:
-    return json.loads((folder / "results.json").read_text())
+    return load_results(folder)
 
 
 @pytest.fixture(scope="class")

@@ -7,6 +7,7 @@ import pytest
 from tests.flwr_harness import flwr_simulation
 from tests.test_data import SHARED, needs_shared
 from tests.test_federation import run
+from fl_app.results import load_results
 
 pytestmark = pytest.mark.slow
 
@@ -15,7 +16,7 @@ def test_the_default_main_job_runs_under_flwr_run_and_records_every_round(tmp_pa
     out = tmp_path / "outputs"
     result = flwr_simulation(tmp_path, {"output-dir": str(out), "run-name": "main"}, num_supernodes=10)
     assert "completed" in result.status.lower() and "fail" not in result.status.lower(), result.log[-3000:]
-    results = json.loads((out / "main" / "results.json").read_text())
+    results = load_results(out / "main")
     assert results["status"] == "completed"
     assert len({d["profile"] for d in results["devices"]}) >= 3
     rounds = results["rounds"]

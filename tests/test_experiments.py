@@ -9,6 +9,7 @@ from experiments.__main__ import main
 from experiments.runner import StaleRun, run_grid, run_status
 from experiments.spec import SpecError, load_spec
 from experiments.summary import write_report
+from fl_app.results import load_results
 
 SPEC = """
 name = "tiny"
@@ -107,6 +108,6 @@ def test_a_real_grid_runs_then_skips_everything_on_a_second_call(tmp_path):
     path = write(tmp_path, SPEC.replace("seeds = [0, 1]", "seeds = [0]").replace("lr = [0.05, 0.1]", "lr = [0.05]")
                  .replace('strategies = ["fedavg", "heterofl"]', 'strategies = ["fedavg"]'))
     assert main([str(path)]) == 0
-    doc = json.loads((tmp_path / "out" / "runs" / "fedavg-lr=0.05-seed0" / "results.json").read_text())
+    doc = load_results(tmp_path / "out" / "runs" / "fedavg-lr=0.05-seed0")
     assert doc["status"] == "completed"
     assert [o.status for o in run_grid(load_spec(path))] == ["skipped"]

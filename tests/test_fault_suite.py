@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from scripts.local_federation import LocalFederation  # noqa: E402
+from fl_app.results import load_results
 
 PROFILES = ["laptop", "raspberry-pi-4", "jetson-nano"]
 JOB = {"strategy": "fedavg", "num-server-rounds": 3, "max-client-examples": 64, "test-size": 200,
@@ -31,7 +32,7 @@ RUN_TIMEOUT_S = 900
 
 
 def results(folder: Path) -> dict:
-    return json.loads((folder / "results.json").read_text())
+    return load_results(folder)
 
 
 def rounds_lost(doc: dict) -> int:

@@ -10,12 +10,13 @@ import torch
 from server_app.checkpoint import CHECKPOINT, load_checkpoint
 from server_app.server_app import RoundFailed
 from tests.test_federation import run
+from fl_app.results import load_results
 
 FAST = {"num-server-rounds": 3, "max-client-examples": 64, "public-size": 64, "test-size": 200}
 
 
 def results_of(tmp_path):
-    return json.loads((tmp_path / "run" / "results.json").read_text())
+    return load_results(tmp_path / "run")
 
 
 def dropping(nodes, attempts=None):

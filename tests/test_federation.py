@@ -14,6 +14,7 @@ from server_app.rounds import run_train_tasks
 from server_app.strategies.base import TrainTask
 from server_app.server_app import main
 from experiments.inprocess import InProcessGrid
+from fl_app.results import load_results
 
 
 def run(tmp_path, num_nodes=4, tamper=None, on_grid=None, node_config=None, **overrides):
@@ -24,7 +25,7 @@ def run(tmp_path, num_nodes=4, tamper=None, on_grid=None, node_config=None, **ov
     if on_grid:
         on_grid(grid)
     main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
-    return json.loads((tmp_path / "run" / "results.json").read_text()), grid
+    return load_results(tmp_path / "run"), grid
 
 
 def test_fedavg_records_devices_rounds_and_clients(tmp_path):

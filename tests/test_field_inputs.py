@@ -18,6 +18,7 @@ from fl_app.models import ModelSpec, build_model
 from fl_app.training import TrainConfig, distill, evaluate, train
 from server_app.server_app import main
 from experiments.inprocess import InProcessGrid
+from fl_app.results import load_results
 
 
 def _npz(path, n_train=40, n_test=10, shape=(8, 8), classes=3, **override):
@@ -36,12 +37,12 @@ def _run(tmp_path, num_nodes, **overrides):
               "run-name": "run", "public-size": 8, "max-client-examples": 16, "min-nodes": 2, **overrides}
     grid = InProcessGrid(config, num_nodes)
     main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
-    return json.loads((tmp_path / "run" / "results.json").read_text())
+    return load_results(tmp_path / "run")
 
 
 def _assert_stopped_before_training(tmp_path):
     """Nothing trained; results.json says so (issue #14 item 8)."""
-    doc = json.loads((tmp_path / "run" / "results.json").read_text())
+    doc = load_results(tmp_path / "run")
     assert doc["status"] == "failed" and doc["error"] and doc["rounds"] == [] and doc["stopped_before_training"]
 
 

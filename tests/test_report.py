@@ -22,17 +22,19 @@ import pytest
 from benchmarks.run_inprocess import run_inprocess
 from fl_app import report as fl_report
 from fl_app.report import ReportError, build_report, label_runs, load_run, main
-from fl_app.results import summarize
+from fl_app.results import load_results, summarize
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-BASE_FIGURES = {"accuracy_vs_round.png", "accuracy_vs_traffic.png", "accuracy_vs_device_time.png",
+BASE_FIGURES = {"accuracy_vs_round.png", "accuracy_vs_traffic.png", "accuracy_vs_emulated_time.png",
                 "memory_per_client.png", "devices_time.png"}
 DPI = 40  # small figures keep the module fast; the default (200) is exercised once by the CLI test
 
 
 def _write(folder: Path, doc: dict) -> Path:
+    """A derived run, written as one results.json with its rounds and devices inside (the format before
+    rounds.jsonl, which `load_results` still reads)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "results.json").write_text(json.dumps(doc))
+    (folder / "results.json").write_text(json.dumps({k: v for k, v in doc.items() if not k.endswith("_file")}))
     return folder
 
 
@@ -46,7 +48,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
                        "server-distill-epochs": 1, "output-dir": str(root), "run-name": strategy,
                        "device-mix": "raspberry-pi-3b-plus:1,laptop:1,workstation:1"}, 3)
         folders[strategy] = root / strategy
-    base = json.loads((folders["fedavg"] / "results.json").read_text())
+    base = load_results(folders["fedavg"])
 
     failed = copy.deepcopy(base)
     failed.update(status="failed", error="boom", rounds=failed["rounds"][:1])
@@ -95,7 +97,7 @@ def test_summary_csv_equals_numbers_computed_from_results(report, runs):
     rows = _csv_rows(files.summary_csv)
     assert [r["run"] for r in rows] == order
     for row, name in zip(rows, order):
-        doc = json.loads((runs[name] / "results.json").read_text())
+        doc = load_results(runs[name])
         rounds = doc["rounds"]
         clients = [c for r in rounds for c in r["clients"]]
         peaks = {}
@@ -109,7 +111,7 @@ def test_summary_csv_equals_numbers_computed_from_results(report, runs):
             "best_accuracy": max(r["accuracy"] for r in rounds),
             "total_mb_down": sum(r["bytes_down"] for r in rounds) / 1e6,
             "total_mb_up": sum(r["bytes_up"] for r in rounds) / 1e6,
-            "total_device_time_s": sum(max(c.get("device_time_s") or 0 for c in r["clients"]) for r in rounds),
+            "emulated_time_s": rounds[-1]["emulated_clock_s"],
             "peak_memory_mb_max": max(peaks.values()),
             "peak_memory_mb_median": statistics.median(peaks.values()),
             "distinct_participants": len({c["node_id"] for c in clients if c["participated"]}),
@@ -139,7 +141,7 @@ def test_failed_run_is_kept_and_marked(report, runs):
 
 
 def test_interrupted_run_is_marked_stopped(runs, tmp_path):
-    doc = json.loads((runs["fedavg"] / "results.json").read_text())
+    doc = load_results(runs["fedavg"])
     # A killed process never wrote "completed"; the rounds are cut by hand, so the summary is stale.
     doc.update(status="running", rounds=doc["rounds"][:1])
     folder = _write(tmp_path / "killed", doc)
@@ -215,7 +217,7 @@ def figures(monkeypatch):
 
 def _many_clients(runs, tmp_path, n=12) -> Path:
     """The real fedavg run with its devices and clients repeated to `n`, under Flower-sized node ids."""
-    doc = json.loads((runs["fedavg"] / "results.json").read_text())
+    doc = load_results(runs["fedavg"])
     devices, ids = [], {}
     for i in range(n):
         d = dict(doc["devices"][i % len(doc["devices"])])
@@ -285,7 +287,7 @@ def test_legends_and_summary_name_model_and_dataset(runs, tmp_path, figures):
                                                       ({}, "test_size", 7, "test-size"),
                                                       ({"dataset": "mnist"}, "data_dir", "/elsewhere", "data-dir")])
 def test_runs_evaluated_on_different_data_get_one_warning(runs, tmp_path, both, key, value, needle):
-    doc = json.loads((runs["fedavg"] / "results.json").read_text())
+    doc = load_results(runs["fedavg"])
     doc["config"].update(both)
     first = _write(tmp_path / "first", doc)
     doc["config"][key] = value
@@ -296,7 +298,7 @@ def test_runs_evaluated_on_different_data_get_one_warning(runs, tmp_path, both, 
 
 
 def test_the_warning_reaches_the_summary_and_the_command_line(runs, tmp_path, capsys):
-    doc = json.loads((runs["fedavg"] / "results.json").read_text())
+    doc = load_results(runs["fedavg"])
     doc["config"]["dataset"] = "mnist"
     other = _write(tmp_path / "other", doc)
     assert main([str(runs["fedavg"]), str(other), "--out", str(tmp_path / "cli"), "--dpi", str(DPI)]) == 0
@@ -306,7 +308,7 @@ def test_the_warning_reaches_the_summary_and_the_command_line(runs, tmp_path, ca
 
 
 def test_effective_movement_axis_only_where_it_was_computed(runs, tmp_path, figures):
-    doc = json.loads((runs["profl"] / "results.json").read_text())
+    doc = load_results(runs["profl"])
     for r in doc["rounds"]:
         r["effective_movement"] = None
     never = _write(tmp_path / "never", doc)
@@ -319,7 +321,7 @@ def test_effective_movement_axis_only_where_it_was_computed(runs, tmp_path, figu
 
 
 def test_reft_panel_shows_devices_that_were_left_out(runs, tmp_path, figures):
-    doc = json.loads((runs["reft"] / "results.json").read_text())
+    doc = load_results(runs["reft"])
     left = doc["devices"][0]["node_id"]
     for r in doc["rounds"]:
         for c in r["clients"]:

@@ -14,7 +14,7 @@ from flwr.app import Context, RecordDict
 from experiments.inprocess import InProcessGrid
 from fl_app.config import ConfigError, RunConfig
 from fl_app.data import DataError, evaluation_indices, federated_split, load_dataset, make_synthetic
-from fl_app.results import summarize
+from fl_app.results import load_results, summarize
 from server_app.server_app import NoDevicesError, _test_batches, main, progress_line
 from server_app.strategies import STRATEGIES
 from server_app.strategies.base import StrategySetupError
@@ -48,7 +48,7 @@ def _run(tmp_path, num_nodes, tamper=None, node_config=None, on_grid=None, **ove
 
 
 def _results(tmp_path, name="run"):
-    return json.loads((tmp_path / name / "results.json").read_text())
+    return load_results(tmp_path / name)
 
 
 def _trained(grid):

@@ -88,6 +88,7 @@ class Federation:
     # strategy plans, samples, sizes or averages for them (server_app.server_app.admit_devices).
     idle: list[Device] = field(default_factory=list)
     _ratios: dict[tuple[float, float], float | None] = field(default_factory=dict, init=False, repr=False)
+    _by_id: dict[int, Device] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.online = self.online or {d.node_id for d in self.devices}
@@ -96,7 +97,10 @@ class Federation:
         self.reference_gflops = max((d.profile.gflops for d in self.devices), default=1.0)
 
     def device(self, node_id: int) -> Device | None:
-        return next((d for d in self.devices if d.node_id == node_id), None)
+        """The device of `node_id` (None if it holds no data or is unknown); O(1): called per task."""
+        if len(self._by_id) != len(self.devices):  # devices only ever grow (nodes that join)
+            self._by_id = {d.node_id: d for d in self.devices}
+        return self._by_id.get(node_id)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
