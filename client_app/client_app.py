@@ -64,7 +64,7 @@ def _query(msg: Message, node: LocalNode) -> RecordDict:
     report = ConfigRecord({
         **profile_report(node.profile),
         "partition_id": node.partition_id, "num_partitions": node.num_partitions,
-        "num_examples": int(len(node.train_indices())),
+        "num_examples": node.num_examples,
     })
     return RecordDict({"device": report})
 
@@ -103,13 +103,12 @@ def _assemble(spec: ModelSpec, msg: Message, records: tuple[str, ...], context: 
 
 
 def _distill_soft_labels(model: torch.nn.Module, msg: Message, node: LocalNode, job: Job) -> None:
-    public = node.public_indices()
+    d = node.data
     teacher = decode(msg.content["soft-labels"])["logits"]
-    if teacher.shape != (len(public), job.model.num_classes):
+    if teacher.shape != (len(d.x_public), job.model.num_classes):
         raise JobError(f"soft labels have shape {tuple(teacher.shape)}, expected "
-                       f"({len(public)}, {job.model.num_classes}): one row per public example")
-    d = node.dataset
-    batches = Batches(d.x_train[public], teacher, d, job.train.batch_size, seed=job.round)
+                       f"({len(d.x_public)}, {job.model.num_classes}): one row per public example")
+    batches = Batches(d.x_public, teacher, d, job.train.batch_size, seed=job.round)
     distill(model, batches, job.train, job.distill_epochs, job.temperature)
 
 
@@ -130,8 +129,8 @@ def _train(msg: Message, node: LocalNode) -> RecordDict:
     if job.returns == "weights":
         content["weights"] = encode(reply_state(job, model.state_dict()), job.encoding)
     else:
-        d = node.dataset
-        public = d.normalize(d.x_train[node.public_indices()])
+        d = node.data
+        public = d.normalize(d.x_public)
         content["logits"] = encode({"logits": predict_logits(model, public)}, job.encoding)
     seconds, test = time.perf_counter() - start, None
     if job.evaluate:

@@ -1,4 +1,12 @@
-"""What a node knows about itself: its device profile, its run config and its data."""
+"""What a node knows about itself: its device profile, its run config and its data.
+
+A node reads and trains on its own rows only (`LocalNode.data`: its partition, the public slice,
+its test share), which `fl_app.data.node_data` keeps in an on-disk cache: a deployed node runs
+each message in a fresh process and would otherwise load the dataset and derive the split again
+every time. Node-config `cache-dir` (else environment variable FL_APP_CACHE_DIR, else
+~/.cache/fl-app/nodes) says where; "off" turns it off. The cache only saves time: its arrays are
+those a fresh derivation gives, and a stale or damaged file is derived again.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +18,8 @@ from flwr.app import ConfigRecord, Context
 
 from client_app.faults import Fault
 from fl_app.config import RunConfig
-from fl_app.data import Batches, Dataset, FederatedSplit, evaluation_indices, federated_split, load_dataset
-from fl_app.cost import full_training_peak_mb
+from fl_app.data import (Batches, DataError, Dataset, FederatedSplit, NodeData, evaluation_indices, federated_split,
+                         load_dataset, node_data, resolve_cache_dir)
 from fl_app.profiles import DeviceProfile, load_profile, pooled_profile, profile_for_partition, profile_from_dict
 
 
@@ -28,6 +36,7 @@ class LocalNode:
     data_dir: str
     context: Context
     faults: tuple[Fault, ...] = ()  # injected misbehaviour, for resilience tests (client_app/faults.py)
+    cache_dir: str = ""  # where its arrays are cached ("" = not cached; fl_app.data.resolve_cache_dir)
 
     @classmethod
     def from_context(cls, context: Context) -> LocalNode:
@@ -35,7 +44,7 @@ class LocalNode:
 
         Simulation gives only partition-id/num-partitions: the profile then comes from
         run-config `device-mix`. A deployed SuperNode sets `profile` (a profile name, a
-        .toml path, or "measure") and may set `data-dir`.
+        .toml path, or "measure") and may set `data-dir` and `cache-dir` (see the module doc).
         """
         config = RunConfig.from_mapping(dict(context.run_config))
         nc = dict(context.node_config)
@@ -50,7 +59,8 @@ class LocalNode:
         profile = (node_profile(str(nc["profile"]), context) if "profile" in nc
                    else profile_for_partition(config.device_mix, pid))
         faults = tuple(Fault.parse_all(str(nc["fault"]))) if nc.get("fault") else ()
-        node = cls(config, profile, pid, n, str(nc.get("data-dir", config.data_dir)), context, faults)
+        cache = resolve_cache_dir(str(nc["cache-dir"]) if "cache-dir" in nc else None)
+        node = cls(config, profile, pid, n, str(nc.get("data-dir", config.data_dir)), context, faults, cache)
         return node.with_pool_memory()
 
     def with_pool_memory(self) -> LocalNode:
@@ -61,14 +71,29 @@ class LocalNode:
         c = self.config
 
         def full_mb() -> float:
-            d = self.dataset
+            from fl_app.cost import full_training_peak_mb  # only for this pool: its import costs ~0.2 s a message
+
+            d = self.data
             return full_training_peak_mb(c.model, d.image_shape, d.num_classes, c.batch_size)
 
         profile = pooled_profile(self.profile, c.memory_pool, self.partition_id, c.seed, full_mb)
         return self if profile is self.profile else replace(self, profile=profile)
 
     @property
+    def data(self) -> NodeData:
+        """This node's rows: partition, public slice, test share (cached; see the module doc)."""
+        c = self.config
+        return node_data(c.dataset, self.data_dir, c.seed, self.num_partitions, self.partition_id, c.partition,
+                         c.dirichlet_alpha, c.shards_per_client, c.public_size, c.max_client_examples, c.test_size,
+                         self.cache_dir)
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.data.y_train)
+
+    @property
     def dataset(self) -> Dataset:
+        """The whole dataset (loaded, never cached on disk); the node's messages use `data`."""
         return load_dataset(self.config.dataset, self.data_dir, self.config.seed)
 
     @property
@@ -85,19 +110,23 @@ class LocalNode:
         return torch.from_numpy(self.split.public)
 
     def train_batches(self, batch_size: int, round_: int) -> Batches:
-        idx = self.train_indices()
-        d = self.dataset
-        return Batches(d.x_train[idx], d.y_train[idx], d, batch_size, shuffle=True,
+        d = self.data
+        return Batches(d.x_train, d.y_train, d, batch_size, shuffle=True,
                        seed=self.config.seed * 7919 + self.partition_id * 104729 + round_)
 
     def test_batches(self, batch_size: int = 256) -> Batches:
         """This node's share of the run's evaluation set (`test-size` of the test set, as the server
-        uses): every num-partitions-th example from partition-id. Empty when there are more nodes
-        than test examples; evaluating it then gives no accuracy (None), not 0.0."""
-        d, c = self.dataset, self.config
-        subset = evaluation_indices(len(d.y_test), c.test_size, c.seed)
-        idx = torch.from_numpy(subset[self.partition_id::self.num_partitions])
-        return Batches(d.x_test[idx], d.y_test[idx], d, batch_size, shuffle=False)
+        uses): every num-partitions-th example from partition-id (`fl_app.data.evaluation_indices`).
+        Empty when there are more nodes than test examples; evaluating it then gives no accuracy
+        (None), not 0.0."""
+        try:
+            d = self.data
+        except DataError:  # no valid split (e.g. public-size too large): the test share does not need one
+            full, c = self.dataset, self.config
+            subset = evaluation_indices(len(full.y_test), c.test_size, c.seed)
+            idx = torch.from_numpy(subset[self.partition_id::self.num_partitions])
+            return Batches(full.x_test[idx], full.y_test[idx], full, batch_size, shuffle=False)
+        return Batches(d.x_test, d.y_test, d, batch_size, shuffle=False)
 
 
 MEASURED = "measured-profile"  # context.state record: this node's measurement, taken once per run

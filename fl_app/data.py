@@ -12,12 +12,23 @@ Sources (run-config `dataset`):
   `cifar-10-batches-py/`, ...); `cifar10` also accepts `cifar10/cifar10_uint8.npz`;
 - `npz:<file>`: arrays x_train, y_train, x_test, y_test;
 - `imagefolder:<dir>`: `<dir>/train/<class>/*` and `<dir>/test/<class>/*` images.
+
+A node needs only its own arrays (its partition, the public slice, its test share): `node_data`
+cuts them and keeps them in an on-disk cache, so a deployed node, whose every message runs in a
+fresh process, does not load the dataset and derive the split again per message (see "a node's
+own arrays" below for the key, the location and how a bad file is handled).
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
+import json
+import logging
+import os
 import pickle
+import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -465,3 +476,208 @@ def federated_split(dataset: Dataset, num_partitions: int, scheme: str, seed: in
             idx = np.sort(np.random.default_rng(seed + len(clients)).permutation(idx)[:max_client_examples])
         clients.append(idx)
     return FederatedSplit(public, tuple(clients))
+
+
+# --- a node's own arrays, cached on disk -----------------------------------------------------
+#
+# A deployed SuperNode runs every message in a fresh ClientApp process: without a cache each one
+# loads the whole dataset (generating `synthetic` takes seconds) and derives the split again, to
+# keep a few of its rows. `node_data` derives them once and keeps them in `<cache dir>/node-<h>.npz`,
+# `h` the SHA-256 of a key holding everything that determines them: this module's source (the
+# split and the generator are code), the torch and numpy versions, the dataset name and data-dir,
+# path + size + mtime of every file the dataset is read from, seed, partition scheme,
+# dirichlet-alpha, shards-per-client, num-partitions, partition-id, public-size,
+# max-client-examples and test-size. The file stores its key and is used only if the key matches
+# and every array has the dtype and shape it must have; a truncated, corrupt or foreign file is
+# derived again and replaced, never trusted. Writes are atomic (a temporary file in the same
+# folder, fsynced, then renamed), so concurrent nodes leave one valid file. A folder that cannot
+# be written only costs the cache. Entries older than CACHE_MAX_AGE_DAYS are removed when a new
+# one is written.
+#
+# Location: node-config `cache-dir`, else environment variable FL_APP_CACHE_DIR, else
+# $XDG_CACHE_HOME/fl-app/nodes (~/.cache/fl-app/nodes); the value "off" turns the cache off.
+
+CACHE_ENV = "FL_APP_CACHE_DIR"
+CACHE_OFF = "off"
+CACHE_FORMAT = 1
+CACHE_MAX_AGE_DAYS = 30
+LOG = logging.getLogger("fl_app.data")
+
+
+@dataclass(frozen=True)
+class NodeData:
+    """The rows of the dataset one node uses: its partition, the public slice, its test share."""
+
+    x_train: torch.Tensor  # this node's partition (split.clients[partition_id]), uint8 (N, C, H, W)
+    y_train: torch.Tensor
+    x_public: torch.Tensor  # the public slice (split.public, in that order)
+    x_test: torch.Tensor  # this node's test share: evaluation_indices(...)[partition_id::num_partitions]
+    y_test: torch.Tensor
+    num_classes: int
+    mean: tuple[float, ...]  # the whole training set's, as in Dataset
+    std: tuple[float, ...]
+
+    image_shape = Dataset.image_shape
+    normalize = Dataset.normalize  # the same arithmetic as the full dataset's
+
+
+def resolve_cache_dir(value: str | None = None) -> str:
+    """The node cache folder: `value` (node-config `cache-dir`), else $FL_APP_CACHE_DIR, else
+    $XDG_CACHE_HOME/fl-app/nodes; "" when the chosen value is "off"."""
+    chosen = value if value is not None else os.environ.get(CACHE_ENV)
+    if chosen is None or chosen == "":
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return os.path.join(base, "fl-app", "nodes")
+    return "" if chosen.strip().lower() == CACHE_OFF else os.path.expanduser(chosen)
+
+
+@lru_cache(maxsize=32)
+def node_data(dataset: str, data_dir: str, seed: int, num_partitions: int, partition_id: int, scheme: str,
+              alpha: float, shards_per_client: int, public_size: int, max_client_examples: int, test_size: int,
+              cache: str = "") -> NodeData:
+    """Node `partition_id`'s arrays, from the cache folder `cache` ("" = no cache) when it holds them,
+    else derived (`derive_node_data`) and stored there. Equal to a fresh derivation either way."""
+    args = (dataset, data_dir, seed, num_partitions, partition_id, scheme, alpha, shards_per_client, public_size,
+            max_client_examples, test_size)
+    key = node_cache_key(*args) if cache else None
+    if key is None:
+        return derive_node_data(*args)
+    path = Path(cache) / f"node-{hashlib.sha256(key.encode()).hexdigest()[:40]}.npz"
+    found = read_node_cache(path, key)
+    if found is not None:
+        return found
+    # What is stored under `key` is read from the files `key` describes: loaded afresh (not from this
+    # process's memo, which may predate a change to them), and not stored if they changed meanwhile.
+    data = derive_node_data(*args, fresh=True)
+    if node_cache_key(*args) != key:
+        return data
+    try:
+        write_node_cache(path, key, data)
+    except OSError as exc:  # a read-only or full disk costs the cache, not the run
+        LOG.warning("node data cache not written (%s): %s", path, exc)
+    return data
+
+
+def derive_node_data(dataset: str, data_dir: str, seed: int, num_partitions: int, partition_id: int, scheme: str,
+                     alpha: float, shards_per_client: int, public_size: int, max_client_examples: int,
+                     test_size: int, fresh: bool = False) -> NodeData:
+    """Load the dataset, derive the federated split and cut this node's rows (no disk cache); `fresh`
+    bypasses the in-process memos of `load_dataset` and `federated_split` (and does not fill them)."""
+    load, split_of = (load_dataset.__wrapped__, federated_split.__wrapped__) if fresh else (load_dataset, federated_split)
+    d = load(dataset, data_dir, seed)
+    split = split_of(d, num_partitions, scheme, seed, alpha, shards_per_client, public_size, max_client_examples)
+    own = torch.from_numpy(split.clients[partition_id])
+    test = torch.from_numpy(evaluation_indices(len(d.y_test), test_size, seed)[partition_id::num_partitions])
+    return NodeData(d.x_train[own], d.y_train[own], d.x_train[torch.from_numpy(split.public)], d.x_test[test],
+                    d.y_test[test], d.num_classes, d.mean, d.std)
+
+
+def node_cache_key(dataset: str, data_dir: str, seed: int, num_partitions: int, partition_id: int, scheme: str,
+                   alpha: float, shards_per_client: int, public_size: int, max_client_examples: int,
+                   test_size: int) -> str | None:
+    """The cache key (JSON) of a node's arrays; None when the dataset's files cannot be listed (the
+    derivation then says what is missing)."""
+    sources = _source_files(dataset, data_dir)
+    if sources is None:
+        return None
+    return json.dumps({"format": CACHE_FORMAT, "code": _code_digest(), "torch": torch.__version__,
+                       "numpy": np.__version__, "dataset": dataset, "data_dir": data_dir, "sources": sources,
+                       "seed": seed, "partition": scheme, "dirichlet_alpha": alpha,
+                       "shards_per_client": shards_per_client, "num_partitions": num_partitions,
+                       "partition_id": partition_id, "public_size": public_size,
+                       "max_client_examples": max_client_examples, "test_size": test_size}, sort_keys=True)
+
+
+@lru_cache(maxsize=1)
+def _code_digest() -> str:
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
+def _source_files(dataset: str, data_dir: str) -> list[list] | None:
+    """[path, size, mtime_ns] of every file `dataset` may be read from; None if there are none."""
+    if dataset == "synthetic":
+        return []
+    folders = {"mnist": ("MNIST",), "fashion-mnist": ("FashionMNIST",), "cifar10": ("cifar-10-batches-py", "cifar10"),
+               "cifar100": ("cifar-100-python",)}
+    if dataset in folders:
+        if not data_dir:
+            return None
+        roots = [Path(data_dir).expanduser() / f for f in folders[dataset]]
+    elif dataset.startswith("npz:"):
+        roots = [Path(dataset[4:]).expanduser()]
+    elif dataset.startswith("imagefolder:"):
+        roots = [Path(dataset[12:]).expanduser()]
+    else:
+        return None
+    found = []
+    try:
+        for root in roots:
+            if root.is_file():
+                files = [root]
+            else:  # a folder (every file under it), or nothing at all
+                files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+            for f in files:
+                st = f.stat()
+                found.append([str(f), st.st_size, st.st_mtime_ns])
+    except OSError:
+        return None
+    return found or None
+
+
+_ARRAYS = {"x_train": (np.uint8, 4), "y_train": (np.int64, 1), "x_public": (np.uint8, 4), "x_test": (np.uint8, 4),
+           "y_test": (np.int64, 1), "mean": (np.float64, 1), "std": (np.float64, 1), "num_classes": (np.int64, 0)}
+
+
+def read_node_cache(path: Path, key: str) -> NodeData | None:
+    """The arrays stored at `path` under `key`; None if the file is missing, is for another key, or is
+    damaged in any way (it is then derived again and replaced)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["key"][()]) != key:
+                return None
+            a = {name: z[name] for name in _ARRAYS}
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # noqa: BLE001 - a truncated or corrupt zip raises many kinds; none may stop the node
+        LOG.warning("node data cache %s is unreadable (%s: %s); deriving it again", path, type(exc).__name__, exc)
+        return None
+    shapes_ok = (all(a[n].dtype == dt and a[n].ndim == nd for n, (dt, nd) in _ARRAYS.items())
+                 and len(a["x_train"]) == len(a["y_train"]) and len(a["x_test"]) == len(a["y_test"])
+                 and a["x_train"].shape[1:] == a["x_public"].shape[1:] == a["x_test"].shape[1:]
+                 and len(a["mean"]) == len(a["std"]) == a["x_train"].shape[1])
+    if not shapes_ok:
+        LOG.warning("node data cache %s does not hold what its key promises; deriving it again", path)
+        return None
+    return NodeData(torch.from_numpy(a["x_train"]), torch.from_numpy(a["y_train"]), torch.from_numpy(a["x_public"]),
+                    torch.from_numpy(a["x_test"]), torch.from_numpy(a["y_test"]), int(a["num_classes"]),
+                    tuple(a["mean"].tolist()), tuple(a["std"].tolist()))
+
+
+def write_node_cache(path: Path, key: str, data: NodeData) -> None:
+    """Store `data` at `path` atomically: whoever reads it sees the old file, the new one or none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, key=np.array(key), x_train=data.x_train.numpy(), y_train=data.y_train.numpy(),
+                     x_public=data.x_public.numpy(), x_test=data.x_test.numpy(), y_test=data.y_test.numpy(),
+                     mean=np.array(data.mean, np.float64), std=np.array(data.std, np.float64),
+                     num_classes=np.array(data.num_classes, np.int64))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _prune(path.parent, keep=path)
+
+
+def _prune(folder: Path, keep: Path) -> None:
+    """Remove entries (and temporary files of killed writers) older than CACHE_MAX_AGE_DAYS."""
+    limit = time.time() - CACHE_MAX_AGE_DAYS * 86400
+    for p in list(folder.glob("node-*.npz")) + list(folder.glob(".node-*.tmp")):
+        try:
+            if p != keep and p.stat().st_mtime < limit:
+                p.unlink()
+        except OSError:
+            pass
