@@ -14,6 +14,8 @@ come back as error replies that name the problem; the server records them.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import time
 
 import torch
@@ -34,6 +36,13 @@ from fl_app.units import MIB
 from fl_app.wire import decode, encode
 
 cpu_safety.apply()  # before any training: one thread on ARMv8.0 cores (Pi 3B+/4), see fl_app/cpu_safety.py
+
+# A deployed node runs every message in a fresh process that exits after replying. With torch (and the
+# torch._dynamo its optimizer imports) loaded, the interpreter's final garbage collections over all
+# those module objects took 1.3-1.8 s of CPU per message here (benchmarks/results/engines.txt), on a
+# device busy with the other nodes' work. Freezing the heap at exit skips them; nothing else changes
+# (the reply is already sent, atexit handlers and module teardown still run).
+atexit.register(gc.freeze)
 
 app = ClientApp()
 
