@@ -9,12 +9,17 @@ once with `flwr run` in simulation (tests/flwr_harness.py: 3 simulated SuperNode
 SuperNode processes on 127.0.0.1, profiles from node config). It prints the per-round wall seconds
 that results.json records in each ("seconds": plan, send, train, receive, aggregate, evaluate), their
 means and the ratio deployment / simulation, and each run's total wall time.
+
+Each engine gets its own empty node data cache (FL_APP_CACHE_DIR, fl_app/data.py), so neither starts
+warm: a node derives its arrays at its first message (the device query) and reads them afterwards,
+as a freshly deployed node does. `--cache-dir off` measures without the cache.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -24,6 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from fl_app.results import load_results  # noqa: E402
 from scripts.local_federation import run_local_federation  # noqa: E402
 from tests.flwr_harness import flwr_simulation  # noqa: E402
 
@@ -36,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategy", default="fedavg")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds for each of the two runs")
     parser.add_argument("--json", dest="json_out", default=None)
+    parser.add_argument("--cache-dir", default=None,
+                        help="node data cache for both runs: 'off', or a folder (default: an empty one per engine)")
     args = parser.parse_args(argv)
     config = {"strategy": args.strategy, "num-server-rounds": args.rounds, "max-client-examples": 64,
               "test-size": 200, "public-size": 100, "compute-slack": 20.0, "min-nodes": 3,
@@ -47,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
             work = tmp_path / engine
             work.mkdir()
             run_config = {**config, "output-dir": str(work / "out"), "run-name": engine}
+            cache = args.cache_dir or str(work / "node-cache")
+            os.environ["FL_APP_CACHE_DIR"] = cache  # inherited by every process the run starts
             start = time.monotonic()
             if engine == "simulation":
                 status = flwr_simulation(work, run_config, num_supernodes=len(PROFILES),
@@ -57,16 +67,18 @@ def main(argv: list[str] | None = None) -> int:
                 status, compute = result.status, result.info.get("compute-time", {})
             wall = time.monotonic() - start
             results = work / "out" / engine / "results.json"
-            doc = json.loads(results.read_text()) if results.is_file() else {"rounds": []}
+            doc = load_results(results.parent) if results.is_file() else {"rounds": []}
             seconds = [r["seconds"] for r in doc["rounds"]]
             out[engine] = {"status": status, "wall_s": wall, "round_seconds": seconds,
                            "mean_round_s": statistics.mean(seconds) if seconds else None,
-                           "devices": [d["profile"] for d in doc.get("devices", [])]}
+                           "devices": [d["profile"] for d in doc.get("devices", [])], "node_cache": cache,
+                           "node_cache_entries": len(list(Path(cache).glob("node-*.npz"))) if cache != "off" else 0}
             if engine == "deployment":
                 out[engine]["flwr_compute_time"] = compute  # serverapp-seconds, clientapp-seconds (all processes)
             print(f"{engine:10s} {status:22s} wall {wall:6.1f} s  rounds "
                   + ", ".join(f"{s:.2f}" for s in seconds) + " s"
-                  + (f"  (mean {out[engine]['mean_round_s']:.2f} s)" if seconds else ""), flush=True)
+                  + (f"  (mean {out[engine]['mean_round_s']:.2f} s)" if seconds else "")
+                  + f"  node cache: {out[engine]['node_cache_entries']} entries", flush=True)
     compute = out["deployment"].get("flwr_compute_time") or {}
     if compute:
         executions = len(PROFILES) * (1 + args.rounds)  # one device query, then one train job per round
