@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import local_federation as lf  # noqa: E402
+from fl_app.results import load_results
 
 CORES = {"cortex-a53": "raspberry-pi-3b-plus", "cortex-a72": "raspberry-pi-4", "cortex-a76": "raspberry-pi-5"}
 RUN_CONFIG = ("num-server-rounds=1 max-client-examples=32 test-size=100 public-size=100 min-nodes=3 "
@@ -47,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1500)
     args = parser.parse_args(argv)
     lf.STARTUP_TIMEOUT_S = 300.0  # an emulated SuperNode takes a while to import flwr
+    # Flower's 30 s for a ClientApp process to claim its task is shorter than `import flwr` under QEMU:
+    # the emulated processes get 600 s (scripts/pi_sitecustomize/sitecustomize.py says why).
+    os.environ["FL_FLWR_HEARTBEAT_S"] = "600"
     cores = list(CORES)
     out = Path(tempfile.mkdtemp(prefix="fl-emulate-pi-out-"))
     summary: dict = {"nodes": {c: CORES[c] for c in cores}, "rounds": {}, "errors": []}
@@ -58,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             logs = {c: fed.log_of(f"supernode-{i + 1}") for i, c in enumerate(cores)}
             if not result.status.endswith("completed"):
                 summary["node_log_tails"] = {c: log[-1500:] for c, log in logs.items()}
-        results = json.loads((out / "emulated-pi" / "results.json").read_text())
+        results = load_results(out / "emulated-pi")
         partition_of = {d["node_id"]: d["partition_id"] for d in results.get("devices", [])}
         for r in results.get("rounds", []):
             summary["round_seconds"] = r.get("seconds")

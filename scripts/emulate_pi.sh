@@ -124,7 +124,7 @@ exec unshare -m --propagation private bash -c '
   mount --bind $WORK/cpuinfo-'"\$core"' \$R/proc/cpuinfo
   mount --rbind /dev \$R/dev
   mount --bind $REPO \$R/opt/fl-app && mount -o remount,bind,ro \$R/opt/fl-app
-  export QEMU_CPU='"\$core"' PYTHONPATH=$SITE/torch-$TORCH:$SITE/common:/opt/fl-app PATH=$SITE/common/bin:/usr/bin:/bin
+  export QEMU_CPU='"\$core"' PYTHONPATH=/opt/fl-app/scripts/pi_sitecustomize:$SITE/torch-$TORCH:$SITE/common:/opt/fl-app PATH=$SITE/common/bin:/usr/bin:/bin
   export HOME=/tmp FLWR_HOME=/tmp/flwr-home-'"\$core"'
   exec /usr/sbin/chroot \$R "\$@"' pi_exec "\$@"
 EOF
