@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Collection
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Collection, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -113,58 +113,62 @@ def _measure(model: torch.nn.Module, image_shape: tuple[int, ...], trainable: tu
     state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     # Two batch sizes: the difference is per-sample; what does not scale (weights that
     # autograd also saves) cancels out. With checkpointing, per unit, then the largest.
-    flops2, saved2, macs2 = _count(model, image_shape, 2, trainable, checkpoint)
+    layer_io: list[int] = []
+    flops2, saved2, macs2 = _count(model, image_shape, 2, trainable, checkpoint, layer_io)
     flops4, saved4, macs4 = _count(model, image_shape, 4, trainable, checkpoint)
     activations = max((s4 - s2) / 2 for s2, s4 in zip(saved2, saved4))
     conv_weights = [4 * m.weight.numel() for m in model.modules()
                     if isinstance(m, torch.nn.Conv2d) and m.weight.requires_grad]
     return ModelCost(params, trainable_params, state_bytes, (macs4 - macs2) / 2,
-                     (flops4 - flops2) / 2, activations, _largest_layer_io(model, image_shape),
+                     (flops4 - flops2) / 2, activations, max(layer_io, default=0) / 2,
                      max((4 * p.numel() for p in model.parameters() if p.requires_grad), default=0),
                      3 * max(conv_weights, default=0) if checkpoint else 0)
 
 
-def _count(model: torch.nn.Module, image_shape: tuple[int, ...], batch: int,
-           trainable: tuple[int, ...] | None, checkpoint: bool) -> tuple[float, list[int], float]:
-    """(training FLOPs, bytes held for backward, forward MACs) of one batch. Bytes held: one
-    figure, or with checkpointing one per recomputed unit (`_checkpointed_held_bytes`)."""
+def _count(model: torch.nn.Module, image_shape: tuple[int, ...], batch: int, trainable: tuple[int, ...] | None,
+           checkpoint: bool, layer_io: list[int] | None = None) -> tuple[float, list[int], float]:
+    """(training FLOPs, bytes held for backward, forward MACs) of one training step on one batch.
+    Bytes held: one figure, or with checkpointing one per recomputed unit (`_checkpointed_held_bytes`).
+    With `layer_io`, every layer's input + output bytes in the forward are appended to it.
+
+    The forward and the backward are counted apart: the forward's FLOPs are twice the forward MACs,
+    both together the training FLOPs (with checkpointing, the recomputation in backward included).
+    Autograd does not change which counted ops (convolutions, matrix products) the forward runs, so
+    this forward counts what one without gradients would."""
     x = torch.zeros(batch, *image_shape, device="meta")
-    with FlopCounterMode(display=False) as fwd_counter:
-        with torch.no_grad():
-            forward(model, x, trainable)
     saved: dict[int, torch.Tensor] = {}
-    with FlopCounterMode(display=False) as counter:  # counts the recomputation too, if any
-        # Without checkpointing, what this forward saves for backward is the figure held.
-        with nullcontext() if checkpoint else _saving(saved):
-            out = forward(model, x, trainable, checkpoint)
+    # Without checkpointing, what this forward saves for backward is the figure held.
+    with (FlopCounterMode(display=False) as fwd_counter,
+          nullcontext() if checkpoint else _saving(saved),
+          nullcontext() if layer_io is None else _layer_io(model, layer_io)):
+        out = forward(model, x, trainable, checkpoint)
+    with FlopCounterMode(display=False) as bwd_counter:
         if out.requires_grad:
             out.sum().backward()
     held = _checkpointed_held_bytes(model, x, trainable) if checkpoint else [_nbytes(saved)]
-    return float(counter.get_total_flops()), held, fwd_counter.get_total_flops() / 2
+    forward_flops = fwd_counter.get_total_flops()
+    return float(forward_flops + bwd_counter.get_total_flops()), held, forward_flops / 2
 
 
-def _largest_layer_io(model: torch.nn.Module, image_shape: tuple[int, ...]) -> float:
-    """Per sample: the largest input + output of any single layer during a forward pass."""
-    largest = 0
-
+@contextmanager
+def _layer_io(model: torch.nn.Module, sizes: list[int]) -> Iterator[None]:
+    """Within it, every layer (leaf module) that runs appends to `sizes` the bytes of its input +
+    output, in-place layers (ReLU) their one tensor: a layer's working memory while it runs."""
     def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        nonlocal largest
         tensors = [t for t in (*inputs, output) if torch.is_tensor(t)]
         # An in-place layer (ReLU) writes into its input: count that memory once.
         size = sum(t.numel() * t.element_size() for t in {t.data_ptr() if t.device.type != "meta" else id(t): t
                                                              for t in tensors}.values())
         if getattr(module, "inplace", False):
             size = max(t.numel() * t.element_size() for t in tensors)
-        largest = max(largest, size)
+        sizes.append(size)
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if not any(True for _ in m.children())]
     try:
-        with torch.no_grad():
-            model(torch.zeros(2, *image_shape, device="meta"))  # 2: a BatchNorm on a 1x1 map needs two values
+        yield
     finally:
         for h in handles:
             h.remove()
-    return largest / 2
 
 
 def _saving(saved: dict[int, torch.Tensor], kept: torch.Tensor | None = None) -> AbstractContextManager:
