@@ -148,6 +148,15 @@ class _Wire:
             self._records[key] = encode(tensors, encoding)
         return self._records[key]
 
+    def _encoded_layout(self, layout: dict[str, tuple[tuple[int, ...], torch.dtype]], encoding: str) -> ArrayRecord:
+        """The record of zeros in `layout` (name -> shape, dtype), or the record of a message whose
+        tensors had that layout (a reply returning what it was sent is measured once)."""
+        key = (encoding, tuple((k, shape, dtype) for k, (shape, dtype) in layout.items()))
+        if key not in self._records:
+            self._records[key] = encode({k: torch.zeros(shape, dtype=dtype) for k, (shape, dtype) in layout.items()},
+                                        encoding)
+        return self._records[key]
+
     def size(self, content: RecordDict) -> tuple[int, dict[str, int]]:
         """(bytes of `content` as Flower serializes it, bytes per record)."""
         by_record = {}
@@ -178,13 +187,11 @@ class _Wire:
         """The bytes of a correct reply: the tensors the job returns, in its encoding, and the client's
         report (`fl_app.job.train_report`) for `examples`, with test metrics if the node has a test share."""
         job = task.job
-        expected = self.expected(task, public_size)
-        key = (job.encoding, tuple((k, shape, floating) for k, (shape, floating) in expected.items()))
-        if key not in self._records:
-            self._records[key] = encode({k: torch.zeros(shape, dtype=torch.float32 if floating else torch.int64)
-                                         for k, (shape, floating) in expected.items()}, job.encoding)
+        layout = {k: (shape, torch.float32 if floating else torch.int64)
+                  for k, (shape, floating) in self.expected(task, public_size).items()}
         report = train_report(examples, 0.0, 0.0, 0.0, (0.0, 0.0) if job.evaluate and test_share else None)
-        return self.size(RecordDict({job.returns: self._records[key], "report": MetricRecord(report)}))
+        return self.size(RecordDict({job.returns: self._encoded_layout(layout, job.encoding),
+                                     "report": MetricRecord(report)}))
 
 
 # --- planning one strategy ---------------------------------------------------------------------
