@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fl_app.cost import device_time_s, model_cost
-from fl_app.models import ModelSpec, build_model
+from fl_app.models import MODEL_NAMES, ModelSpec, build_model
 from fl_app.profiles import DeviceProfile
 from fl_app.training import TrainConfig, freeze_except, make_optimizer, measure_step
 
@@ -86,3 +86,27 @@ def test_cached_cost_equals_a_fresh_pricing_and_never_answers_for_other_argument
         assert cost == fresh == model_cost(spec, shape, trainable, checkpoint), (spec, shape, trainable)
     assert model_cost(resnet, (3, 32, 32), [3, 2]) is model_cost(resnet, (3, 32, 32), (2, 3))  # one entry
     assert _model_cost.cache_info().maxsize is not None  # bounded
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_flop_count_is_flop_counter_modes(name):
+    """fl_app.cost counts FLOPs with FlopCounterMode's rule, without its per-module table: the totals
+    must be FlopCounterMode's, forward and backward, with checkpointing and with exits."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fl_app.cost import _FlopCount
+    from fl_app.training import forward
+
+    spec = ModelSpec(name)
+    for spec, trainable, checkpoint in [(spec, None, False), (spec, [1], True),
+                                        (ModelSpec(name, exits=True), None, False)]:
+        with torch.device("meta"):
+            model = build_model(spec)
+        freeze_except(model, trainable)
+        x = torch.zeros(2, 3, 32, 32, device="meta")
+        totals = []
+        for counter in (FlopCounterMode(display=False), _FlopCount()):
+            with counter:
+                forward(model, x, trainable, checkpoint).sum().backward()
+            totals.append(counter.get_total_flops() if isinstance(counter, FlopCounterMode) else counter.flops)
+        assert totals[0] == totals[1] > 0, (spec, trainable, checkpoint)
