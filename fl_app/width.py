@@ -18,14 +18,15 @@ this file knows no model by name.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from functools import lru_cache
 
 import torch
 from torch import nn
 
 from fl_app.cost import model_cost
-from fl_app.models import Axis, ModelSpec
+from fl_app.models import Axis, ModelSpec, build_model
 
 ChannelMap = dict[str, list[int]]
 
@@ -189,21 +190,109 @@ def fit_ratio(spec: ModelSpec, image_shape: tuple[int, int, int], batch_size: in
 
     Training FLOPs and peak memory grow with the ratio, so a bisection finds it
     (to 1/1000); each candidate is priced by the cost model, no training needed.
+
+    Most candidates need no pricing. A submodel that keeps no more channels in any group costs no
+    more, so a priced ratio that fits settles every smaller one, and one that does not every larger
+    one. The bisection is first run on predicted costs (interpolated between priced ratios along
+    per-layer proxies, `_predicted`) and only its final bracket is priced: when the low end fits and
+    the high end does not, every decision on the way follows from those two, so the result is the
+    bisection's own. Otherwise the next try predicts from the new prices too; after the last, the
+    bisection prices every candidate the priced ones do not settle. Usually 2 pricings, not ~10.
     """
+    costs: dict[float, tuple[float, float]] = {}  # priced ratio -> (training FLOPs per sample, peak bytes)
+
+    def within(flops: float, peak: float) -> bool:
+        return flops <= max_train_flops and peak <= max_memory_bytes
+
     def fits(ratio: float) -> bool:
-        cost = model_cost(spec.with_widths(widths_at_ratio(spec, ratio)), image_shape)
-        return (cost.train_flops_per_sample <= max_train_flops
-                and cost.peak_train_bytes(batch_size, image_shape) <= max_memory_bytes)
+        if ratio not in costs:
+            cost = model_cost(spec.with_widths(widths_at_ratio(spec, ratio)), image_shape)
+            costs[ratio] = cost.train_flops_per_sample, cost.peak_train_bytes(batch_size, image_shape)
+        return within(*costs[ratio])
+
+    def settled(ratio: float) -> bool | None:
+        """What the priced ratios imply for `ratio`; None: nothing."""
+        if any(r >= ratio and within(*c) for r, c in costs.items()):
+            return True
+        if any(r <= ratio and not within(*c) for r, c in costs.items()):
+            return False
+        return None
+
+    def decide(ratio: float, otherwise: Callable[[float], bool]) -> bool:
+        known = settled(ratio)
+        return otherwise(ratio) if known is None else known
+
+    def guessed(ratio: float) -> bool:
+        return within(*_predicted(spec, image_shape, costs, ratio))
 
     if fits(1.0):
         return 1.0
     if not fits(min_ratio):
         return None
+    for _ in range(_TRIES):
+        low, high = _bisect(min_ratio, lambda r: decide(r, guessed))
+        if fits(low) and not fits(high):
+            return low
+    return _bisect(min_ratio, lambda r: decide(r, fits))[0]
+
+
+_TRIES = 3  # predicted bisections fit_ratio verifies before it bisects pricing what is not settled
+
+
+def _bisect(min_ratio: float, decide: Callable[[float], bool]) -> tuple[float, float]:
+    """fit_ratio's bisection over [min_ratio, 1] to 1/1000 with `decide` as the fit test: (low, high)."""
     low, high = min_ratio, 1.0
     while high - low > 1e-3:
         mid = (low + high) / 2
-        low, high = (mid, high) if fits(mid) else (low, mid)
-    return low
+        low, high = (mid, high) if decide(mid) else (low, mid)
+    return low, high
+
+
+def _predicted(spec: ModelSpec, image_shape: tuple[int, ...], costs: dict[float, tuple[float, float]],
+               ratio: float) -> tuple[float, float]:
+    """A guess at (training FLOPs per sample, peak bytes) at `ratio`, never a result: each interpolated
+    between the nearest priced ratios around it, linearly in a proxy that follows the channel counts
+    of that ratio (rounded up per group, so it steps where the cost steps): the sum over layers of
+    weight size x output positions for FLOPs, of output channels x output positions for memory."""
+    layers = _weight_layers(replace(spec, widths={}).to_json(), tuple(image_shape))
+
+    def proxies(r: float) -> tuple[int, int]:
+        widths = widths_at_ratio(spec, r)
+        sizes = [[d if isinstance(d, int) else widths[d[0]] * d[1] for d in dims] for _, dims in layers]
+        return (sum(positions * math.prod(s) for (positions, _), s in zip(layers, sizes)),
+                sum(positions * s[0] for (positions, _), s in zip(layers, sizes)))
+
+    below = max(r for r in costs if r < ratio)
+    above = min(r for r in costs if r > ratio)
+    at, lo, hi = proxies(ratio), proxies(below), proxies(above)
+    return tuple(costs[below][i] + (costs[above][i] - costs[below][i]) * (at[i] - lo[i]) / (hi[i] - lo[i])
+                 if hi[i] != lo[i] else costs[below][i] for i in (0, 1))  # type: ignore[return-value]
+
+
+@lru_cache(maxsize=64)
+def _weight_layers(spec_json: str, image_shape: tuple[int, ...]) -> tuple[tuple[int, tuple], ...]:
+    """Per convolution and linear layer of a model, at any width: its output positions per sample
+    (H x W; 1 for a linear layer) and its weight's dimensions, each a size or the (group, repeat) it
+    scales with. From one forward pass on the meta device; at most 64 architectures and input shapes."""
+    with torch.device("meta"):
+        model = build_model(ModelSpec.from_json(spec_json))
+    layers: list[tuple[int, tuple]] = []
+
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        axes = tuple(module.width_axes) + (None,) * (module.weight.dim() - len(module.width_axes))
+        dims = tuple(size if axis is None else (axis, 1) if isinstance(axis, str) else axis
+                     for size, axis in zip(module.weight.shape, axes))
+        layers.append((output.numel() // (output.shape[0] * output.shape[1]), dims))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear)) and getattr(m, "width_axes", None) is not None]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, *image_shape, device="meta"))
+    finally:
+        for h in handles:
+            h.remove()
+    return tuple(layers)
 
 
 def extract(model: nn.Module, ratio: float, by: str = "magnitude") -> Submodel:

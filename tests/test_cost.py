@@ -110,3 +110,36 @@ def test_flop_count_is_flop_counter_modes(name):
                 forward(model, x, trainable, checkpoint).sum().backward()
             totals.append(counter.get_total_flops() if isinstance(counter, FlopCounterMode) else counter.flops)
         assert totals[0] == totals[1] > 0, (spec, trainable, checkpoint)
+
+
+def test_fit_ratio_is_the_plain_bisections_result_with_fewer_pricings():
+    """fl_app.width.fit_ratio settles most bisection steps from a few priced ratios (a submodel that
+    keeps fewer channels costs no more); its answer must be the bisection's that prices every step,
+    for compute- and memory-bound budgets, budgets exactly at a submodel's cost, and none."""
+    from fl_app import width
+
+    def plain(spec, shape, batch, flops, memory, min_ratio):
+        def fits(ratio):
+            cost = model_cost(spec.with_widths(width.widths_at_ratio(spec, ratio)), shape)
+            return cost.train_flops_per_sample <= flops and cost.peak_train_bytes(batch, shape) <= memory
+        if fits(1.0):
+            return 1.0
+        if not fits(min_ratio):
+            return None
+        low, high = min_ratio, 1.0
+        while high - low > 1e-3:
+            mid = (low + high) / 2
+            low, high = (mid, high) if fits(mid) else (low, mid)
+        return low
+
+    for spec, shape in [(ModelSpec("cnn"), (3, 32, 32)), (ModelSpec("resnet18", 100, 1), (1, 28, 28))]:
+        full = model_cost(spec, shape)
+        at = model_cost(spec.with_widths(width.widths_at_ratio(spec, 0.3)), shape)
+        inf = float("inf")
+        budgets = [(full.train_flops_per_sample * share, inf) for share in (0.004, 0.05, 0.31, 0.9)]
+        budgets += [(inf, full.peak_train_bytes(32, shape) * share) for share in (0.01, 0.2, 0.5)]
+        budgets += [(at.train_flops_per_sample, inf), (inf, at.peak_train_bytes(32, shape)), (inf, inf), (0.0, inf),
+                    (full.train_flops_per_sample * 0.2, full.peak_train_bytes(32, shape) * 0.3)]
+        for flops, memory in budgets:
+            expected = plain(spec, shape, 32, flops, memory, 0.05)
+            assert width.fit_ratio(spec, shape, 32, flops, memory, 0.05) == expected, (spec.name, flops, memory)
