@@ -491,8 +491,9 @@ def federated_split(dataset: Dataset, num_partitions: int, scheme: str, seed: in
 # and every array has the dtype and shape it must have; a truncated, corrupt or foreign file is
 # derived again and replaced, never trusted. Writes are atomic (a temporary file in the same
 # folder, fsynced, then renamed), so concurrent nodes leave one valid file. A folder that cannot
-# be written only costs the cache. Entries older than CACHE_MAX_AGE_DAYS are removed when a new
-# one is written.
+# be written only costs the cache. When a new entry is written, entries older than
+# CACHE_MAX_AGE_DAYS are removed, then the oldest while the folder holds more than CACHE_MAX_BYTES
+# (a simulation writes one entry per node and run configuration too).
 #
 # Location: node-config `cache-dir`, else environment variable FL_APP_CACHE_DIR, else
 # $XDG_CACHE_HOME/fl-app/nodes (~/.cache/fl-app/nodes); the value "off" turns the cache off.
@@ -501,6 +502,7 @@ CACHE_ENV = "FL_APP_CACHE_DIR"
 CACHE_OFF = "off"
 CACHE_FORMAT = 1
 CACHE_MAX_AGE_DAYS = 30
+CACHE_MAX_BYTES = 2 * 2**30
 LOG = logging.getLogger("fl_app.data")
 
 
@@ -673,11 +675,23 @@ def write_node_cache(path: Path, key: str, data: NodeData) -> None:
 
 
 def _prune(folder: Path, keep: Path) -> None:
-    """Remove entries (and temporary files of killed writers) older than CACHE_MAX_AGE_DAYS."""
+    """Remove entries (and temporary files of killed writers) older than CACHE_MAX_AGE_DAYS, then the
+    oldest entries while all of them together exceed CACHE_MAX_BYTES (`keep`, just written, stays)."""
     limit = time.time() - CACHE_MAX_AGE_DAYS * 86400
+    entries = []
     for p in list(folder.glob("node-*.npz")) + list(folder.glob(".node-*.tmp")):
         try:
-            if p != keep and p.stat().st_mtime < limit:
+            st = p.stat()
+            if p != keep and st.st_mtime < limit:
                 p.unlink()
+            elif p.suffix == ".npz":
+                entries.append((st.st_mtime, st.st_size, p))
         except OSError:
-            pass
+            pass  # removed meanwhile by another node
+    total = sum(size for _, size, _ in entries)
+    for _, size, p in sorted(entries, key=lambda e: e[0]):
+        if total <= CACHE_MAX_BYTES:
+            break
+        if p != keep:
+            p.unlink(missing_ok=True)
+            total -= size

@@ -177,6 +177,47 @@ def test_an_unwritable_cache_costs_only_the_cache(tmp_path):
 _SHARED: dict = {}  # what the forked writers write (numpy only in the children: no torch thread pools after fork)
 
 
+def test_old_entries_and_the_oldest_beyond_the_size_cap_are_removed(tmp_path, monkeypatch):
+    name = _npz(tmp_path / "d.npz")
+    cache = tmp_path / "cache"
+    entry = {}
+    for pid in range(4):
+        before = set(_entries(cache)) if cache.exists() else set()
+        node_data(*_args(name, partition_id=pid), str(cache))
+        (entry[pid],) = set(_entries(cache)) - before
+    now = entry[0].stat().st_mtime
+    for pid, age_s in ((1, 3600), (2, 1800), (3, 600)):
+        os.utime(entry[pid], (now - age_s, now - age_s))
+    stale_tmp = cache / ".node-x.npz.abc.tmp"  # left by a writer that was killed
+    stale_tmp.write_bytes(b"partial")
+    os.utime(stale_tmp, (now - 40 * 86400, now - 40 * 86400))
+    size = {pid: p.stat().st_size for pid, p in entry.items()}
+    entry[0].unlink()  # partition 0 misses and is written anew
+    node_data.cache_clear()
+    # that write prunes: the temporary file by age; then, with room for three entries, the oldest
+    # (entry 1), never the one just written
+    monkeypatch.setattr(fl_data, "CACHE_MAX_BYTES", size[0] + size[2] + size[3])
+    node_data(*_args(name, partition_id=0), str(cache))
+    assert not stale_tmp.exists() and not entry[1].exists()
+    assert all(entry[pid].exists() for pid in (0, 2, 3))
+    monkeypatch.setattr(fl_data, "CACHE_MAX_BYTES", 1)
+    node_data(*_args(name, seed=9), str(cache))
+    assert len(_entries(cache)) == 1  # only the entry just written
+    node_data.cache_clear()
+    assert _equal(node_data(*_args(name, seed=9), str(cache)), derive_node_data(*_args(name, seed=9)))
+
+
+def test_an_entry_past_its_age_is_removed_when_another_is_written(tmp_path):
+    name = _npz(tmp_path / "d.npz")
+    cache = tmp_path / "cache"
+    node_data(*_args(name, partition_id=0), str(cache))
+    (old,) = _entries(cache)
+    past = old.stat().st_mtime - (fl_data.CACHE_MAX_AGE_DAYS + 1) * 86400
+    os.utime(old, (past, past))
+    node_data(*_args(name, partition_id=1), str(cache))
+    assert not old.exists() and len(_entries(cache)) == 1
+
+
 def _write_many(path: str, times: int) -> None:
     for _ in range(times):
         write_node_cache(Path(path), _SHARED["key"], _SHARED["data"])
