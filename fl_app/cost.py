@@ -87,14 +87,21 @@ def model_cost(spec: ModelSpec, image_shape: tuple[int, int, int],
     (`ModelSpec.exits`) is priced with its heads, and without checkpointing, as it trains."""
     key = None if trainable is None else tuple(sorted(trainable))
     checkpoint = checkpoint and not spec.exits
-    # Widths spelled out, so a full-width spec and one naming every full width price once.
-    return _model_cost(spec.with_widths(spec.resolved_widths()).to_json(), tuple(image_shape), key, checkpoint)
+    return _model_cost(_widths_spelled_out(spec.to_json()), tuple(image_shape), key, checkpoint)
+
+
+@lru_cache(maxsize=4096)
+def _widths_spelled_out(spec_json: str) -> str:
+    """The spec with every group's width named, so a full-width spec and one naming every full width
+    price once (at most 4096 specs remembered)."""
+    spec = ModelSpec.from_json(spec_json)
+    return spec.with_widths(spec.resolved_widths()).to_json()
 
 
 # Every distinct (spec, input shape, trainable blocks, checkpointing) is priced once per process:
 # the planner and the ServerApp size the same submodels many times (fit_ratio's bisection, every
 # strategy, every round). The key is all `_model_cost` reads, so a hit is exactly what pricing again
-# would give. At most 4096 entries (a ModelCost and its key, well under 1 kB each: under 4 MB).
+# would give. At most 4096 entries (a ModelCost and its key, about 1 kB each: a few MB).
 @lru_cache(maxsize=4096)
 def _model_cost(spec_json: str, image_shape: tuple[int, ...], trainable: tuple[int, ...] | None,
                 checkpoint: bool) -> ModelCost:
@@ -267,7 +274,8 @@ def _checkpointed_held_bytes(model: torch.nn.Module, x: torch.Tensor,
 # runs as usual. The FLOP counter and autograd sit above this cache and see the same ops and
 # tensors either way, so every count is unchanged (tests/test_cost.py compares with and without).
 
-_KERNEL_CACHE_SIZE = 8192  # entries; one is an op's input metadata and output layouts (< 2 kB): < 16 MB
+_KERNEL_CACHE_SIZE = 4096  # entries, least recently used dropped first; one is an op's input metadata and
+# output layouts, about 2 kB (at most 6 kB seen): a ResNet-18 plan of every strategy fills 856 (1.9 MB)
 _kernel_outputs: OrderedDict[tuple, Any] = OrderedDict()
 _kernel_lock = threading.Lock()
 _UNCACHEABLE = object()  # a key whose op returned something the cache cannot rebuild: always run it

@@ -143,3 +143,15 @@ def test_fit_ratio_is_the_plain_bisections_result_with_fewer_pricings():
         for flops, memory in budgets:
             expected = plain(spec, shape, 32, flops, memory, 0.05)
             assert width.fit_ratio(spec, shape, 32, flops, memory, 0.05) == expected, (spec.name, flops, memory)
+
+
+def test_meta_kernel_memo_stays_within_its_size_and_still_prices_exactly(monkeypatch):
+    from fl_app import cost
+
+    monkeypatch.setattr(cost, "_KERNEL_CACHE_SIZE", 50)
+    monkeypatch.setattr(cost, "_kernel_outputs", type(cost._kernel_outputs)())
+    spec = ModelSpec("cnn").with_widths({"conv1": 7, "conv2": 9, "fc1": 11})
+    for _ in range(2):  # the second time mostly from the memo
+        assert cost._price(spec, (3, 32, 32), None, False) == cost._price(spec, (3, 32, 32), None, False,
+                                                                          memoize_kernels=False)
+        assert len(cost._kernel_outputs) <= 50
