@@ -533,6 +533,18 @@ def resolve_cache_dir(value: str | None = None) -> str:
     return "" if chosen.strip().lower() == CACHE_OFF else os.path.expanduser(chosen)
 
 
+# Datasets this process's memos hold, with their files as loaded ([path, size, mtime_ns] each).
+_HELD: dict[tuple[str, str, int], list] = {}
+
+
+def forget_held_data() -> None:
+    """Empty this process's memos of datasets, splits and node rows (the next node reads the disk)."""
+    _HELD.clear()
+    node_data.cache_clear()
+    load_dataset.cache_clear()
+    federated_split.cache_clear()
+
+
 @lru_cache(maxsize=32)
 def node_data(dataset: str, data_dir: str, seed: int, num_partitions: int, partition_id: int, scheme: str,
               alpha: float, shards_per_client: int, public_size: int, max_client_examples: int, test_size: int,
@@ -541,18 +553,27 @@ def node_data(dataset: str, data_dir: str, seed: int, num_partitions: int, parti
     else derived (`derive_node_data`) and stored there. Equal to a fresh derivation either way."""
     args = (dataset, data_dir, seed, num_partitions, partition_id, scheme, alpha, shards_per_client, public_size,
             max_client_examples, test_size)
-    key = node_cache_key(*args) if cache else None
+    held = (dataset, data_dir, seed)
+    if not cache or (held in _HELD and _HELD[held] == _source_files(dataset, data_dir)):
+        # This process already holds the dataset, loaded from the files as they are now: a long-lived
+        # process serving many nodes (a simulation) cuts every node's rows from memory, and writes no
+        # cache entry per node; the disk cache is for a node's fresh process per message.
+        return derive_node_data(*args)
+    key = node_cache_key(*args)
     if key is None:
         return derive_node_data(*args)
     path = Path(cache) / f"node-{hashlib.sha256(key.encode()).hexdigest()[:40]}.npz"
     found = read_node_cache(path, key)
     if found is not None:
         return found
-    # What is stored under `key` is read from the files `key` describes: loaded afresh (not from this
-    # process's memo, which may predate a change to them), and not stored if they changed meanwhile.
-    data = derive_node_data(*args, fresh=True)
+    # What is stored under `key` is read from the files `key` describes: loaded afresh into this
+    # process's memos (which may predate a change to them), and not stored if they changed meanwhile.
+    load_dataset.cache_clear()
+    federated_split.cache_clear()
+    data = derive_node_data(*args)
     if node_cache_key(*args) != key:
         return data
+    _HELD[held] = json.loads(key)["sources"]
     try:
         write_node_cache(path, key, data)
     except OSError as exc:  # a read-only or full disk costs the cache, not the run

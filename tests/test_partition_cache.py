@@ -13,10 +13,17 @@ from flwr.app import Context, RecordDict
 
 from client_app.node import LocalNode
 from fl_app import data as fl_data
-from fl_app.data import (derive_node_data, evaluation_indices, federated_split, load_dataset, node_cache_key,
+from fl_app.data import (derive_node_data, evaluation_indices, federated_split, forget_held_data, load_dataset,
+                         node_cache_key,
                          node_data, read_node_cache, resolve_cache_dir, write_node_cache)
 
 FIELDS = ("x_train", "y_train", "x_public", "x_test", "y_test")
+
+
+def node_message(*args):
+    """`node_data` as a deployed node's message calls it: in a fresh process, nothing held in memory."""
+    forget_held_data()
+    return node_data(*args)
 
 
 def _npz(path: Path, seed: int = 0, n_train: int = 300, n_test: int = 60) -> str:
@@ -45,9 +52,9 @@ def _entries(folder: Path) -> list[Path]:
 
 @pytest.fixture(autouse=True)
 def _fresh_memo():
-    node_data.cache_clear()  # the in-process memo would hide the disk
+    forget_held_data()  # the in-process memo would hide the disk
     yield
-    node_data.cache_clear()
+    forget_held_data()
 
 
 def test_cache_returns_arrays_equal_to_a_fresh_derivation(tmp_path, monkeypatch):
@@ -64,12 +71,12 @@ def test_cache_returns_arrays_equal_to_a_fresh_derivation(tmp_path, monkeypatch)
         assert torch.equal(fresh.x_train, d.x_train[torch.from_numpy(split.clients[pid])])
         assert torch.equal(fresh.x_public, d.x_train[torch.from_numpy(split.public)])
         assert torch.equal(fresh.y_test, d.y_test[test])
-        assert _equal(node_data(*args, str(cache)), fresh)  # derived, then written
+        assert _equal(node_message(*args, str(cache)), fresh)  # derived, then written
     assert len(_entries(cache)) == 4
-    node_data.cache_clear()
+    forget_held_data()
     monkeypatch.setattr(fl_data, "derive_node_data", lambda *a: pytest.fail("a cache hit must not derive"))
     for pid in range(4):
-        hit = node_data(*_args(name, partition_id=pid), str(cache))
+        hit = node_message(*_args(name, partition_id=pid), str(cache))
         assert _equal(hit, derived[pid])
         assert hit.image_shape == (3, 8, 8)
         assert torch.equal(hit.normalize(hit.x_train), load_dataset(name, "", 3).normalize(hit.x_train))
@@ -78,7 +85,7 @@ def test_cache_returns_arrays_equal_to_a_fresh_derivation(tmp_path, monkeypatch)
 def test_a_hit_equals_a_fresh_derivation_for_synthetic_data(tmp_path):
     args = ("synthetic", "", 0, 3, 2, "iid", 0.5, 2, 100, 64, 200)
     first = node_data(*args, str(tmp_path))
-    node_data.cache_clear()
+    forget_held_data()
     assert _equal(node_data(*args, str(tmp_path)), derive_node_data(*args)) and _equal(first, derive_node_data(*args))
 
 
@@ -107,11 +114,11 @@ def test_changed_data_are_derived_again_not_served_stale(tmp_path):
     before = node_data(*_args(name), cache)
     _npz(path, seed=5)  # same shapes and size, new pixels and labels
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # even on a coarse clock
-    node_data.cache_clear()  # load_dataset's memo still holds the old arrays: they must not be stored
+    forget_held_data()  # load_dataset's memo still holds the old arrays: they must not be stored
     after = node_data(*_args(name), cache)
     assert not torch.equal(before.x_train, after.x_train)
     assert _equal(after, derive_node_data(*_args(name), fresh=True))
-    node_data.cache_clear()
+    forget_held_data()
     assert _equal(node_data(*_args(name), cache), after)  # and what was stored is the new data
 
 
@@ -150,21 +157,32 @@ def test_a_damaged_cache_file_is_derived_again_and_replaced(tmp_path, how):
     fresh = node_data(*_args(name), str(cache))
     (entry,) = _entries(cache)
     _damage(entry, how)
-    node_data.cache_clear()
+    forget_held_data()
     assert _equal(node_data(*_args(name), str(cache)), fresh)  # no error, the right arrays
     assert read_node_cache(entry, node_cache_key(*_args(name))) is not None  # and the file is good again
+
+
+def test_a_process_that_holds_the_dataset_serves_more_nodes_from_memory_not_the_disk(tmp_path, monkeypatch):
+    """A simulation: one long-lived process answers for many nodes; one cache entry, not one per node."""
+    name = _npz(tmp_path / "d.npz")
+    cache = tmp_path / "cache"
+    node_message(*_args(name, partition_id=0), str(cache))
+    monkeypatch.setattr(fl_data, "read_node_cache", lambda *a: pytest.fail("a held dataset must not read the disk"))
+    for pid in (1, 2, 3):
+        assert _equal(node_data(*_args(name, partition_id=pid), str(cache)), derive_node_data(*_args(name, partition_id=pid)))
+    assert len(_entries(cache)) == 1
 
 
 def test_a_file_stored_under_another_key_is_not_used(tmp_path):
     name = _npz(tmp_path / "d.npz")
     cache = tmp_path / "cache"
-    node_data(*_args(name, partition_id=0), str(cache))
-    node_data(*_args(name, partition_id=1), str(cache))
+    node_message(*_args(name, partition_id=0), str(cache))
+    node_message(*_args(name, partition_id=1), str(cache))
     a, b = _entries(cache)
     b.write_bytes(a.read_bytes())  # one node's file where the other's belongs
-    node_data.cache_clear()
+    forget_held_data()
     for pid in (0, 1):
-        assert _equal(node_data(*_args(name, partition_id=pid), str(cache)), derive_node_data(*_args(name, partition_id=pid)))
+        assert _equal(node_message(*_args(name, partition_id=pid), str(cache)), derive_node_data(*_args(name, partition_id=pid)))
 
 
 def test_an_unwritable_cache_costs_only_the_cache(tmp_path):
@@ -183,7 +201,7 @@ def test_old_entries_and_the_oldest_beyond_the_size_cap_are_removed(tmp_path, mo
     entry = {}
     for pid in range(4):
         before = set(_entries(cache)) if cache.exists() else set()
-        node_data(*_args(name, partition_id=pid), str(cache))
+        node_message(*_args(name, partition_id=pid), str(cache))
         (entry[pid],) = set(_entries(cache)) - before
     now = entry[0].stat().st_mtime
     for pid, age_s in ((1, 3600), (2, 1800), (3, 600)):
@@ -193,28 +211,28 @@ def test_old_entries_and_the_oldest_beyond_the_size_cap_are_removed(tmp_path, mo
     os.utime(stale_tmp, (now - 40 * 86400, now - 40 * 86400))
     size = {pid: p.stat().st_size for pid, p in entry.items()}
     entry[0].unlink()  # partition 0 misses and is written anew
-    node_data.cache_clear()
+    forget_held_data()
     # that write prunes: the temporary file by age; then, with room for three entries, the oldest
     # (entry 1), never the one just written
     monkeypatch.setattr(fl_data, "CACHE_MAX_BYTES", size[0] + size[2] + size[3])
-    node_data(*_args(name, partition_id=0), str(cache))
+    node_message(*_args(name, partition_id=0), str(cache))
     assert not stale_tmp.exists() and not entry[1].exists()
     assert all(entry[pid].exists() for pid in (0, 2, 3))
     monkeypatch.setattr(fl_data, "CACHE_MAX_BYTES", 1)
-    node_data(*_args(name, seed=9), str(cache))
+    node_message(*_args(name, seed=9), str(cache))
     assert len(_entries(cache)) == 1  # only the entry just written
-    node_data.cache_clear()
-    assert _equal(node_data(*_args(name, seed=9), str(cache)), derive_node_data(*_args(name, seed=9)))
+    forget_held_data()
+    assert _equal(node_message(*_args(name, seed=9), str(cache)), derive_node_data(*_args(name, seed=9)))
 
 
 def test_an_entry_past_its_age_is_removed_when_another_is_written(tmp_path):
     name = _npz(tmp_path / "d.npz")
     cache = tmp_path / "cache"
-    node_data(*_args(name, partition_id=0), str(cache))
+    node_message(*_args(name, partition_id=0), str(cache))
     (old,) = _entries(cache)
     past = old.stat().st_mtime - (fl_data.CACHE_MAX_AGE_DAYS + 1) * 86400
     os.utime(old, (past, past))
-    node_data(*_args(name, partition_id=1), str(cache))
+    node_message(*_args(name, partition_id=1), str(cache))
     assert not old.exists() and len(_entries(cache)) == 1
 
 
@@ -273,6 +291,6 @@ def test_a_node_reads_its_rows_through_the_cache_it_is_configured_with(tmp_path,
     batches = node.test_batches()
     assert torch.equal(batches.x, node.data.x_test) and len(batches) == len(range(1, 30, 4))
     monkeypatch.setenv(fl_data.CACHE_ENV, "off")
-    node_data.cache_clear()
+    forget_held_data()
     off = _node(run_config)
     assert off.cache_dir == "" and _equal(off.data, node.data)
