@@ -226,29 +226,30 @@ class StrategyPlan:
     rounds: list[list[TaskPlan]] = field(default_factory=list)  # per round, the planned tasks
     absent: list[dict[int, str]] = field(default_factory=list)  # per round, node -> why it has no task
     profl_steps: dict[int, list[tuple[str, str | None]]] = field(default_factory=dict)  # node -> (step, shortfall)
-    round_timeout: float = 0.0
+    deadline_s: float = 0.0  # run-config emulated-deadline: emulated seconds, 0 = none
 
     def task(self, node_id: int, server_round: int = 1) -> TaskPlan | None:
         return next((t for t in self.rounds[server_round - 1] if t.node_id == node_id), None) if self.rounds else None
 
     def round_summary(self, server_round: int) -> dict[str, Any]:
         """Participants, traffic and duration of a round: the slowest participant's device time, and
-        under `round-timeout` the deadline (devices slower than it miss the round)."""
+        under `emulated-deadline` the deadline (devices slower than it miss the round, as the run's
+        virtual clock, server_app/clock.py, decides)."""
         tasks = self.rounds[server_round - 1]
         slowest = max(tasks, key=lambda t: t.price.device_time_s, default=None)
         seconds = slowest.price.device_time_s if slowest else 0.0
-        missed = [t.node_id for t in tasks if self.round_timeout and t.price.device_time_s > self.round_timeout]
+        missed = [t.node_id for t in tasks if self.deadline_s and t.price.device_time_s > self.deadline_s]
         return {"round": server_round, "participants": len(tasks),
                 "bytes_down": sum(t.bytes_down for t in tasks), "bytes_up": sum(t.bytes_up for t in tasks),
                 "seconds": seconds, "slowest_node": slowest.node_id if slowest else None,
-                "seconds_under_deadline": (min(seconds, self.round_timeout) if self.round_timeout else None),
+                "seconds_under_deadline": (min(seconds, self.deadline_s) if self.deadline_s else None),
                 "missed_deadline": missed,
                 "step": next((t.label for t in tasks if "stage" in t.info), None)}
 
     def summary(self) -> dict[str, Any]:
         rounds = [self.round_summary(r) for r in range(1, len(self.rounds) + 1)]
         later = rounds[1:]
-        key = "seconds_under_deadline" if self.round_timeout else "seconds"
+        key = "seconds_under_deadline" if self.deadline_s else "seconds"
         return {
             "rounds": rounds,
             "traffic_after_setup": None if not later else {
@@ -324,7 +325,7 @@ def plan_strategy(name: str, config: RunConfig, devices: list[Device], dataset: 
     fold = name not in FOLD_FREE if fold is None else fold
     wire = wire or _Wire()
     config = replace(config, strategy=name)
-    plan = StrategyPlan(name, round_timeout=config.round_timeout)
+    plan = StrategyPlan(name, deadline_s=config.emulated_deadline)
     federation = Federation(config, list(devices), dataset, np.random.default_rng(config.seed))
     try:
         strategy = STRATEGIES[name](federation)
@@ -509,7 +510,7 @@ def format_plan(plan: Plan) -> str:
         f"{len(plan.devices)} nodes, {c.num_server_rounds} rounds, {c.local_epochs} local epoch(s), batch {c.batch_size}, "
         f"encoding {c.encoding}, constraints {c.constraints}, compute-slack {c.compute_slack:g}"
         + (f", memory-pool {c.memory_pool}" if c.memory_pool else "")
-        + (f", round-timeout {c.round_timeout:g} s" if c.round_timeout else ""),
+        + (f", emulated-deadline {c.emulated_deadline:g} s" if c.emulated_deadline else ""),
         "Traffic in MB of 10^6 bytes, memory in MB of 2^20 bytes, times in seconds (emulated device time).",
         "", f"{'nodes':<9}{'profile':<24}{'GFLOPS':>8}{'memory MB':>11}{'down/up Mbit/s':>16}{'examples':>10}"]
     for group, _ in _group([(dev, (dev.profile.name, dev.profile.memory_mb)) for dev in plan.devices]):
@@ -534,8 +535,8 @@ def _format_strategy(plan: Plan, s: StrategyPlan) -> list[str]:
     head = (f"== {s.name}: {taking}/{len(plan.devices)} devices take part ({first['participants']} in round 1); "
             f"round 1 takes {_sec(first['seconds'])} s on the slowest"
             + (f" (node {slow.node_id}, {slow.profile.name})" if slow else ""))
-    if s.round_timeout:
-        head += (f"; under the {s.round_timeout:g} s deadline {_sec(first['seconds_under_deadline'])} s, "
+    if s.deadline_s:
+        head += (f"; under the {s.deadline_s:g} s emulated deadline {_sec(first['seconds_under_deadline'])} s, "
                  f"{len(first['missed_deadline'])} would miss it")
     after = summary["traffic_after_setup"]
     total = summary["total"]

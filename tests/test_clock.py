@@ -144,3 +144,16 @@ def test_the_report_gives_time_to_accuracy_on_the_virtual_clock(tmp_path):
     assert time_to_accuracy(loaded, 0.01) == pytest.approx(loaded.rounds[0]["emulated_clock_s"])
     assert time_to_accuracy(loaded, 1.01) is None
     assert "to target s" in files.summary_md.read_text()
+
+
+def test_the_planner_predicts_who_misses_the_emulated_deadline(tmp_path):
+    from server_app.plan import make_plan
+
+    config = {"device-mix": PI_AND_LAPTOP, "public-size": 50, "max-client-examples": 64, "test-size": 100,
+              "num-server-rounds": 1, "emulated-deadline": 1.0}
+    results = run(tmp_path, **config)
+    planned = make_plan(config, strategies=["fedavg"]).strategies[0].round_summary(1)
+    recorded = results["rounds"][0]
+    missed = {c["node_id"] for c in recorded["clients"] if c["error"] and "emulated deadline" in c["error"]}
+    assert missed and set(planned["missed_deadline"]) == missed
+    assert planned["seconds_under_deadline"] == recorded["emulated_round_s"] == 1.0

@@ -73,7 +73,7 @@ def assert_exit_2(capsys, argv, expected):
 
 def test_cli_writes_json_and_figure_for_known_shapes_without_reading_images(tmp_path, capsys):
     assert main(["--strategies", "fedavg,exclusivefl", "--device-mix", "raspberry-pi-4:2,laptop",
-                 "--run-config", "dataset='cifar100' num-server-rounds=2 round-timeout=60",
+                 "--run-config", "dataset='cifar100' num-server-rounds=2 emulated-deadline=60",
                  "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "known sizes, images not read" in out and "== exclusivefl" in out
