@@ -13,6 +13,14 @@ means and the ratio deployment / simulation, and each run's total wall time.
 Each engine gets its own empty node data cache (FL_APP_CACHE_DIR, fl_app/data.py), so neither starts
 warm: a node derives its arrays at its first message (the device query) and reads them afterwards,
 as a freshly deployed node does. `--cache-dir off` measures without the cache.
+
+    python scripts/compare_engines.py --breakdown [--repeat 3]
+
+instead times the steps of one deployment message, each in a fresh process as `flwr-clientapp` runs
+it, alone on the machine: the Flower runtime's imports, the ClientApp's import, the node's data, model
+build, the first optimizer (which imports torch._dynamo), training, the reply's encoding, and the
+interpreter's exit; a query and a train message with an empty node cache, then both again with it
+filled. The process's start is the whole wall time less the steps and the exit.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +44,108 @@ from tests.flwr_harness import flwr_simulation  # noqa: E402
 
 PROFILES = ("raspberry-pi-4", "laptop", "jetson-nano")
 
+# One message's steps, timed inside a fresh process (argv[1]: query or train). It calls the ClientApp's
+# own functions in the order a message runs them; a tree without the node cache (LocalNode.data) is
+# timed through LocalNode.dataset and the split instead, so the same code measures a checkout before it.
+STEPS = r"""
+import sys, time
+t0 = time.perf_counter(); rows = []
+def mark(name):
+    global t0
+    t = time.perf_counter(); rows.append((name, t - t0)); t0 = t
+kind = sys.argv[1]
+import flwr.supernode.runtime.run_clientapp
+mark("import flwr-clientapp runtime")
+import client_app.client_app as ca
+mark("import client_app.client_app (torch, fl_app)")
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+run_config = {"strategy": "fedavg", "num-server-rounds": 2, "max-client-examples": 64, "test-size": 200,
+              "public-size": 100, "compute-slack": 20.0, "min-nodes": 3,
+              "device-mix": "raspberry-pi-4:1,laptop:1,jetson-nano:1"}
+ctx = Context(run_id=1, node_id=1, state=RecordDict(), run_config=run_config,
+              node_config={"partition-id": 0, "num-partitions": 3, "profile": "raspberry-pi-4"})
+if kind == "train":
+    from fl_app.job import Job, reply_state
+    from fl_app.models import ModelSpec, build_model
+    from fl_app.training import TrainConfig, make_optimizer
+    from fl_app.wire import encode
+    job = Job(round=1, model=ModelSpec("cnn"), train=TrainConfig(), enforce_memory=False)
+    msg = Message(RecordDict({"job": ConfigRecord({"json": job.to_json()}),
+                              "weights": encode(build_model(job.model).state_dict())}), dst_node_id=1,
+                  message_type="train")
+else:
+    msg = Message(RecordDict(), dst_node_id=1, message_type="query")
+t0 = time.perf_counter()  # building the message is not part of one
+node = ca.LocalNode.from_context(ctx)
+mark("node from context (run config, profile)")
+if hasattr(node, "data"):
+    node.num_examples
+    mark("node data (node cache)")
+else:
+    node.dataset
+    mark("dataset load")
+    node.train_indices()
+    mark("federated split")
+if kind == "train":
+    job, model = ca._load_job_model(msg, ctx)
+    mark("job decode, model build, weights load")
+    make_optimizer(model, job.train)
+    mark("first optimizer (imports torch._dynamo)")
+    result = ca.train(model, ca.LocalNode.from_context(ctx).train_batches(job.train.batch_size, job.round),
+                      job.train, job.trainable, None)
+    mark(f"training ({result.num_examples} examples, 1st step profiled)")
+    ca.encode(reply_state(job, model.state_dict()), job.encoding)
+    mark("encode the reply")
+for name, seconds in rows:
+    print(f"ROW {name}\t{seconds:.4f}")
+print(f"END {time.time():.6f}", flush=True)
+"""
+
+
+def breakdown(repeat: int) -> int:
+    """Print the steps of a query and a train message, each in a fresh process, as medians (and ranges)
+    over `repeat` processes (see the module doc)."""
+    print(f"one message's steps, fresh process each, median [min-max] of {repeat}; load average at start "
+          f"{' '.join(open('/proc/loadavg').read().split()[:3])}")
+    with tempfile.TemporaryDirectory(prefix="compare-engines-breakdown-") as cache:
+        env = {**os.environ, "FL_APP_CACHE_DIR": cache, "PYTHONPATH": str(REPO)}
+        for label in ("empty node cache", "node cache filled"):
+            for kind in ("query", "train"):
+                runs: list[dict[str, float]] = []
+                for _ in range(repeat):
+                    if label.startswith("empty"):
+                        for entry in Path(cache).glob("node-*.npz"):
+                            entry.unlink()
+                    start = time.time()
+                    proc = subprocess.run([sys.executable, "-c", STEPS, kind], cwd=REPO, env=env,
+                                          capture_output=True, text=True, timeout=600)
+                    end = time.time()
+                    if proc.returncode != 0:
+                        print(proc.stdout + proc.stderr)
+                        return 1
+                    steps: dict[str, float] = {}
+                    for line in proc.stdout.splitlines():
+                        if line.startswith("ROW "):
+                            name, seconds = line[4:].split("\t")
+                            steps[name] = float(seconds)
+                        elif line.startswith("END "):
+                            main_end = float(line.split()[1])
+                    total = sum(steps.values())
+                    steps["sum of the steps"] = total
+                    steps["interpreter exit"] = end - main_end
+                    steps["process start (wall - steps - exit)"] = end - start - total - (end - main_end)
+                    steps["whole process, wall"] = end - start
+                    runs.append(steps)
+                print(f"  {kind} message, {label}:")
+                for name in runs[0]:
+                    values = sorted(r[name] for r in runs)
+                    print(f"    {name:46s} {statistics.median(values):6.2f} s  [{values[0]:.2f}-{values[-1]:.2f}]")
+                sys.stdout.flush()
+    print(f"load average at end {' '.join(open('/proc/loadavg').read().split()[:3])}")
+    return 0
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -44,7 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", dest="json_out", default=None)
     parser.add_argument("--cache-dir", default=None,
                         help="node data cache for both runs: 'off', or a folder (default: an empty one per engine)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="time the steps of one query and one train message instead (see the module doc)")
+    parser.add_argument("--repeat", type=int, default=3, help="--breakdown: processes per message kind")
     args = parser.parse_args(argv)
+    if args.breakdown:
+        return breakdown(args.repeat)
     config = {"strategy": args.strategy, "num-server-rounds": args.rounds, "max-client-examples": 64,
               "test-size": 200, "public-size": 100, "compute-slack": 20.0, "min-nodes": 3,
               "device-mix": ",".join(f"{p}:1" for p in PROFILES)}
