@@ -38,7 +38,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fl_app.results import load_results  # noqa: E402
 from scripts.local_federation import run_local_federation  # noqa: E402
 from tests.flwr_harness import flwr_simulation  # noqa: E402
 
@@ -161,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.breakdown:
         return breakdown(args.repeat)
+    from fl_app.results import load_results  # not needed by --breakdown, which also times older checkouts
+
     config = {"strategy": args.strategy, "num-server-rounds": args.rounds, "max-client-examples": 64,
               "test-size": 200, "public-size": 100, "compute-slack": 20.0, "min-nodes": 3,
               "device-mix": ",".join(f"{p}:1" for p in PROFILES)}
