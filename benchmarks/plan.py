@@ -4,13 +4,15 @@ ResNet-18 on CIFAR-10 shapes (known sizes: no images are read), the default 5 ro
     python benchmarks/plan.py | tee benchmarks/results/plan.txt
 
 Prints wall and CPU seconds per step in the order make_plan runs them (the strategies share the cost
-model's cache, so the first to price a submodel pays for it) and the total, with the load average:
-on a shared machine wall time is CPU time stretched by the load.
+model's cache, so the first to price a submodel pays for it) and the total, with the commit and the
+load average: on a shared machine wall time is CPU time stretched by the load, and CPU time grows too
+(torch's two intra-op threads wait for each other), so compare runs made at a similar load.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -36,6 +38,7 @@ def main() -> None:
     print("=== planner benchmark ===")
     print(f"date:     {datetime.now(timezone.utc).isoformat(timespec='seconds')}")
     print("command:  python benchmarks/plan.py   (from the repository root)")
+    print(f"commit:   {_commit()}")
     print("same as:  python -m server_app.plan --run-config \"model='resnet18' dataset='cifar10'\"  (minus printing)")
     print(f"torch:    {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}, "
           f"os.cpu_count() = {os.cpu_count()}")
@@ -72,6 +75,19 @@ def main() -> None:
         r = plan.round_summary(1)
         print(f"  {name:<12} {r['participants']:>2} devices  {r['seconds']:>8.1f} s  "
               f"{r['bytes_down'] / 1e6:>8.1f} / {r['bytes_up'] / 1e6:.1f} MB")
+
+
+def _commit() -> str:
+    """The checked-out commit, and whether the code this benchmark runs differs from it."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--", "fl_app", "server_app", "benchmarks/plan.py"],
+                                 cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return head + (" with uncommitted changes in fl_app/, server_app/ or this script" if changed else "")
 
 
 if __name__ == "__main__":
