@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import logging
 import os
 import pickle
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from fl_app.results import atomic_write_bytes
 
 DATASET_NAMES = ("synthetic", "mnist", "fashion-mnist", "cifar10", "cifar100", "npz:<file>",
                  "imagefolder:<dir>")
@@ -679,19 +681,12 @@ def read_node_cache(path: Path, key: str) -> NodeData | None:
 def write_node_cache(path: Path, key: str, data: NodeData) -> None:
     """Store `data` at `path` atomically: whoever reads it sees the old file, the new one or none."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, key=np.array(key), x_train=data.x_train.numpy(), y_train=data.y_train.numpy(),
-                     x_public=data.x_public.numpy(), x_test=data.x_test.numpy(), y_test=data.y_test.numpy(),
-                     mean=np.array(data.mean, np.float64), std=np.array(data.std, np.float64),
-                     num_classes=np.array(data.num_classes, np.int64))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    np.savez(buffer, key=np.array(key), x_train=data.x_train.numpy(), y_train=data.y_train.numpy(),
+             x_public=data.x_public.numpy(), x_test=data.x_test.numpy(), y_test=data.y_test.numpy(),
+             mean=np.array(data.mean, np.float64), std=np.array(data.std, np.float64),
+             num_classes=np.array(data.num_classes, np.int64))
+    atomic_write_bytes(path, buffer.getvalue(), suffix=".tmp")  # ".tmp": what `_prune` clears after a crash
     _prune(path.parent, keep=path)
 
 

@@ -193,9 +193,10 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that a crash at any moment leaves either the old or the new file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+def atomic_write_bytes(path: Path, data: bytes, suffix: str = "") -> None:
+    """Replace `path` with `data` so that a crash at any moment leaves either the old or the new file
+    (and at most a temporary `.<name>.*<suffix>` beside it)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
