@@ -420,9 +420,9 @@ def memory_figure(runs: list[Run], colors: dict[str, Any], path: Path, dpi: int,
                 ax.plot(i, measured[nid], "o", color=color, markersize=8)
                 ax.annotate(f"{100 * measured[nid] / d['memory_mb']:.2g}%", (i, measured[nid]), textcoords="offset points",
                             xytext=(0, 8), ha="center", fontsize=7)
-            else:
-                ax.annotate("no job", (i, d["memory_mb"]), xytext=(0, 3), textcoords="offset points",
-                            ha="center", fontsize=7)
+            else:  # sent a job that never reported its peak (missed the deadline, dropped out, failed), or none
+                ax.annotate("no peak" if nid in predicted else "no job", (i, d["memory_mb"]), xytext=(0, 3),
+                            textcoords="offset points", ha="center", fontsize=7)
             if nid in predicted:
                 ax.plot(i, predicted[nid], "o", mfc="none", color=color, markersize=11)
         ax.set_xticks(range(len(devices)), [f"{d['node_id']}\n{d['profile']}" for d in devices], fontsize=7,

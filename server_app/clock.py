@@ -173,6 +173,11 @@ class VirtualClock:
         trace = load_availability_trace(config.availability_trace) if config.availability_trace else {}
         return cls(config.emulated_deadline, config.seed, trace, now_s)
 
+    def unmatched_trace_keys(self, devices: list[Device]) -> list[str]:
+        """Keys of the availability trace that name no node's partition id or profile (likely typos)."""
+        names = {str(d.partition_id) for d in devices} | {d.profile.name for d in devices}
+        return sorted(set(self.trace) - names)
+
     def availability(self, device: Device) -> NodeAvailability:
         if device.node_id not in self._nodes:
             self._nodes[device.node_id] = node_availability(device, self.seed, self.trace)
@@ -201,8 +206,8 @@ class VirtualClock:
             offline_at = self.availability(device).offline_between(self.now_s, self.now_s + o.device_time_s)
             if offline_at is not None and offline_at - self.now_s < deadline:
                 o.update, o.dropped_out, o.bytes_up, o.bytes_up_by_record = None, True, 0, {}
-                o.error = (f"dropped out: offline from emulated t = {offline_at:.1f} s, before its reply was due "
-                           f"at t = {self.now_s + o.device_time_s:.1f} s (availability model)")
+                o.error = (f"dropped out: offline from emulated t = {offline_at:.2f} s, before its reply was due "
+                           f"at t = {self.now_s + o.device_time_s:.2f} s (availability model)")
                 settled.dropped_out += 1
                 ends.append(offline_at - self.now_s)
             elif o.device_time_s > deadline:

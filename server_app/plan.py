@@ -44,6 +44,7 @@ from fl_app.profiles import DeviceProfile, ProfileError, parse_device_mix, poole
 from fl_app.training import check_input_size
 from fl_app.units import MB
 from fl_app.wire import encode, serialized_bytes
+from server_app.clock import VirtualClock
 from server_app.pricing import TaskPrice, planned_examples, price_task
 from server_app.rounds import expected_tensors, task_content
 from server_app.strategies import STRATEGIES
@@ -79,7 +80,10 @@ def plan_config(overrides: Mapping[str, Any], strategy: str | None = None) -> Ru
     values = {**default_run_config(), **overrides}
     if strategy is not None:
         values["strategy"] = strategy
-    return RunConfig.from_mapping(values, strategies=STRATEGIES)
+    config = RunConfig.from_mapping(values, strategies=STRATEGIES)
+    # Checked as the run checks it; the plan itself assumes every node online (availability is not planned).
+    VirtualClock.for_run(config)
+    return config
 
 
 def shape_only_dataset(image_shape: tuple[int, int, int], num_classes: int, num_train: int,
@@ -536,8 +540,9 @@ def _format_strategy(plan: Plan, s: StrategyPlan) -> list[str]:
             f"round 1 takes {_sec(first['seconds'])} s on the slowest"
             + (f" (node {slow.node_id}, {slow.profile.name})" if slow else ""))
     if s.deadline_s:
-        head += (f"; under the {s.deadline_s:g} s emulated deadline {_sec(first['seconds_under_deadline'])} s, "
-                 f"{len(first['missed_deadline'])} would miss it")
+        missing = first["missed_deadline"]
+        head += (f"; with emulated-deadline {s.deadline_s:g} s it lasts {_sec(first['seconds_under_deadline'])} s and "
+                 + (f"nodes {_ranges(missing)} would miss it" if missing else "nobody misses it"))
     after = summary["traffic_after_setup"]
     total = summary["total"]
     lines = [head,

@@ -91,6 +91,10 @@ def main(grid: Grid, context: Context) -> None:
         ", ".join(sorted({d.profile.name for d in devices})), writer.folder)
     for line in device_table(federation, left_out_reasons(strategy, federation, first_round), strategy.name):
         log(INFO, line)
+    unmatched = clock.unmatched_trace_keys(federation.devices + federation.idle)
+    if unmatched:
+        log(WARNING, "availability-trace keys %s name no node's partition id or profile here (profiles: %s); "
+            "they are ignored", unmatched, ", ".join(sorted({d.profile.name for d in federation.devices})))
     test = _test_batches(dataset, config)
     try:
         for server_round in range(first_round, config.num_server_rounds + 1):
@@ -472,8 +476,11 @@ def client_record(federation: Federation, device: Device, outcome: TaskOutcome |
 
 def progress_line(r: dict[str, Any], total_rounds: int) -> str:
     """The round in one console line: accuracy, traffic, who took part, who was left out by what
-    (`left_out_by_kind`) and who failed, and for ProFL the stage and block it trained."""
-    failed = sum(1 for c in r["clients"] if c["error"])
+    (`left_out_by_kind`), who missed the deadline or dropped out, who failed, wall seconds, the virtual
+    clock, and for ProFL the stage and block it trained."""
+    missed, dropped = r.get("missed_deadline", 0), r.get("dropped_out", 0)
+    failed = sum(1 for c in r["clients"] if c["error"]) - missed - dropped
+    late = (f"{missed} missed the deadline; " if missed else "") + (f"{dropped} dropped out; " if dropped else "")
     kinds = r.get("left_out_by_kind") or {}
     left = (f"{sum(kinds.values())} left out: {', '.join(f'{k} {n}' for k, n in kinds.items())}; "
             if kinds else "")
@@ -481,7 +488,8 @@ def progress_line(r: dict[str, Any], total_rounds: int) -> str:
             if "stage" in r and "active_block" in r else "")
     return (f"round {r['round']}/{total_rounds}  accuracy {_figure(r['accuracy'])}  loss {_figure(r['loss'])}  "
             f"down {r['bytes_down'] / MB:.2f} MB  up {r['bytes_up'] / MB:.2f} MB  "
-            f"clients {r['participants']}/{len(r['clients'])} ({left}{failed} failed)  {r['seconds']:.1f} s{step}")
+            f"clients {r['participants']}/{len(r['clients'])} ({left}{late}{failed} failed)  {r['seconds']:.1f} s"
+            + (f"  emulated {r['emulated_clock_s']:.1f} s" if "emulated_clock_s" in r else "") + step)
 
 
 def _figure(value: float | None) -> str:

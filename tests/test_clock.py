@@ -70,7 +70,7 @@ def test_a_node_that_goes_offline_mid_round_drops_out_and_its_upload_never_arriv
     results = run(tmp_path, **{"availability-trace": str(trace)})
     first, second = results["rounds"]
     pi = by_profile(first)["raspberry-pi-3b-plus"]
-    assert not pi["participated"] and pi["error"].startswith("dropped out: offline from emulated t = 0.5 s")
+    assert not pi["participated"] and pi["error"].startswith("dropped out: offline from emulated t = 0.50 s")
     assert pi["bytes_down"] > 0 and pi["bytes_up"] == 0
     assert first["dropped_out"] == 1 and results["summary"]["dropped_out"] == 1
     assert by_profile(second)["raspberry-pi-3b-plus"]["left_out"].startswith("offline")
@@ -157,3 +157,12 @@ def test_the_planner_predicts_who_misses_the_emulated_deadline(tmp_path):
     missed = {c["node_id"] for c in recorded["clients"] if c["error"] and "emulated deadline" in c["error"]}
     assert missed and set(planned["missed_deadline"]) == missed
     assert planned["seconds_under_deadline"] == recorded["emulated_round_s"] == 1.0
+
+
+def test_a_trace_key_that_names_no_node_is_warned_about(tmp_path, caplog):
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"offline": {"raspbery-pi-4": [[0, 10]]}}))  # a typo
+    with caplog.at_level("WARNING"):
+        results = run(tmp_path, **{"availability-trace": str(trace), "num-server-rounds": 1})
+    assert results["status"] == "completed"
+    assert any("['raspbery-pi-4'] name no node's partition id or profile" in r.getMessage() for r in caplog.records)
