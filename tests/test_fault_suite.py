@@ -11,7 +11,6 @@ completed, rounds lost, accuracy next to the clean run).
 
 from __future__ import annotations
 
-import json
 import sys
 import threading
 import time
@@ -23,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from scripts.local_federation import LocalFederation  # noqa: E402
-from fl_app.results import load_results
+from fl_app.results import ResultsError, load_results
 
 PROFILES = ["laptop", "raspberry-pi-4", "jetson-nano"]
 JOB = {"strategy": "fedavg", "num-server-rounds": 3, "max-client-examples": 64, "test-size": 200,
@@ -47,7 +46,7 @@ def wait_for_round(folder: Path, completed: int, timeout_s: float = 600) -> None
         try:
             if len(results(folder)["rounds"]) >= completed:
                 return
-        except (FileNotFoundError, json.JSONDecodeError):
+        except ResultsError:  # not written yet
             pass
         time.sleep(0.5)
     raise TimeoutError(f"round {completed} did not complete within {timeout_s} s")
