@@ -81,11 +81,11 @@ def test_an_on_off_model_is_seeded_and_online_for_its_stationary_share_of_time()
         return NodeAvailability.on_off(300.0, 100.0, np.random.default_rng(seed))
 
     times = np.linspace(0, 2e6, 20_000)
-    a, b = model(1), model(1)
+    a, b, other = model(1), model(1), model(2)
     online = [a.online_at(t) for t in times]
     assert online == [b.online_at(t) for t in times]
     assert np.mean(online) == pytest.approx(0.75, abs=0.03)
-    assert online != [model(2).online_at(t) for t in times]
+    assert online != [other.online_at(t) for t in times]
 
 
 def test_offline_between_finds_the_first_offline_moment():
