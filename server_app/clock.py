@@ -199,24 +199,25 @@ class VirtualClock:
             if device is None or (o.update is None and not o.rejected):
                 continue  # no reply (an error, a real timeout): no emulated time to settle
             examples = o.update.num_examples if o.update else o.task.job.train.epochs * device.num_examples
-            o.device_time_s = price_task(federation, device, o.task, examples, o.bytes_down, o.bytes_up).device_time_s
+            o.price = price_task(federation, device, o.task, examples, o.bytes_down, o.bytes_up)
+            arrival_s = o.price.device_time_s
             if o.rejected:  # it arrived, and was refused for what it held
-                ends.append(min(o.device_time_s, deadline))
+                ends.append(min(arrival_s, deadline))
                 continue
-            offline_at = self.availability(device).offline_between(self.now_s, self.now_s + o.device_time_s)
+            offline_at = self.availability(device).offline_between(self.now_s, self.now_s + arrival_s)
             if offline_at is not None and offline_at - self.now_s < deadline:
                 o.update, o.dropped_out, o.bytes_up, o.bytes_up_by_record = None, True, 0, {}
                 o.error = (f"dropped out: offline from emulated t = {offline_at:.2f} s, before its reply was due "
-                           f"at t = {self.now_s + o.device_time_s:.2f} s (availability model)")
+                           f"at t = {self.now_s + arrival_s:.2f} s (availability model)")
                 settled.dropped_out += 1
                 ends.append(offline_at - self.now_s)
-            elif o.device_time_s > deadline:
+            elif arrival_s > deadline:
                 o.update, o.missed_deadline = None, True
-                o.error = (f"missed the emulated deadline: {o.device_time_s:.1f} s of device time > "
+                o.error = (f"missed the emulated deadline: {arrival_s:.1f} s of device time > "
                            f"emulated-deadline = {deadline:g} s")
                 settled.missed_deadline += 1
             else:
-                ends.append(o.device_time_s)
+                ends.append(arrival_s)
         late = settled.missed_deadline or (settled.dropped_out and math.isfinite(deadline))
         settled.duration_s = deadline if late else max(ends, default=0.0)
         self.now_s += settled.duration_s

@@ -24,6 +24,7 @@ from fl_app.models import build_model
 from fl_app.profiles import ProfileError, profile_from_report
 from fl_app.wire import decode, encode, serialized_bytes
 from server_app.flower_errors import describe
+from server_app.pricing import TaskPrice
 from server_app.strategies.base import ClientUpdate, Device, TrainTask
 
 
@@ -44,7 +45,7 @@ class TaskOutcome:
     missed_deadline: bool = False  # no reply before the round deadline, real or emulated (server_app.clock)
     rejected: bool = False  # replied, but the reply failed validation
     dropped_out: bool = False  # its node went offline before the reply was due (server_app.clock)
-    device_time_s: float | None = None  # emulated seconds until its reply arrived (set by the clock)
+    price: TaskPrice | None = None  # the task priced as its reply arrived (set by the clock; device_time_s)
 
 
 def query_devices(grid: Grid, node_ids: Iterable[int],

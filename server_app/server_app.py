@@ -458,7 +458,10 @@ def client_record(federation: Federation, device: Device, outcome: TaskOutcome |
     update = outcome.update
     examples = update.num_examples if update else planned_examples(device, outcome.task.job)
     metrics = update.metrics if update else {}
-    price = price_task(federation, device, outcome.task, examples, outcome.bytes_down, outcome.bytes_up)
+    # Priced once: by the clock when a reply arrived (its emulated arrival), else here for a task that
+    # got no reply (an error, a real timeout).
+    price = outcome.price or price_task(federation, device, outcome.task, examples, outcome.bytes_down,
+                                        outcome.bytes_up)
     record.update({
         "participated": update is not None, "error": outcome.error,
         "model_params": price.model_params, "model_size_mb": price.model_size_mb,
@@ -468,7 +471,7 @@ def client_record(federation: Federation, device: Device, outcome: TaskOutcome |
         "fits_memory": price.fits_memory,
         "num_examples": examples if update else None, "train_loss": metrics.get("train-loss"),
         "bytes_down": outcome.bytes_down, "bytes_up": outcome.bytes_up,
-        "device_time_s": price.device_time_s if outcome.device_time_s is None else outcome.device_time_s,
+        "device_time_s": price.device_time_s,
         "submodel_accuracy": metrics.get("test-accuracy"),
     })
     return with_extras(record, outcome.task.info, "the strategy's TrainTask.info")
