@@ -7,15 +7,17 @@ prices (FLOPs, saved activations) is what a client actually executes.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
+from torch.autograd.profiler import profile
+from torch.optim.sgd import sgd
 
 from fl_app.data import Batches, DataError
 from fl_app.models import ModelSpec, build_model, checkpoint_units
@@ -152,15 +154,54 @@ def _buffers_kept(unit: nn.Module) -> Iterator[None]:
                 b.copy_(value)
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+class SGD:
+    """SGD with momentum and weight decay: torch.optim.SGD's update, through its own functional
+    `torch.optim.sgd.sgd` (dampening 0, no Nesterov), without `torch.optim.Optimizer`.
+
+    Why: constructing any `torch.optim.Optimizer` imports torch._dynamo (its methods are wrapped by
+    `torch._disable_dynamo`, which imports it at first call): 1.4-4 s of every deployed message, since
+    Flower's deployment engine starts a fresh ClientApp process per message. The parameters and
+    momentum buffers it produces are bit-identical to torch.optim.SGD's (tests/test_training.py).
+
+    `state[p]["momentum_buffer"]` holds the momentum buffer of parameter `p` (same shape) once `p`
+    has had a gradient, as in torch.optim.SGD; parameters whose `grad` is None are skipped.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor], lr: float, momentum: float = 0.0,
+                 weight_decay: float = 0.0) -> None:
+        self.params = list(params)
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        params = [p for p in self.params if p.grad is not None]
+        buffers = [self.state.get(p, {}).get("momentum_buffer") for p in params]
+        sgd(params, [p.grad for p in params], buffers, weight_decay=self.weight_decay,
+            momentum=self.momentum, lr=self.lr, dampening=0.0, nesterov=False, maximize=False,
+            has_sparse_grad=any(p.grad.is_sparse for p in params))
+        if self.momentum != 0:
+            for p, buffer in zip(params, buffers, strict=True):
+                self.state[p] = {"momentum_buffer": buffer}
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> SGD:
+    """SGD over the model's trainable parameters at the config's lr, momentum and weight decay."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, target: torch.Tensor,
+def train_step(model: nn.Module, optimizer: SGD, x: torch.Tensor, target: torch.Tensor,
                trainable: Collection[int] | None = None, loss_fn: Loss = F.cross_entropy,
                checkpoint: bool = False) -> float:
     """One SGD step on `loss_fn(logits, target)`: labels for cross-entropy, logits for distillation."""
@@ -209,7 +250,7 @@ def train(model: nn.Module, batches: Batches, cfg: TrainConfig, trainable: Colle
         teacher.eval().to(accelerator())
     model.to(accelerator())
     seen, loss_sum, peak = 0, 0.0, 0
-    pairs = needs_pairs(model, tuple(batches.x.shape[1:]), trainable)
+    pairs = needs_pairs(model, tuple(batches.x.shape[1:]))
     for epoch in range(cfg.epochs):
         for x, y in batches.epoch(epoch, augment=cfg.augment):
             x, y = x.to(accelerator()), y.to(accelerator())
@@ -240,7 +281,7 @@ def distill(model: nn.Module, batches: Batches, cfg: TrainConfig, epochs: int, t
     optimizer = make_optimizer(model, cfg)
     loss_fn = distillation_loss(temperature)
     loss_sum, seen = 0.0, 0
-    pairs = needs_pairs(model, tuple(batches.x.shape[1:]), None)
+    pairs = needs_pairs(model, tuple(batches.x.shape[1:]))
     model.to(accelerator())
     for epoch in range(epochs):
         for x, teacher_logits in batches.epoch(epoch, augment=False):
@@ -257,40 +298,39 @@ def distill(model: nn.Module, batches: Batches, cfg: TrainConfig, epochs: int, t
 # --- BatchNorm needs more than one value per channel -------------------------------------------
 
 
-def needs_pairs(model: nn.Module, image_shape: tuple[int, ...], trainable: Collection[int] | None) -> bool:
-    """Whether a BatchNorm that trains sees a single value per channel from one example (a 1x1 map):
-    such a model cannot train on a batch of one, so training skips a trailing batch of one."""
-    spec = getattr(model, "spec", None)
-    if spec is None:
+def needs_pairs(model: nn.Module, image_shape: tuple[int, ...]) -> bool:
+    """Whether a BatchNorm that trains (one in training mode: call after `freeze_except`) sees a single
+    value per channel from one example (a 1x1 map): such a model cannot train on a batch of one, so
+    training skips a trailing batch of one.
+
+    Found by one forward pass of a single zero image in eval mode (no statistics change, no autograd),
+    on the model's own device: a pass on the meta device would import torch._dynamo (its decompositions
+    do), 1.4-4 s of every deployed message.
+    """
+    training = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    if not training:
         return False
-    key = None if trainable is None else tuple(sorted(trainable))
-    return _fewest_bn_values(spec.to_json(), tuple(image_shape), key) <= 1
-
-
-@lru_cache(maxsize=256)
-def _fewest_bn_values(spec_json: str, image_shape: tuple[int, ...], trainable: tuple[int, ...] | None) -> float:
-    """The fewest values per channel, per example, that a training-mode BatchNorm sees (on meta)."""
-    with torch.device("meta"):
-        model = build_model(ModelSpec.from_json(spec_json))
-    freeze_except(model, trainable)
     fewest = [math.inf]
 
     def hook(module: nn.Module, inputs: tuple) -> None:
-        if module.training:
-            x = inputs[0]
-            fewest[0] = min(fewest[0], x.numel() // max(x.shape[0] * x.shape[1], 1))
+        x = inputs[0]
+        fewest[0] = min(fewest[0], x.numel() // max(x.shape[0] * x.shape[1], 1))
 
-    handles = [m.register_forward_pre_hook(hook) for m in model.modules()
-               if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    modes = {m: m.training for m in model.modules()}
+    handles = [m.register_forward_pre_hook(hook) for m in training]
+    device = next(model.parameters()).device
     try:
+        model.eval()
         with torch.no_grad():
-            model(torch.zeros(2, *image_shape, device="meta"))
+            model(torch.zeros(1, *image_shape, device=device))
     except (RuntimeError, ValueError):
-        return math.inf  # an input the model cannot take at all: `check_input_size` names it
+        return False  # an input the model cannot take at all: the ServerApp's `check_input_size` names it
     finally:
         for h in handles:
             h.remove()
-    return fewest[0]
+        for m, mode in modes.items():
+            m.training = mode
+    return fewest[0] <= 1
 
 
 def _check_trained(model: nn.Module, batches: Batches, seen: int, epochs: int) -> None:
@@ -349,7 +389,7 @@ class DeviceOutOfMemory(RuntimeError):
         self.needed, self.available = needed, available
 
 
-def measure_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, target: torch.Tensor,
+def measure_step(model: nn.Module, optimizer: SGD, x: torch.Tensor, target: torch.Tensor,
                  trainable: Collection[int] | None = None, loss_fn: Loss = F.cross_entropy,
                  checkpoint: bool = False) -> tuple[float, int]:
     """Run one real training step and return (loss, peak bytes of tensor memory).
@@ -365,11 +405,11 @@ def measure_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Te
         base = torch.cuda.memory_allocated(x.device)
         loss = train_step(model, optimizer, x, target, trainable, loss_fn, checkpoint)
         return loss, before + torch.cuda.max_memory_allocated(x.device) - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    # The autograd profiler that torch.profiler.profile wraps, the same allocator events: torch.profiler's
+    # own start imports torch._inductor (and torch._dynamo), 1.4-4 s of a deployed message.
+    with profile(profile_memory=True) as prof:
         loss = train_step(model, optimizer, x, target, trainable, loss_fn, checkpoint)
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events = [e for e in prof.kineto_results.events() if e.name() == "[memory]"]
     current = highest = 0
     for event in sorted(events, key=lambda e: e.start_ns()):
         current += event.nbytes()
@@ -377,7 +417,7 @@ def measure_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Te
     return loss, before + highest
 
 
-def _live_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+def _live_bytes(model: nn.Module, optimizer: SGD) -> int:
     tensors = list(model.parameters()) + list(model.buffers())
     tensors += [p.grad for p in model.parameters() if p.grad is not None]
     for state in optimizer.state.values():
