@@ -1,9 +1,13 @@
 """One constraint policy: for the same budgets and `constraints`, every strategy draws the same line."""
 
+from dataclasses import replace
+
 import pytest
 
 from fl_app.config import CONSTRAINTS
+from server_app.server_app import left_out_kind
 from server_app.strategies.allsmall import AllSmall
+from server_app.strategies.depthfl import DepthFL
 from server_app.strategies.exclusivefl import ExclusiveFL
 from server_app.strategies.fedrolex import FedRolex
 from server_app.strategies.heterofl import HeteroFL
@@ -47,8 +51,18 @@ def test_the_policy_decides_which_budget_binds():
     assert by_policy["memory"] != by_policy["compute"]  # this mix: the two budgets disagree
 
 
-def test_a_left_out_device_is_told_which_budget_and_which_key():
+@pytest.mark.parametrize("strategy_class", [ExclusiveFL, DepthFL])
+def test_a_left_out_device_is_told_which_budget_and_which_key(strategy_class):
     fed = federation(MIX, constraints="memory", model="resnet18", **{"batch-size": 128})
-    strategy = ExclusiveFL(fed)
-    reasons = list(strategy.left_out.values())
+    reasons = list(strategy_class(fed).left_out.values())
     assert reasons and all("memory: needs" in r and "batch-size" in r for r in reasons)
+    assert {left_out_kind(r) for r in reasons} == {"memory"}  # the console's count says why, not "other"
+
+
+def test_a_device_joining_allsmall_below_its_shared_submodel_is_told_which_budget():
+    fed = federation(MIX, constraints="memory", model="resnet18", **{"batch-size": 128})
+    strategy = AllSmall(fed)
+    weakest = min(fed.devices, key=lambda d: d.profile.memory_mb)
+    poorer = replace(weakest, node_id=99, profile=replace(weakest.profile, memory_mb=1.0))
+    strategy.admit(poorer)
+    assert left_out_kind(strategy.left_out[99]) == "memory" and "batch-size" in strategy.left_out[99]

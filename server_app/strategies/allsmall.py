@@ -31,7 +31,8 @@ class AllSmall(SingleModelStrategy):
         if ratio is not None and ratio >= self.keep_ratio:
             self.members.append(device)
         else:
-            self.left_out[device.node_id] = f"cannot afford the shared submodel (keep ratio {self.keep_ratio:.3f})"
+            shortfall = self.federation.shortfall(self.federation.cost(self.model.spec), device)
+            self.left_out[device.node_id] = f"cannot afford the shared submodel (keep ratio {self.keep_ratio:.3f}): {shortfall}"
 
     def candidates(self) -> list[Device]:
         return self.members

@@ -83,12 +83,8 @@ class DepthFL(GlobalModelStrategy):
     def admit(self, device: Device) -> None:
         depth = self.affordable_depth(device)
         if depth is None:
-            cost = self.sizing_cost(1)
-            self.left_out[device.node_id] = (
-                f"cannot afford even the first block and its head ({self.federation.peak_memory_mb(cost):.1f} MB, "
-                f"{cost.train_flops_per_sample / 1e6:.1f} MFLOPs per sample; the device has "
-                f"{device.profile.memory_mb:.1f} MB and {self.federation.flops_budget(device) / 1e6:.1f} MFLOPs "
-                f"per sample)")
+            self.left_out[device.node_id] = ("cannot afford even the first block and its head: "
+                                             f"{self.federation.shortfall(self.sizing_cost(1), device)}")
         else:
             self.depths[device.node_id] = depth
 
