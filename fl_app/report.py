@@ -13,7 +13,8 @@ itself. The report goes to --out (default: the first run folder's parent / "repo
                           the target accuracy as a dotted line
     memory_per_client.png measured (filled) and predicted (hollow) peak training memory per client
                           against its device's memory budget (bar), one panel per run
-    devices_time.png      emulated device time per round per client, grouped by device profile
+    devices_time.png      emulated device time per round per client, grouped by device profile,
+                          with the emulated deadline as a dashed line when the run had one
     profl.png             (runs whose rounds carry "active_block") stage / active block over rounds,
                           effective movement on a twin axis, dotted lines where a block froze
     reft.png              (REFT runs) submodel size and training FLOPs per sample against device GFLOPS
@@ -448,6 +449,10 @@ def device_time_figure(runs: list[Run], colors: dict[str, Any], path: Path, dpi:
         for i, p in enumerate(names):
             ax.scatter(i + rng.uniform(-0.15, 0.15, len(times[p])), times[p], color=colors.get(p, "gray"), s=14)
         ax.set_xticks(range(len(names)), names, fontsize=7, rotation=15)
+        deadline = float(run.doc["config"].get("emulated_deadline") or 0)
+        if deadline > 0:  # replies above it missed the round (not aggregated)
+            ax.axhline(deadline, color="tab:red", linestyle="--", lw=1, label=f"emulated-deadline {deadline:g} s")
+            ax.legend(fontsize=7, loc="upper left")
         ax.set_yscale("log")
         ax.set_ylabel("Emulated device time per round (s, log)")
         ax.set_xlabel("Device profile")

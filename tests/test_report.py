@@ -335,3 +335,13 @@ def test_reft_panel_shows_devices_that_were_left_out(runs, tmp_path, figures):
         texts = [t.get_text() for t in ax.texts]
         assert sum("left out" in t for t in texts) == 1, texts
         assert "1 of 3 devices left out" in ax.get_title()
+
+
+def test_device_times_show_the_emulated_deadline_only_when_the_run_had_one(runs, tmp_path, figures):
+    doc = load_results(runs["fedavg"])
+    doc["config"]["emulated_deadline"] = 2.5
+    build_report([_write(tmp_path / "deadline", doc), runs["reft"]], tmp_path / "out", dpi=DPI)
+    with_deadline, without = figures["devices_time.png"].axes[:2]
+    assert [line.get_ydata()[0] for line in with_deadline.get_lines() if line.get_linestyle() == "--"] == [2.5]
+    assert "emulated-deadline 2.5 s" in [t.get_text() for t in with_deadline.get_legend().get_texts()]
+    assert not [line for line in without.get_lines() if line.get_linestyle() == "--"]
