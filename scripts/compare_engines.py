@@ -18,9 +18,16 @@ as a freshly deployed node does. `--cache-dir off` measures without the cache.
 
 instead times the steps of one deployment message, each in a fresh process as `flwr-clientapp` runs
 it, alone on the machine: the Flower runtime's imports, the ClientApp's import, the node's data, model
-build, the first optimizer (which imports torch._dynamo), training, the reply's encoding, and the
+build, the first optimizer (torch.optim's imported torch._dynamo until 76c20a5), training, the reply's encoding, and the
 interpreter's exit; a query and a train message with an empty node cache, then both again with it
 filled. The process's start is the whole wall time less the steps and the exit.
+
+    python scripts/compare_engines.py --floor [--rounds 2]
+
+also runs benchmarks/flower_floor (a ServerApp that sends each node one message per round and a
+ClientApp that answers at once, importing only Flower) on both engines with the same three nodes: the
+least a round costs on each engine whatever the app does. The deployment round's excess over that
+floor is what the app's own code in a message can still change.
 """
 
 from __future__ import annotations
@@ -91,12 +98,13 @@ if kind == "train":
     job, model = ca._load_job_model(msg, ctx)
     mark("job decode, model build, weights load")
     make_optimizer(model, job.train)
-    mark("first optimizer (imports torch._dynamo)")
+    mark("first optimizer")
     result = ca.train(model, ca.LocalNode.from_context(ctx).train_batches(job.train.batch_size, job.round),
                       job.train, job.trainable, None)
     mark(f"training ({result.num_examples} examples, 1st step profiled)")
     ca.encode(reply_state(job, model.state_dict()), job.encoding)
     mark("encode the reply")
+print(f"DYNAMO {'torch._dynamo' in sys.modules}")
 for name, seconds in rows:
     print(f"ROW {name}\t{seconds:.4f}")
 print(f"END {time.time():.6f}", flush=True)
@@ -113,6 +121,7 @@ def breakdown(repeat: int) -> int:
         for label in ("empty node cache", "node cache filled"):
             for kind in ("query", "train"):
                 runs: list[dict[str, float]] = []
+                dynamo: list[bool] = []  # whether torch._dynamo was loaded by the message's end
                 for _ in range(repeat):
                     if label.startswith("empty"):
                         for entry in Path(cache).glob("node-*.npz"):
@@ -131,13 +140,15 @@ def breakdown(repeat: int) -> int:
                             steps[name] = float(seconds)
                         elif line.startswith("END "):
                             main_end = float(line.split()[1])
+                        elif line.startswith("DYNAMO "):
+                            dynamo.append(line.split()[1] == "True")
                     total = sum(steps.values())
                     steps["sum of the steps"] = total
                     steps["interpreter exit"] = end - main_end
                     steps["process start (wall - steps - exit)"] = end - start - total - (end - main_end)
                     steps["whole process, wall"] = end - start
                     runs.append(steps)
-                print(f"  {kind} message, {label}:")
+                print(f"  {kind} message, {label}: torch._dynamo loaded in {sum(dynamo)} of {len(dynamo)} processes")
                 for name in runs[0]:
                     values = sorted(r[name] for r in runs)
                     print(f"    {name:46s} {statistics.median(values):6.2f} s  [{values[0]:.2f}-{values[-1]:.2f}]")
@@ -157,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--breakdown", action="store_true",
                         help="time the steps of one query and one train message instead (see the module doc)")
     parser.add_argument("--repeat", type=int, default=3, help="--breakdown: processes per message kind")
+    parser.add_argument("--floor", action="store_true",
+                        help="also time the do-nothing benchmarks/flower_floor app on both engines")
     args = parser.parse_args(argv)
     if args.breakdown:
         return breakdown(args.repeat)
@@ -206,9 +219,44 @@ def main(argv: list[str] | None = None) -> int:
         out["ratio_deployment_over_simulation"] = dep / sim
         print(f"per-round: deployment {dep:.2f} s vs simulation {sim:.2f} s -> x{dep / sim:.2f} "
               f"(+{dep - sim:.2f} s per round)")
+    if args.floor:
+        out["floor"] = floor(args.rounds, args.timeout)
+        floor_dep = out["floor"]["deployment"]["mean_round_s"]
+        if sim and dep and floor_dep:
+            print(f"the floor alone is x{floor_dep / sim:.2f} the app's simulation round; the app's deployment "
+                  f"round is the floor + {dep - floor_dep:.2f} s")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(out, indent=2))
     return 0 if sim and dep else 1
+
+
+def floor(rounds: int, timeout_s: float) -> dict[str, dict]:
+    """Per-round seconds of benchmarks/flower_floor on both engines, three nodes (see the module doc)."""
+    app = REPO / "benchmarks" / "flower_floor"
+    profiles = [str(REPO / "profiles" / f"{p}.toml") for p in PROFILES]  # the floor app ignores them
+    out: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="compare-engines-floor-") as tmp:
+        for engine in ("simulation", "deployment"):
+            work = Path(tmp) / engine
+            work.mkdir()
+            timings = work / "timings.json"
+            config = {"num-server-rounds": rounds, "min-nodes": len(PROFILES), "timings-file": str(timings)}
+            start = time.monotonic()
+            if engine == "simulation":
+                status = flwr_simulation(work, config, num_supernodes=len(PROFILES), timeout_s=timeout_s,
+                                         app=app).status
+            else:
+                status = run_local_federation(len(PROFILES), profiles, config, timeout_s=timeout_s,
+                                              workdir=work, app=app).status
+            wall = time.monotonic() - start
+            doc = json.loads(timings.read_text()) if timings.is_file() else {"seconds": []}
+            seconds = doc["seconds"]
+            out[engine] = {"status": status, "wall_s": wall, "round_seconds": seconds,
+                           "mean_round_s": statistics.mean(seconds) if seconds else None}
+            print(f"floor {engine:10s} {status:22s} wall {wall:6.1f} s  rounds "
+                  + ", ".join(f"{s:.2f}" for s in seconds) + " s"
+                  + (f"  (mean {out[engine]['mean_round_s']:.2f} s)" if seconds else ""), flush=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -34,8 +34,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def flwr_simulation(tmp_path: Path, run_config: dict, num_supernodes: int, timeout_s: float = 600) -> FlwrRun:
-    """`flwr run . --stream` in simulation with `num_supernodes` nodes; returns the run's final status."""
+def flwr_simulation(tmp_path: Path, run_config: dict, num_supernodes: int, timeout_s: float = 600,
+                    app: Path = REPO) -> FlwrRun:
+    """`flwr run <app> --stream` in simulation with `num_supernodes` nodes (app: this repository unless
+    given); returns the run's final status."""
     home = tmp_path / "flwr-home"
     home.mkdir()
     http_port, control_port = free_port(), free_port()
@@ -43,7 +45,7 @@ def flwr_simulation(tmp_path: Path, run_config: dict, num_supernodes: int, timeo
            "FLWR_LOCAL_CONTROL_API_PORT": str(control_port), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "FLWR_DISABLE_UPDATE_CHECK": "1"}
     overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
-    cmd = ["flwr", "run", str(REPO), "--stream", "--federation-config", f"num-supernodes={num_supernodes}",
+    cmd = ["flwr", "run", str(app), "--stream", "--federation-config", f"num-supernodes={num_supernodes}",
            "--run-config", overrides]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s, cwd=tmp_path)
