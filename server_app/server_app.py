@@ -11,6 +11,7 @@ and logged as one line.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from collections import Counter
@@ -70,7 +71,7 @@ def main(grid: Grid, context: Context) -> None:
     except SETUP_ERRORS as exc:  # the user's to fix: one line, in the log and in results.json
         log(ERROR, "run stopped before training: %s", exc)
         record_stopped_before_training(context, config, devices, str(exc))
-        # Raising is what marks the run failed; Flower then logs a traceback of its own, kept short here.
+        # Raising is what marks the run failed; OneLineSetupErrors keeps Flower from adding a traceback.
         raise exc.with_traceback(None) from None
     except Exception as exc:  # a bug: the full traceback, and results.json still says the run failed
         record_stopped_before_training(context, config, devices, f"{type(exc).__name__}: {exc}")
@@ -126,6 +127,22 @@ class RoundFailed(RuntimeError):
 
 
 SETUP_ERRORS = (ConfigError, CheckpointError, DataError, ProfileError, StrategySetupError, NoDevicesError)
+
+
+class OneLineSetupErrors(logging.Filter):
+    """Drops the traceback Flower logs with an exception that ended the ServerApp when that exception is a
+    setup error: the user's to fix, already logged in one line that names the problem and the fix, and
+    raised only so that Flower marks the run failed. A bug (any other exception) keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], SETUP_ERRORS):
+            record.exc_info, record.exc_text = None, None
+            record.msg = f"{record.msg} (the run-stopped line above says why)"
+        return True
+
+
+# Flower's `log` writes through the "flwr" logger in the ServerApp's process, simulation or deployment.
+logging.getLogger("flwr").addFilter(OneLineSetupErrors())
 
 
 def resumed_clock_s(checkpoint: dict[str, Any] | None) -> float:

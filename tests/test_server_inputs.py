@@ -269,3 +269,25 @@ def test_a_round_without_an_accuracy_is_logged_and_summarized():
     assert "accuracy n/a  loss n/a" in progress_line(record, 5)
     summary = summarize([_record(accuracy=0.4), record])
     assert summary["final_accuracy"] is None and summary["best_accuracy"] == 0.4
+
+
+def _flower_logs_a_failed_serverapp(exc: Exception, caplog) -> logging.LogRecord:
+    """What Flower's run_serverapp does with the exception that ended a ServerApp."""
+    from flwr.common.logger import log as flwr_log
+
+    caplog.clear()
+    try:
+        raise exc
+    except Exception as raised:  # noqa: BLE001 - as Flower catches it
+        flwr_log(logging.ERROR, "%s raised an exception", "ServerApp", exc_info=raised)
+    return next(r for r in caplog.records if "raised an exception" in r.getMessage())
+
+
+def test_flower_adds_no_traceback_to_a_setup_error_but_keeps_a_bugs(caplog):
+    import server_app.server_app  # noqa: F401 - installs the filter on Flower's logger
+
+    caplog.set_level(logging.ERROR)
+    setup = _flower_logs_a_failed_serverapp(ConfigError("invalid run config: lr = -1"), caplog)
+    assert setup.exc_info is None and "says why" in setup.getMessage()
+    bug = _flower_logs_a_failed_serverapp(KeyError("a bug"), caplog)
+    assert bug.exc_info is not None and isinstance(bug.exc_info[1], KeyError)
