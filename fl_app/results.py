@@ -45,9 +45,10 @@ class ResultsError(ValueError):
     """A run folder whose results cannot be read; the message names the file and what is wrong."""
 
 
-def load_results(folder: Path) -> dict[str, Any]:
+def load_results(folder: Path | str) -> dict[str, Any]:
     """The whole results of the run in `folder` (results.json with its rounds and devices); ResultsError
     if results.json is missing or not JSON. A .jsonl line cut short by a crash is left out."""
+    folder = Path(folder)
     path = folder / "results.json"
     try:
         doc = json.loads(path.read_text())

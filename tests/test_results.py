@@ -41,6 +41,7 @@ def test_load_results_returns_the_whole_run(tmp_path):
     assert load_results(tmp_path) == json.loads(json.dumps(writer.doc | {"rounds_file": "rounds.jsonl",
                                                                           "devices_file": "devices.jsonl"}))
     assert [d["node_id"] for d in load_results(tmp_path)["devices"]] == [0, 1, 2, 3]
+    assert load_results(str(tmp_path)) == load_results(tmp_path)  # a folder given as a string too
 
 
 def test_a_line_cut_short_by_a_crash_is_left_out(tmp_path):
