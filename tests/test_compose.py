@@ -56,7 +56,14 @@ def test_undersized_node_is_killed_by_the_kernel_and_recorded(summary):
     assert small["peak_mib"] >= small["limit_mib"] - 8  # it ran into its limit
     errors = small["recorded_errors"]
     assert errors, summary["results"]
-    assert all("killed" in e.lower() or "out of memory" in e.lower() for e in errors), errors
+    # Where the kill lands decides what Flower reports: before the reply (CLIENT_APP_CRASHED, "process died")
+    # or during its upload (MESSAGE_UNAVAILABLE, "upload never completed"). After the latter the node's
+    # SuperNode has also missed the next round (no reply within the round deadline). Anything else is a bug.
+    died = [e for e in errors if "process died" in e or "upload never completed" in e]
+    assert died, errors
+    assert all(e in died or e.startswith("no reply within the round deadline") for e in errors), errors
+    if len(died) < len(errors):
+        warnings.warn(f"the under-sized node also missed a round after its kill: {errors}")
     for r in summary["results"]["rounds"]:
         ok = [c for c in r["clients"] if c["participated"] and not c["error"]]
         assert len(ok) == 4, r
