@@ -31,7 +31,8 @@ class AllSmall(SingleModelStrategy):
         if ratio is not None and ratio >= self.keep_ratio:
             self.members.append(device)
         else:
-            shortfall = self.federation.shortfall(self.federation.cost(self.model.spec), device)
+            shortfall = (self.federation.shortfall(self.federation.cost(self.model.spec), device)
+                         or f"its largest affordable keep ratio is {ratio}")
             self.left_out[device.node_id] = f"cannot afford the shared submodel (keep ratio {self.keep_ratio:.3f}): {shortfall}"
 
     def candidates(self) -> list[Device]:
