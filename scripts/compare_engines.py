@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,28 +193,16 @@ def main(argv: list[str] | None = None) -> int:
             run_config = {**config, "output-dir": str(work / "out"), "run-name": engine}
             cache = args.cache_dir or str(work / "node-cache")
             os.environ["FL_APP_CACHE_DIR"] = cache  # inherited by every process the run starts
-            start = time.monotonic()
-            if engine == "simulation":
-                status = flwr_simulation(work, run_config, num_supernodes=len(PROFILES),
-                                         timeout_s=args.timeout).status
-            else:
-                result = run_local_federation(len(PROFILES), PROFILES, run_config, timeout_s=args.timeout,
-                                              workdir=work)
-                status, compute = result.status, result.info.get("compute-time", {})
-            wall = time.monotonic() - start
+            status, info, wall = run_on(engine, work, run_config, args.timeout)
             results = work / "out" / engine / "results.json"
             doc = load_results(results.parent) if results.is_file() else {"rounds": []}
-            seconds = [r["seconds"] for r in doc["rounds"]]
-            out[engine] = {"status": status, "wall_s": wall, "round_seconds": seconds,
-                           "mean_round_s": statistics.mean(seconds) if seconds else None,
-                           "devices": [d["profile"] for d in doc.get("devices", [])], "node_cache": cache,
-                           "node_cache_entries": len(list(Path(cache).glob("node-*.npz"))) if cache != "off" else 0}
-            if engine == "deployment":
-                out[engine]["flwr_compute_time"] = compute  # serverapp-seconds, clientapp-seconds (all processes)
-            print(f"{engine:10s} {status:22s} wall {wall:6.1f} s  rounds "
-                  + ", ".join(f"{s:.2f}" for s in seconds) + " s"
-                  + (f"  (mean {out[engine]['mean_round_s']:.2f} s)" if seconds else "")
-                  + f"  node cache: {out[engine]['node_cache_entries']} entries", flush=True)
+            entries = len(list(Path(cache).glob("node-*.npz"))) if cache != "off" else 0
+            out[engine] = timed_rounds(f"{engine:10s}", status, wall, [r["seconds"] for r in doc["rounds"]],
+                                       f"  node cache: {entries} entries")
+            out[engine] |= {"devices": [d["profile"] for d in doc.get("devices", [])], "node_cache": cache,
+                            "node_cache_entries": entries}
+            if engine == "deployment":  # serverapp-seconds, clientapp-seconds (all processes)
+                out[engine]["flwr_compute_time"] = info.get("compute-time", {})
     compute = out["deployment"].get("flwr_compute_time") or {}
     if compute:
         executions = len(PROFILES) * (1 + args.rounds)  # one device query, then one train job per round
@@ -248,22 +237,33 @@ def floor(rounds: int, timeout_s: float) -> dict[str, dict]:
             work.mkdir()
             timings = work / "timings.json"
             config = {"num-server-rounds": rounds, "min-nodes": len(PROFILES), "timings-file": str(timings)}
-            start = time.monotonic()
-            if engine == "simulation":
-                status = flwr_simulation(work, config, num_supernodes=len(PROFILES), timeout_s=timeout_s,
-                                         app=app).status
-            else:
-                status = run_local_federation(len(PROFILES), profiles, config, timeout_s=timeout_s,
-                                              workdir=work, app=app).status
-            wall = time.monotonic() - start
-            doc = json.loads(timings.read_text()) if timings.is_file() else {"seconds": []}
-            seconds = doc["seconds"]
-            out[engine] = {"status": status, "wall_s": wall, "round_seconds": seconds,
-                           "mean_round_s": statistics.mean(seconds) if seconds else None}
-            print(f"floor {engine:10s} {status:22s} wall {wall:6.1f} s  rounds "
-                  + ", ".join(f"{s:.2f}" for s in seconds) + " s"
-                  + (f"  (mean {out[engine]['mean_round_s']:.2f} s)" if seconds else ""), flush=True)
+            status, _, wall = run_on(engine, work, config, timeout_s, app=app, profiles=profiles)
+            seconds = json.loads(timings.read_text())["seconds"] if timings.is_file() else []
+            out[engine] = timed_rounds(f"floor {engine:10s}", status, wall, seconds)
     return out
+
+
+def run_on(engine: str, work: Path, run_config: dict, timeout_s: float, app: Path = REPO,
+           profiles: Sequence[str] = PROFILES) -> tuple[str, dict, float]:
+    """Run `app` once on `engine` ("simulation" or "deployment") with one node per profile, in `work`:
+    (the run's final status, Flower's run info on the deployment engine ({} in simulation), wall seconds)."""
+    start = time.monotonic()
+    if engine == "simulation":
+        status, info = flwr_simulation(work, run_config, num_supernodes=len(profiles), timeout_s=timeout_s,
+                                       app=app).status, {}
+    else:
+        result = run_local_federation(len(profiles), profiles, run_config, timeout_s=timeout_s, workdir=work,
+                                      app=app)
+        status, info = result.status, result.info
+    return status, info, time.monotonic() - start
+
+
+def timed_rounds(label: str, status: str, wall: float, seconds: list[float], note: str = "") -> dict:
+    """One engine's run as recorded and printed: status, wall seconds, per-round seconds and their mean."""
+    mean = statistics.mean(seconds) if seconds else None
+    print(f"{label} {status:22s} wall {wall:6.1f} s  rounds " + ", ".join(f"{s:.2f}" for s in seconds) + " s"
+          + (f"  (mean {mean:.2f} s)" if mean is not None else "") + note, flush=True)
+    return {"status": status, "wall_s": wall, "round_seconds": seconds, "mean_round_s": mean}
 
 
 if __name__ == "__main__":
