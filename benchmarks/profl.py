@@ -182,10 +182,8 @@ def _accuracy(args: argparse.Namespace, num_nodes: int, data: dict) -> None:
     common = {**data, "seed": args.seed, "model": args.model, "batch-size": args.batch, "device-mix": args.mix,
               "partition": "iid", "num-server-rounds": args.rounds, "max-client-examples": args.examples,
               "local-epochs": args.epochs, "public-size": args.public, "lr": args.lr, "augment": True,
-              # Memory is the only constraint here: compute-slack large enough that every device's compute
-              # share covers the full model (ProFL never checks compute; the others then check memory only).
-              "compute-slack": args.compute_slack,
-              "profl-shrink-rounds": 1, "block-round-cap": args.cap, "em-window": args.em_window,
+              # Memory is the only constraint here (no emulated-deadline).
+              "profl-shrink-share": args.shrink_share, "block-round-cap": args.cap, "em-window": args.em_window,
               "em-threshold": args.em_threshold, "em-patience": args.em_patience}
     total = num_blocks(args.model)
     print(f"code: {_code_version()}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -199,9 +197,9 @@ def _accuracy(args: argparse.Namespace, num_nodes: int, data: dict) -> None:
              "(server and, for HeteroFL's per-client check, the clients: the test set is replaced by that subset, "
              "so each client's test share is 1/%d of it)" % num_nodes)
           + f"; public slice {args.public} held out of training (unused by these strategies)")
-    print(f"devices: compute-slack {args.compute_slack} (every device's compute share covers the full model: "
-          f"memory is the only constraint); fedavg ignores memory budgets, the others enforce them")
-    print(f"profl: {total} blocks; shrink {2 * (total - 1)} rounds (profl-shrink-rounds 1), then grow with "
+    print("devices: memory is the only constraint (no emulated-deadline); fedavg ignores memory budgets, the "
+          "others enforce them")
+    print(f"profl: {total} blocks; profl-shrink-share {args.shrink_share} of the rounds, then grow with "
           f"block-round-cap {args.cap}, em-window {args.em_window}, em-threshold {args.em_threshold}, "
           f"em-patience {args.em_patience}")
     print(_data_check({**common, "strategy": "fedavg"}, num_nodes))
@@ -271,9 +269,8 @@ if __name__ == "__main__":
     acc_args.add_argument("--test", type=int, default=500)
     acc_args.add_argument("--lr", type=float, default=0.05)
     acc_args.add_argument("--seed", type=int, default=0)
-    acc_args.add_argument("--compute-slack", type=float, default=100.0,
-                          help="large enough that compute never binds (the default mix: laptop / Pi 3B+ = 96x)")
-    acc_args.add_argument("--cap", type=int, default=1, help="profl block-round-cap")
+    acc_args.add_argument("--shrink-share", type=float, default=0.2, help="profl-shrink-share")
+    acc_args.add_argument("--cap", type=int, default=1, help="profl block-round-cap (0: from the rounds left)")
     acc_args.add_argument("--em-window", type=int, default=6)
     acc_args.add_argument("--em-threshold", type=float, default=0.2)
     acc_args.add_argument("--em-patience", type=int, default=2)

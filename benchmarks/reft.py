@@ -1,6 +1,6 @@
 """REFT figures: submodel sizes per device, traffic per round vs FedAvg, accuracy vs the baselines.
 
-    python benchmarks/reft.py sizes      # VGG-16 (4096 classifier) submodels for the default device mix
+    python benchmarks/reft.py sizes      # VGG-16 (4096 classifier) submodels: global vs uniform pruning
     python benchmarks/reft.py bytes      # bytes per round after setup, REFT vs FedAvg, real CIFAR-10
     python benchmarks/reft.py accuracy   # 5 strategies, same rounds/devices/seed, real CIFAR-10
 
@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -23,41 +24,59 @@ from benchmarks.run_inprocess import REPO, run_inprocess  # noqa: E402
 from fl_app.config import RunConfig  # noqa: E402
 from fl_app.data import make_synthetic  # noqa: E402
 from fl_app.profiles import load_profile, parse_device_mix  # noqa: E402
-from fl_app.width import widths_at_ratio  # noqa: E402
+from fl_app.cost import model_cost  # noqa: E402
+from fl_app.models import ModelSpec, build_model  # noqa: E402
+from fl_app.width import PRUNING, fit_ratio, pruning_widths  # noqa: E402
 from server_app.strategies.base import Device, Federation  # noqa: E402
+from server_app.strategies.reft import REFT  # noqa: E402
 
 DATA = str(REPO.parent / "shared" / "data")
 MB = 2**20
 
 
 def sizes() -> None:
-    config = RunConfig.from_mapping({"model": "vgg16-fc4096", "strategy": "reft"})
-    names = parse_device_mix(config.device_mix)
-    devices = [Device(i + 1, i, load_profile(n), 0) for i, n in enumerate(names)]
-    fed = Federation(config, devices, make_synthetic(train_size=10, test_size=2), np.random.default_rng(0))
-    full = fed.cost(fed.full_spec())
-    print(f"model vgg16-fc4096, 3x32x32, batch {config.batch_size}, compute-slack {config.compute_slack}, "
-          f"min-keep-ratio {config.min_keep_ratio}, device-mix {config.device_mix}")
-    print(f"full model: {full.size_mb:.1f} MB, {full.forward_macs_per_sample / 1e9:.3f} G MACs/image, "
-          f"{full.train_flops_per_sample / 1e9:.3f} GFLOP/image training, "
-          f"{fed.peak_memory_mb(full):.0f} MB peak training memory")
-    print(f"{'profile':22s} {'GFLOPS':>7s} {'mem MB':>7s} {'ratio':>6s} {'size MB':>8s} {'G MACs':>7s} "
-          f"{'FLOPs/budget':>12s} {'peak MB':>8s} {'fits':>5s}")
-    seen = set()
-    for d in devices:
-        if d.profile.name in seen:
-            continue
-        seen.add(d.profile.name)
-        ratio = fed.affordable_ratio(d)
-        if ratio is None:
-            print(f"{d.profile.name:22s} cannot afford the floor")
-            continue
-        cost = fed.cost(fed.full_spec().with_widths(widths_at_ratio(fed.full_spec(), ratio)))
-        use = cost.train_flops_per_sample / fed.flops_budget(d)
-        peak = fed.peak_memory_mb(cost)
-        print(f"{d.profile.name:22s} {d.profile.gflops:7.1f} {d.profile.memory_mb:7.0f} {ratio:6.3f} "
-              f"{cost.size_mb:8.2f} {cost.forward_macs_per_sample / 1e9:7.4f} {use:12.3f} {peak:8.1f} "
-              f"{str(use <= 1 + 1e-9 and peak <= d.profile.memory_mb):>5s}")
+    """REFT's VGG-16 case, pruned globally and uniformly: at the paper's budget (0.07/0.33 of the full
+    model's FLOPs), then per device of the default mix under an emulated deadline."""
+    spec, shape = ModelSpec("vgg16-fc4096"), (3, 32, 32)
+    full = model_cost(spec, shape)
+    torch.manual_seed(0)
+    model = build_model(spec)
+    print(f"vgg16-fc4096, 3x32x32: {full.state_bytes / 1e6:.1f} MB (10^6 bytes), "
+          f"{full.forward_macs_per_sample / 1e9:.3f} G MACs/image; paper's REFT submodel: 1.8 MB, 0.07 G MACs")
+    print("\n1. Budget 0.07/0.33 of the full model's training FLOPs per sample (weights at initialisation, seed 0)")
+    print(f"{'pruning':8s} {'level':>6s} {'MB':>7s} {'G MACs':>7s}  widths")
+    for name in PRUNING:
+        widths_at = pruning_widths(model, name, 0.05)
+        level = fit_ratio(spec, shape, lambda c: c.train_flops_per_sample <= full.train_flops_per_sample * 0.07 / 0.33,
+                          0.0 if name == "global" else 0.05, widths_at)
+        cost = model_cost(spec.with_widths(widths_at(level)), shape)
+        widths = widths_at(level)
+        print(f"{name:8s} {level:6.3f} {cost.state_bytes / 1e6:7.2f} {cost.forward_macs_per_sample / 1e9:7.4f}  "
+              + " ".join(f"{g.replace('stage', 's').replace('.conv', 'c')}:{w}" for g, w in widths.items()))
+    deadline = 60.0
+    print(f"\n2. The default device mix, 500 examples each, emulated-deadline {deadline:g} s (REFT's refresh round: "
+          "weights and soft labels down, logits up, public slice 500, fp32)")
+    print(f"{'profile':22s} {'pruning':8s} {'level':>6s} {'MB':>8s} {'G MACs':>7s} {'device s':>9s} {'peak MB':>8s}")
+    for name in PRUNING:
+        config = RunConfig.from_mapping({"model": "vgg16-fc4096", "strategy": "reft", "pruning": name,
+                                         "emulated-deadline": deadline})
+        names = parse_device_mix(config.device_mix)
+        devices = [Device(i + 1, i, load_profile(n), 500) for i, n in enumerate(names)]
+        fed = Federation(config, devices, make_synthetic(train_size=10, test_size=2), np.random.default_rng(0))
+        strategy = REFT(fed)
+        seen = set()
+        for d in devices:
+            if d.profile.name in seen:
+                continue
+            seen.add(d.profile.name)
+            if d.node_id not in strategy.ratios:
+                print(f"{d.profile.name:22s} {name:8s} left out: {strategy.left_out[d.node_id]}")
+                continue
+            level = strategy.ratios[d.node_id]
+            cost = fed.cost(spec.with_widths(strategy.levels(level)))
+            print(f"{d.profile.name:22s} {name:8s} {level:6.3f} {cost.state_bytes / 1e6:8.2f} "
+                  f"{cost.forward_macs_per_sample / 1e9:7.4f} {strategy.workload(d).device_time_s(d.profile, cost):9.1f} "
+                  f"{fed.peak_memory_mb(cost):8.1f}")
 
 
 def _cifar(**overrides) -> dict:
@@ -91,11 +110,9 @@ def traffic() -> None:
 
 def accuracy(rounds: int, examples: int, model: str) -> None:
     common = _cifar(**{"model": model, "num-server-rounds": rounds, "max-client-examples": examples,
-                       "public-size": 1000, "test-size": 2000, "batch-size": 32, "lr": 0.05, "augment": True,
-                       "compute-slack": 1.0, "block-round-cap": 2})
+                       "public-size": 1000, "test-size": 2000, "batch-size": 32, "lr": 0.05, "augment": True})
     print(f"{model} on CIFAR-10: 10 clients (default device mix) x {examples} private images (iid), "
-          f"{rounds} rounds, 1 local epoch, public slice 1000, a random 2000 of the test images, seed 0, fp32, "
-          f"compute-slack 1.0, profl block-round-cap 2")
+          f"{rounds} rounds, 1 local epoch, public slice 1000, a random 2000 of the test images, seed 0, fp32")
     print(f"{'strategy':12s} {'final acc':>9s} {'best acc':>8s} {'clients':>7s} {'MB down':>9s} {'MB up':>9s} "
           f"{'device s':>9s} {'wall s':>7s}")
     print("(runs kept in benchmarks/results/runs/; figures: python -m fl_app.report benchmarks/results/runs/* "

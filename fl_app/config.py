@@ -17,10 +17,19 @@ from typing import Any
 from fl_app.data import DATASET_NAMES, PARTITIONS
 from fl_app.models import MODEL_NAMES
 from fl_app.profiles import ProfileError, parse_device_mix, parse_memory_pool
+from fl_app.width import PRUNING
 from fl_app.wire import ENCODINGS
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
-CONSTRAINTS = ("memory+compute", "memory", "compute")  # which device budgets strategies honour
+# Keys of earlier versions: naming one says what replaced it, instead of "unknown key".
+REMOVED_KEYS = {
+    "constraints": "memory is now always enforced (every strategy but fedavg), and emulated-deadline is the "
+                   "time budget; drop the key",
+    "compute-slack": "the compute-share rule is gone: set emulated-deadline (emulated seconds a round may take "
+                     "on a device) instead; drop the key",
+    "profl-shrink-rounds": "use profl-shrink-share (the share of num-server-rounds ProFL's shrinking stage "
+                           "takes; 0 skips it)",
+}
 _DATASET_PREFIXES = tuple(n.split(":")[0] + ":" for n in DATASET_NAMES if ":" in n)  # "npz:", "imagefolder:"
 
 
@@ -49,17 +58,16 @@ class RunConfig:
     augment: bool
     fraction_train: float
     device_mix: str
-    constraints: str
     memory_pool: str
-    compute_slack: float
     min_keep_ratio: float
+    pruning: str
     encoding: str
     temperature: float
     client_distill_epochs: int
     server_distill_epochs: int
     refresh_every: int
     checkpoint: bool
-    profl_shrink_rounds: int
+    profl_shrink_share: float
     em_window: int
     em_threshold: float
     em_patience: int
@@ -86,7 +94,8 @@ class RunConfig:
         problems = []
         known = {f.name.replace("_", "-"): f for f in fields(cls)}
         for key in sorted(set(merged) - set(known)):
-            problems.append(f"unknown key {key!r}; valid keys: {', '.join(sorted(known))}")
+            problems.append(f"{key} was removed: {REMOVED_KEYS[key]}" if key in REMOVED_KEYS
+                            else f"unknown key {key!r}; valid keys: {', '.join(sorted(known))}")
         if strategies is not None and merged.get("strategy") not in strategies:
             problems.append(f"strategy = {merged.get('strategy')!r}: valid choices are {', '.join(strategies)}")
         kwargs = {}
@@ -123,7 +132,7 @@ class RunConfig:
         choice("model", self.model, MODEL_NAMES)
         choice("partition", self.partition, PARTITIONS)
         choice("encoding", self.encoding, ENCODINGS)
-        choice("constraints", self.constraints, CONSTRAINTS)
+        choice("pruning", self.pruning, PRUNING)
         try:
             parse_memory_pool(self.memory_pool)
         except ProfileError as exc:
@@ -137,14 +146,16 @@ class RunConfig:
             p.append(f"dataset = {self.dataset!r}: valid choices are {', '.join(DATASET_NAMES)}")
         at_least("dirichlet-alpha", self.dirichlet_alpha, 0, strict=True)
         for key in ("shards-per-client", "num-server-rounds", "local-epochs", "batch-size", "min-nodes",
-                    "em-window", "em-patience", "block-round-cap", "min-successful-clients"):
+                    "em-window", "em-patience", "min-successful-clients"):
             at_least(key, getattr(self, key.replace("-", "_")), 1)
         for key in ("max-client-examples", "public-size", "test-size", "momentum", "weight-decay",
-                    "client-distill-epochs", "server-distill-epochs", "refresh-every", "profl-shrink-rounds",
+                    "client-distill-epochs", "server-distill-epochs", "refresh-every", "block-round-cap",
                     "em-threshold", "round-timeout", "emulated-deadline", "round-retries"):
             at_least(key, getattr(self, key.replace("-", "_")), 0)
         at_least("lr", self.lr, 0, strict=True)
-        at_least("compute-slack", self.compute_slack, 0, strict=True)
+        if not 0 <= self.profl_shrink_share < 1:
+            p.append(f"profl-shrink-share = {self.profl_shrink_share!r}: must be in [0, 1) (0 skips shrinking; the "
+                     "growing stage needs rounds too)")
         if not 0 < self.fraction_train <= 1:
             p.append(f"fraction-train = {self.fraction_train!r}: must be in (0, 1]")
         try:

@@ -48,6 +48,7 @@ class ModelCost:
     # gradient in that layout, a contiguous copy): three times the largest trainable conv weight.
     # (The default layout makes one; not priced, as before.)
     weight_grad_temporary_bytes: int = 0
+    state_tensors: int = 0  # entries of the state dict: each costs a message some framing bytes
 
     @property
     def size_mb(self) -> float:
@@ -133,7 +134,7 @@ def _measure(model: torch.nn.Module, image_shape: tuple[int, ...], trainable: tu
     return ModelCost(params, trainable_params, state_bytes, (macs4 - macs2) / 2,
                      (flops4 - flops2) / 2, activations, max(layer_io, default=0) / 2,
                      max((4 * p.numel() for p in model.parameters() if p.requires_grad), default=0),
-                     3 * max(conv_weights, default=0) if checkpoint else 0)
+                     3 * max(conv_weights, default=0) if checkpoint else 0, len(model.state_dict()))
 
 
 def _count(model: torch.nn.Module, image_shape: tuple[int, ...], batch: int, trainable: tuple[int, ...] | None,
@@ -409,3 +410,64 @@ def transfer_time_s(profile: DeviceProfile, bytes_down: int, bytes_up: int) -> f
 def device_time_s(profile: DeviceProfile, train_flops: float, bytes_down: int, bytes_up: int) -> float:
     """Emulated wall time on `profile`, in seconds: compute at its sustained GFLOPS plus transfers."""
     return compute_time_s(profile, train_flops) + transfer_time_s(profile, bytes_down, bytes_up)
+
+
+# Upper bounds on what Flower's serialization adds to the tensor data (measured on cnn, resnet18 and
+# vgg16-fc4096 with flwr 1.41: about 200 bytes per fp32/fp16 tensor, 380 per int8 tensor with its
+# quantization parameters, and the job's JSON, about 1.5 kB): see tests/test_cost.py.
+TENSOR_FRAMING_BYTES = 512
+MESSAGE_FRAMING_BYTES = 16 * 1024
+BYTES_PER_VALUE = {"fp32": 4, "fp16": 2, "int8": 1}
+
+
+def message_bytes_bound(values: float, tensors: int, encoding: str = "fp32", extra_bytes: float = 0.0) -> float:
+    """An upper bound on a message's serialized bytes: `values` tensor values in `encoding`, `tensors`
+    tensors' framing, the message's framing and `extra_bytes` (other records, e.g. fp32 logits)."""
+    return values * BYTES_PER_VALUE[encoding] + tensors * TENSOR_FRAMING_BYTES + MESSAGE_FRAMING_BYTES + extra_bytes
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One round of a device's work, all but the model's shape: what turns a `ModelCost` into emulated
+    device seconds, the virtual clock's price (server_app.clock) with message bytes bounded from above.
+
+    - `trained_examples`: private samples trained on (epochs included);
+    - `distilled_examples` / `predicted_examples`: public samples distilled / passed forward only (REFT);
+    - `weights_down`: the model's whole state travels down (worst case: a node that holds nothing yet);
+    - `weights_up`: the trained part travels up (False: only `extra_up_bytes`, e.g. REFT's logits);
+    - `extra_down_bytes` / `extra_up_bytes`: other records (soft labels, logits, a teacher's weights).
+    """
+
+    trained_examples: int
+    distilled_examples: int = 0
+    predicted_examples: int = 0
+    weights_down: bool = True
+    weights_up: bool = True
+    extra_down_bytes: float = 0.0
+    extra_up_bytes: float = 0.0
+    encoding: str = "fp32"
+
+    def bytes_down(self, cost: ModelCost) -> float:
+        values = cost.state_bytes / 4 if self.weights_down else 0
+        return message_bytes_bound(values, cost.state_tensors if self.weights_down else 0, self.encoding,
+                                   self.extra_down_bytes)
+
+    def bytes_up(self, cost: ModelCost) -> float:
+        values = cost.trainable_params if self.weights_up else 0
+        return message_bytes_bound(values, cost.state_tensors if self.weights_up else 0, self.encoding,
+                                   self.extra_up_bytes)
+
+    def train_flops(self, cost: ModelCost) -> float:
+        return job_train_flops(cost, self.trained_examples, self.distilled_examples, self.predicted_examples)
+
+    def compute_s(self, profile: DeviceProfile, cost: ModelCost) -> float:
+        """Seconds of compute at `profile`'s sustained GFLOPS."""
+        return compute_time_s(profile, self.train_flops(cost))
+
+    def transfer_s(self, profile: DeviceProfile, cost: ModelCost) -> float:
+        """Seconds of transfers (bytes bounded from above) at `profile`'s link rates."""
+        return transfer_time_s(profile, self.bytes_down(cost), self.bytes_up(cost))  # type: ignore[arg-type]
+
+    def device_time_s(self, profile: DeviceProfile, cost: ModelCost) -> float:
+        """Predicted emulated seconds on `profile`: compute plus transfers (never below the clock's price)."""
+        return self.compute_s(profile, cost) + self.transfer_s(profile, cost)

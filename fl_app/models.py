@@ -94,12 +94,15 @@ class Architecture:
     - `widths`: width group -> channels of the full model;
     - `build(spec, widths) -> blocks`: the blocks at the given widths (the last ends in logits);
     - `block_outputs`: per block, the width group of its output feature map (None: it has none)
-      and its spatial stride; ProFL's output modules are built from these.
+      and its spatial stride; ProFL's output modules are built from these;
+    - `head(spec, widths)`: the model's own classifier, from the last feature map to the logits (the
+      end of the last block, and the end of every ProFL output module).
     """
 
     widths: dict[str, int]
     build: Callable[[ModelSpec, dict[str, int]], Blocks]
     block_outputs: list[tuple[str | None, int]]
+    head: Callable[[ModelSpec, dict[str, int]], nn.Module]
 
 
 def architecture(name: str) -> Architecture:
@@ -224,12 +227,15 @@ def cnn() -> Architecture:
             return nn.Sequential(conv(w, out_g, in_g, spec.in_channels), bn(w, out_g), nn.ReLU(inplace=True),
                                  nn.MaxPool2d(2))
 
-        head = nn.Sequential(nn.AdaptiveAvgPool2d(_CNN_POOL), nn.Flatten(),
+        return [stage("conv1", None), stage("conv2", "conv1"), head(spec, w)]
+
+    def head(spec: ModelSpec, w: dict[str, int]) -> nn.Module:
+        return nn.Sequential(nn.AdaptiveAvgPool2d(_CNN_POOL), nn.Flatten(),
                              linear(w, "fc1", "conv2", in_repeat=_CNN_POOL * _CNN_POOL), nn.ReLU(inplace=True),
                              linear(w, None, "fc1", spec.num_classes))
-        return [stage("conv1", None), stage("conv2", "conv1"), head]
 
-    return Architecture({"conv1": 32, "conv2": 64, "fc1": 128}, build, [("conv1", 2), ("conv2", 2), (None, 1)])
+    return Architecture({"conv1": 32, "conv2": 64, "fc1": 128}, build, [("conv1", 2), ("conv2", 2), (None, 1)],
+                        head)
 
 
 def vgg(stages: list[list[int]], fc4096: bool = False) -> Architecture:
@@ -253,19 +259,21 @@ def vgg(stages: list[list[int]], fc4096: bool = False) -> Architecture:
             # ceil_mode lets 28x28 inputs pass five pools (28-14-7-4-2-1) like 32x32 ones.
             layers.append(nn.MaxPool2d(2, ceil_mode=True))
             blocks.append(nn.Sequential(*layers))
-        assert in_g is not None
-        if fc4096:
-            head = nn.Sequential(
-                nn.Flatten(), linear(w, "fc1", in_g), nn.ReLU(inplace=True), nn.Dropout(0.5),
-                linear(w, "fc2", "fc1"), nn.ReLU(inplace=True), nn.Dropout(0.5),
-                linear(w, None, "fc2", spec.num_classes))
-        else:
-            head = nn.Sequential(nn.Flatten(), linear(w, None, in_g, spec.num_classes))
-        blocks[-1] = nn.Sequential(*blocks[-1], *head)
+        blocks[-1] = nn.Sequential(*blocks[-1], *head(spec, w))
         return blocks
 
+    last = f"stage{len(stages)}.conv{len(stages[-1])}"
+
+    def head(spec: ModelSpec, w: dict[str, int]) -> nn.Sequential:
+        """From the last stage's 1x1 map: one linear layer, or the 512-4096-4096 classifier with dropout."""
+        if fc4096:
+            return nn.Sequential(nn.Flatten(), linear(w, "fc1", last), nn.ReLU(inplace=True), nn.Dropout(0.5),
+                                 linear(w, "fc2", "fc1"), nn.ReLU(inplace=True), nn.Dropout(0.5),
+                                 linear(w, None, "fc2", spec.num_classes))
+        return nn.Sequential(nn.Flatten(), linear(w, None, last, spec.num_classes))
+
     outputs: list[tuple[str | None, int]] = [(f"stage{s}.conv{len(stage)}", 2) for s, stage in enumerate(stages, 1)]
-    return Architecture(widths, build, outputs)
+    return Architecture(widths, build, outputs, head)
 
 
 def resnet(blocks_per_stage: list[int], stage_widths: tuple[int, ...] = (64, 128, 256, 512)) -> Architecture:
@@ -287,13 +295,15 @@ def resnet(blocks_per_stage: list[int], stage_widths: tuple[int, ...] = (64, 128
                 stage.append(BasicBlock(w, in_g, stage_g, f"{stage_g}.block{b}.mid", stride))
                 in_g = stage_g
             stages.append(stage)
-        head = classifier_head(w, f"stage{len(stages)}", spec.num_classes)
         return [nn.Sequential(stem, *stages[0]), *(nn.Sequential(*st) for st in stages[1:-1]),
-                nn.Sequential(*stages[-1], head)]
+                nn.Sequential(*stages[-1], head(spec, w))]
+
+    def head(spec: ModelSpec, w: dict[str, int]) -> nn.Module:
+        return classifier_head(w, f"stage{len(blocks_per_stage)}", spec.num_classes)
 
     outputs: list[tuple[str | None, int]] = [("stage1", 1)] + [(f"stage{s}", 2)
                                                                 for s in range(2, len(stage_widths) + 1)]
-    return Architecture(widths, build, outputs)
+    return Architecture(widths, build, outputs, head)
 
 
 _VGG11 = [[64], [128], [256, 256], [512, 512], [512, 512]]
@@ -314,7 +324,9 @@ MODEL_NAMES = tuple(MODELS)
 
 class OutputModule(nn.Module):
     """ProFL's stand-in for the blocks after block `depth`: one 3x3 stride-s convolution per later
-    block (no BatchNorm, no ReLU, as in the authors' scripts), global average pooling, a linear layer."""
+    block that has a feature map (no BatchNorm, no ReLU, as in the authors' scripts), then the model's
+    own classifier head (`Architecture.head`): for ResNet global average pooling and a linear layer, as
+    in the scripts; for the CNN its pooling and two linear layers; for VGG its classifier."""
 
     def __init__(self, spec: ModelSpec, w: dict[str, int], depth: int) -> None:
         super().__init__()
@@ -328,7 +340,7 @@ class OutputModule(nn.Module):
             in_g = out_g
         assert in_g is not None
         self.basic = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), linear(w, None, in_g, spec.num_classes))
+        self.head = architecture(spec.name).head(spec, w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.basic(x))

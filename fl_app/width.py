@@ -8,8 +8,9 @@ submodel keeps (sorted indices). From it:
   (HeteroFL's channel-wise averaging divides the sums by per-coordinate counts);
 - `select_channels` builds the map, by weight magnitude (REFT's structured pruning)
   or by taking the first k channels (HeteroFL's static width scaling);
-- `fit_ratio` finds the largest submodel within a FLOPs and memory budget, and
-  `extract` cuts it from the global model.
+- `fit_ratio` finds the largest submodel that fits a device's budgets (memory, device time),
+  pruned uniformly (`uniform_widths`) or by one global ranking of channels (`global_widths`,
+  REFT), and `extract` cuts it from the global model.
 
 The shapes come from the `width_axes` tags the model builders put on every layer, so
 this file knows no model by name.
@@ -25,7 +26,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from fl_app.cost import model_cost
+from fl_app.cost import ModelCost, model_cost
 from fl_app.models import Axis, ModelSpec, build_model
 
 ChannelMap = dict[str, list[int]]
@@ -181,59 +182,67 @@ class Submodel:
     spec: ModelSpec
     keep: ChannelMap
     state: dict[str, torch.Tensor]
-    ratio: float  # the uniform share of channels kept in every group
+    ratio: float  # the pruning level: the uniform share of channels (uniform) or of prunable channels (global)
 
 
-def fit_ratio(spec: ModelSpec, image_shape: tuple[int, int, int], batch_size: int, max_train_flops: float,
-              max_memory_bytes: float, min_ratio: float) -> float | None:
-    """The largest uniform keep ratio whose submodel fits both budgets; None if not even `min_ratio` fits.
+Widths = Callable[[float], dict[str, int]]  # a pruning level in [0, 1] -> every group's width, growing with it
+Fits = Callable[[ModelCost], bool]  # whether a submodel of this cost fits a device's budgets
 
-    Training FLOPs and peak memory grow with the ratio, so a bisection finds it
-    (to 1/1000); each candidate is priced by the cost model, no training needed.
 
-    Most candidates need no pricing. A submodel that keeps no more channels in any group costs no
-    more, so a priced ratio that fits settles every smaller one, and one that does not every larger
-    one. The bisection is first run on predicted costs (interpolated between priced ratios along
-    per-layer proxies, `_predicted`) and only its final bracket is priced: when the low end fits and
-    the high end does not, every decision on the way follows from those two, so the result is the
-    bisection's own. Otherwise the next try predicts from the new prices too; after the last, the
-    bisection prices every candidate the priced ones do not settle. Usually 2 pricings, not ~10.
+def uniform_widths(spec: ModelSpec) -> Widths:
+    """Uniform width scaling: level r keeps r of every group's channels (HeteroFL, FedRolex, AllSmall)."""
+    return lambda ratio: widths_at_ratio(spec, ratio)
+
+
+def fit_ratio(spec: ModelSpec, image_shape: tuple[int, int, int], fits: Fits, min_ratio: float,
+              widths_at: Widths | None = None) -> float | None:
+    """The largest pruning level in [min_ratio, 1] whose submodel `fits`; None if not even `min_ratio` fits.
+
+    `widths_at(level)` gives the submodel at a level (default `uniform_widths`); a higher level never
+    keeps fewer channels in any group, so its cost (training FLOPs, peak memory, bytes, device time)
+    never falls, and a bisection finds the level (to 1/1000); each candidate is priced by the cost
+    model, no training needed.
+
+    Most candidates need no pricing. A priced level that fits settles every smaller one, and one that
+    does not every larger one. The bisection is first run on predicted costs (each field interpolated
+    between priced levels along per-layer proxies, `_predicted`) and only its final bracket is priced:
+    when the low end fits and the high end does not, every decision on the way follows from those two,
+    so the result is the bisection's own. Otherwise the next try predicts from the new prices too;
+    after the last, the bisection prices every candidate the priced ones do not settle. Usually 2
+    pricings, not ~10.
     """
-    costs: dict[float, tuple[float, float]] = {}  # priced ratio -> (training FLOPs per sample, peak bytes)
+    widths_at = widths_at or uniform_widths(spec)
+    costs: dict[float, ModelCost] = {}  # priced level -> its cost
 
-    def within(flops: float, peak: float) -> bool:
-        return flops <= max_train_flops and peak <= max_memory_bytes
+    def priced(level: float) -> bool:
+        if level not in costs:
+            costs[level] = model_cost(spec.with_widths(widths_at(level)), image_shape)
+        return fits(costs[level])
 
-    def fits(ratio: float) -> bool:
-        if ratio not in costs:
-            cost = model_cost(spec.with_widths(widths_at_ratio(spec, ratio)), image_shape)
-            costs[ratio] = cost.train_flops_per_sample, cost.peak_train_bytes(batch_size, image_shape)
-        return within(*costs[ratio])
-
-    def settled(ratio: float) -> bool | None:
-        """What the priced ratios imply for `ratio`; None: nothing."""
-        if any(r >= ratio and within(*c) for r, c in costs.items()):
+    def settled(level: float) -> bool | None:
+        """What the priced levels imply for `level`; None: nothing."""
+        if any(r >= level and fits(c) for r, c in costs.items()):
             return True
-        if any(r <= ratio and not within(*c) for r, c in costs.items()):
+        if any(r <= level and not fits(c) for r, c in costs.items()):
             return False
         return None
 
-    def decide(ratio: float, otherwise: Callable[[float], bool]) -> bool:
-        known = settled(ratio)
-        return otherwise(ratio) if known is None else known
+    def decide(level: float, otherwise: Callable[[float], bool]) -> bool:
+        known = settled(level)
+        return otherwise(level) if known is None else known
 
-    def guessed(ratio: float) -> bool:
-        return within(*_predicted(spec, image_shape, costs, ratio))
+    def guessed(level: float) -> bool:
+        return fits(_predicted(spec, image_shape, widths_at, costs, level))
 
-    if fits(1.0):
+    if priced(1.0):
         return 1.0
-    if not fits(min_ratio):
+    if not priced(min_ratio):
         return None
     for _ in range(_TRIES):
         low, high = _bisect(min_ratio, lambda r: decide(r, guessed))
-        if fits(low) and not fits(high):
+        if priced(low) and not priced(high):
             return low
-    return _bisect(min_ratio, lambda r: decide(r, fits))[0]
+    return _bisect(min_ratio, lambda r: decide(r, priced))[0]
 
 
 _TRIES = 3  # predicted bisections fit_ratio verifies before it bisects pricing what is not settled
@@ -248,25 +257,37 @@ def _bisect(min_ratio: float, decide: Callable[[float], bool]) -> tuple[float, f
     return low, high
 
 
-def _predicted(spec: ModelSpec, image_shape: tuple[int, ...], costs: dict[float, tuple[float, float]],
-               ratio: float) -> tuple[float, float]:
-    """A guess at (training FLOPs per sample, peak bytes) at `ratio`, never a result: each interpolated
-    between the nearest priced ratios around it, linearly in a proxy that follows the channel counts
-    of that ratio (rounded up per group, so it steps where the cost steps): the sum over layers of
-    weight size x output positions for FLOPs, of output channels x output positions for memory."""
+# ModelCost fields by the proxy they scale with (`_predicted`).
+_FLOPS_FIELDS = ("forward_macs_per_sample", "train_flops_per_sample")
+_ACTIVATION_FIELDS = ("activation_bytes_per_sample", "transient_bytes_per_sample")
+_PARAMETER_FIELDS = ("params", "trainable_params", "state_bytes", "largest_trainable_bytes",
+                     "weight_grad_temporary_bytes")
+
+
+def _predicted(spec: ModelSpec, image_shape: tuple[int, ...], widths_at: Widths, costs: dict[float, ModelCost],
+               level: float) -> ModelCost:
+    """A guess at the cost at `level`, never a result: each field interpolated between the nearest priced
+    levels around it, linearly in a proxy that follows the channel counts at that level: the sum over
+    layers of weight size x output positions for FLOPs, of output channels x output positions for
+    activation memory, of weight size for parameters and bytes."""
     layers = _weight_layers(replace(spec, widths={}).to_json(), tuple(image_shape))
 
-    def proxies(r: float) -> tuple[int, int]:
-        widths = widths_at_ratio(spec, r)
+    def proxies(r: float) -> tuple[int, int, int]:
+        widths = widths_at(r)
         sizes = [[d if isinstance(d, int) else widths[d[0]] * d[1] for d in dims] for _, dims in layers]
         return (sum(positions * math.prod(s) for (positions, _), s in zip(layers, sizes)),
-                sum(positions * s[0] for (positions, _), s in zip(layers, sizes)))
+                sum(positions * s[0] for (positions, _), s in zip(layers, sizes)),
+                sum(math.prod(s) for s in sizes))
 
-    below = max(r for r in costs if r < ratio)
-    above = min(r for r in costs if r > ratio)
-    at, lo, hi = proxies(ratio), proxies(below), proxies(above)
-    return tuple(costs[below][i] + (costs[above][i] - costs[below][i]) * (at[i] - lo[i]) / (hi[i] - lo[i])
-                 if hi[i] != lo[i] else costs[below][i] for i in (0, 1))  # type: ignore[return-value]
+    below, above = max(r for r in costs if r < level), min(r for r in costs if r > level)
+    at, lo, hi = proxies(level), proxies(below), proxies(above)
+    guess = {}
+    for i, names in enumerate((_FLOPS_FIELDS, _ACTIVATION_FIELDS, _PARAMETER_FIELDS)):
+        share = (at[i] - lo[i]) / (hi[i] - lo[i]) if hi[i] != lo[i] else 0.0
+        for name in names:
+            a, b = getattr(costs[below], name), getattr(costs[above], name)
+            guess[name] = type(a)(a + (b - a) * share)
+    return replace(costs[below], **guess)
 
 
 @lru_cache(maxsize=64)
@@ -295,10 +316,71 @@ def _weight_layers(spec_json: str, image_shape: tuple[int, ...]) -> tuple[tuple[
     return tuple(layers)
 
 
-def extract(model: nn.Module, ratio: float, by: str = "magnitude") -> Submodel:
-    """Cut the submodel keeping `ratio` of every group's channels, chosen `by` magnitude or first-k."""
+# --- global structured pruning (REFT) -----------------------------------------------------------
+
+
+def parameters_per_channel(model: nn.Module) -> dict[str, float]:
+    """Per width group: the parameters and buffers one of its channels carries across every layer it
+    appears in (as an output channel, an input channel or BatchNorm statistics): what removing it saves."""
+    axes, state = param_axes(model), model.state_dict()
+    widths = model.spec.resolved_widths()  # type: ignore[union-attr]
+    per: dict[str, float] = {g: 0.0 for g in widths}
+    for name, dims in axes.items():
+        for axis in {a if isinstance(a, str) else a[0] for a in dims if a is not None}:
+            per[axis] += state[name].numel() / widths[axis]
+    return per
+
+
+def global_widths(model: nn.Module, min_ratio: float) -> Widths:
+    """Global structured pruning: every channel of every group ranked in one list, pruning level t keeps
+    the top t of the channels above each group's floor (`min_ratio` of its width, at least 1).
+
+    A channel's rank is its importance per parameter it carries: its L2 weight norm (`channel_importance`)
+    over its group's mean (Torch-Pruning's group-mean normalisation, so layers of any scale compare),
+    divided by `parameters_per_channel`. Among equally important channels, the one that carries more
+    bytes goes first: the parameter-heavy late convolutions and classifier of a VGG lose width before
+    its FLOP-heavy early convolutions. This is the shape REFT's VGG-16 figures imply (128.4 MB ->
+    1.8 MB, 71x fewer bytes, at 0.33 -> 0.07 GMAC, 4.7x fewer FLOPs; Desai et al. 2023), which no
+    uniform ratio gives (shared/docs/ALGORITHMS.md). Within a group the order is by importance, so the
+    channels kept are `select_channels`'s by magnitude.
+    """
+    widths = model.spec.resolved_widths()  # type: ignore[union-attr]
+    importance, carried = channel_importance(model), parameters_per_channel(model)
+    floors = {g: max(1, min(c, math.ceil(min_ratio * c))) for g, c in widths.items()}
+    ranked: list[tuple[float, str]] = []
+    for g, c in widths.items():
+        scores = importance[g] / importance[g].mean().clamp_min(1e-12) / carried[g]
+        ranked += [(float(v), g) for v in torch.sort(scores, descending=True).values[floors[g]:]]
+    ranked.sort(key=lambda item: -item[0])
+    order = [g for _, g in ranked]
+
+    def at(level: float) -> dict[str, int]:
+        kept = dict(floors)
+        for g in order[:round(min(max(level, 0.0), 1.0) * len(order))]:
+            kept[g] += 1
+        return kept
+
+    return at
+
+
+PRUNING = ("global", "uniform")  # REFT's run-config `pruning`
+
+
+def pruning_widths(model: nn.Module, pruning: str, min_ratio: float) -> Widths:
+    """The pruning levels of `model` by `pruning`: "global" (`global_widths`) or "uniform" (`uniform_widths`)."""
+    if pruning == "global":
+        return global_widths(model, min_ratio)
+    if pruning == "uniform":
+        return uniform_widths(model.spec)  # type: ignore[arg-type]
+    raise ValueError(f"unknown pruning {pruning!r}; valid: {', '.join(PRUNING)}")
+
+
+def extract(model: nn.Module, ratio: float, by: str = "magnitude", widths_at: Widths | None = None) -> Submodel:
+    """Cut the submodel at pruning level `ratio` (of `widths_at`, default uniform: `ratio` of every
+    group's channels), the channels chosen `by` magnitude or first-k."""
     spec: ModelSpec = model.spec  # type: ignore[assignment]
-    return cut(model, select_channels(model, widths_at_ratio(spec, ratio), by), ratio)
+    widths = (widths_at or uniform_widths(spec))(ratio)
+    return cut(model, select_channels(model, widths, by), ratio)
 
 
 def cut(model: nn.Module, keep: ChannelMap, ratio: float) -> Submodel:

@@ -71,7 +71,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 run_config = {"strategy": "fedavg", "num-server-rounds": 2, "max-client-examples": 64, "test-size": 200,
-              "public-size": 100, "compute-slack": 20.0, "min-nodes": 3,
+              "public-size": 100, "min-nodes": 3,
               "device-mix": "raspberry-pi-4:1,laptop:1,jetson-nano:1"}
 ctx = Context(run_id=1, node_id=1, state=RecordDict(), run_config=run_config,
               node_config={"partition-id": 0, "num-partitions": 3, "profile": "raspberry-pi-4"})
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     from fl_app.results import load_results  # not needed by --breakdown, which also times older checkouts
 
     config = {"strategy": args.strategy, "num-server-rounds": args.rounds, "max-client-examples": 64,
-              "test-size": 200, "public-size": 100, "compute-slack": 20.0, "min-nodes": 3,
+              "test-size": 200, "public-size": 100, "min-nodes": 3,
               "device-mix": ",".join(f"{p}:1" for p in PROFILES)}
     out: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="compare-engines-") as tmp:

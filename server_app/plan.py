@@ -11,8 +11,8 @@ the function the round loop records clients with, and its message and reply are 
 serializes them (`server_app.rounds.task_content`, `fl_app.wire`). Between rounds the strategy folds
 "echo" replies (what each node was sent, every float nudged by the same small step) with the
 server's own distillation off: no training anywhere, and ProFL's effective movement stays high,
-so each of its blocks grows for `block-round-cap` rounds (the longest schedule; at CPU scale the cap
-is what decides).
+so each of its blocks grows for its cap (`growth_cap`: an even share of the rounds left, at most
+`block-round-cap` when set), the longest schedule.
 
 Known datasets (mnist, fashion-mnist, cifar10, cifar100) are planned from their shapes and sizes
 without reading images, unless `--load-data` or partition = dirichlet (whose split needs the labels).
@@ -65,7 +65,7 @@ ECHO_STEP = 1e-4  # what every float of an echo reply moves by: steady movement,
 # folding echo replies, which for ResNet-18 costs far more than planning (tests/test_plan.py checks
 # that folding would change nothing). Any other strategy, and any new one, is folded.
 FOLD_FREE = ("fedavg", "exclusivefl", "allsmall", "heterofl", "fedrolex", "depthfl")
-_KIND = re.compile(r"\b(memory|compute): needs")
+_KIND = re.compile(r"\b(memory|deadline): needs")
 
 
 class PlanError(ValueError):
@@ -379,7 +379,7 @@ class Plan:
 
     def device_status(self, plan: StrategyPlan, device: Device) -> dict[str, Any]:
         """Whether `device` takes part in `plan` (in round 1, or from a later round), and if not why:
-        `kind` is the resource that falls short ("memory", "compute"), "sampling" or None."""
+        `kind` is the resource that falls short ("memory", "deadline"), "sampling" or None."""
         if plan.error:
             return {"status": "strategy cannot run", "kind": None, "reason": plan.error, "first_round": None}
         rounds = [r for r in range(1, len(plan.rounds) + 1) if plan.task(device.node_id, r)]
@@ -512,7 +512,7 @@ def format_plan(plan: Plan) -> str:
         f"Plan (nothing trained): {c.model} on {c.dataset} {shape}, {d.num_classes} classes, "
         f"{len(d.y_train)} train images ({'loaded' if plan.dataset_loaded else 'known sizes, images not read'}); "
         f"{len(plan.devices)} nodes, {c.num_server_rounds} rounds, {c.local_epochs} local epoch(s), batch {c.batch_size}, "
-        f"encoding {c.encoding}, constraints {c.constraints}, compute-slack {c.compute_slack:g}"
+        f"encoding {c.encoding}, reft pruning {c.pruning}"
         + (f", memory-pool {c.memory_pool}" if c.memory_pool else "")
         + (f", emulated-deadline {c.emulated_deadline:g} s" if c.emulated_deadline else ""),
         "Traffic in MB of 10^6 bytes, memory in MB of 2^20 bytes, times in seconds (emulated device time).",
@@ -559,7 +559,7 @@ def _format_strategy(plan: Plan, s: StrategyPlan) -> list[str]:
         st = plan.device_status(s, dev)
         t = s.task(dev.node_id, st["first_round"]) if st["first_round"] else None
         if t is None:
-            short = {"memory": "no: mem", "compute": "no: cpu", "sampling": "unsampled"}.get(st["kind"], "no")
+            short = {"memory": "no: mem", "deadline": "no: late", "sampling": "unsampled"}.get(st["kind"], "no")
             key = (dev.profile.name, short, st["reason"], None)
         else:
             short = "yes" if st["first_round"] == 1 else f"from r{st['first_round']}"
@@ -598,13 +598,13 @@ def _format_strategy(plan: Plan, s: StrategyPlan) -> list[str]:
 # --- figure ----------------------------------------------------------------------------------
 
 
-_COLORS = {"fits": "#4caf50", "over": "#ffd54f", "memory": "#e57373", "compute": "#ffb74d",
+_COLORS = {"fits": "#4caf50", "over": "#ffd54f", "memory": "#e57373", "deadline": "#ffb74d",
            "sampling": "#cfd8dc", "other": "#b0bec5", "error": "#616161"}
 
 
 def plot_plan(plan: Plan, path: Path) -> None:
     """Devices x strategies heatmap: fits (green), over its memory budget (FedAvg, yellow), left out
-    for memory (red) or compute (orange), not sampled (grey), strategy cannot run (dark grey);
+    for memory (red) or the emulated deadline (orange), not sampled (grey), strategy cannot run (dark grey);
     annotated with the predicted device time of its first round, in seconds."""
     import matplotlib
     matplotlib.use("Agg")
@@ -621,7 +621,7 @@ def plot_plan(plan: Plan, path: Path) -> None:
             kind = "error" if s.error else "over" if st["kind"] == "over" else "fits" if st["first_round"] \
                 else st["kind"]
             t = s.task(dev.node_id, st["first_round"]) if st["first_round"] else None
-            text = _sec(t.price.device_time_s) if t else {"memory": "mem", "compute": "cpu"}.get(kind, "")
+            text = _sec(t.price.device_time_s) if t else {"memory": "mem", "deadline": "late"}.get(kind, "")
             row.append((kind, text))
         cells.append((dev, tuple(row)))
     groups = _group([(dev, (dev.profile.name, dev.profile.memory_mb, row)) for dev, row in cells])
@@ -637,7 +637,7 @@ def plot_plan(plan: Plan, path: Path) -> None:
     ax.set_title(f"{c.model} on {c.dataset}, batch {c.batch_size}: who trains, and predicted device seconds of its "
                  "first round", fontsize=9)
     labels = {"fits": "trains", "over": "trains over its memory", "memory": "left out: memory",
-              "compute": "left out: compute", "sampling": "not sampled", "other": "left out", "error": "cannot run"}
+              "deadline": "left out: deadline", "sampling": "not sampled", "other": "left out", "error": "cannot run"}
     used = {k for _, key in groups for k, _ in key[2]}
     ax.legend(handles=[Patch(color=_COLORS[k], label=labels[k]) for k in kinds if k in used],
               loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.02 * len(plan.strategies)), ncol=4, fontsize=8)

@@ -114,6 +114,9 @@ def main(grid: Grid, context: Context) -> None:
         writer.finish(error=f"{type(exc).__name__}: {exc}")
         raise
     writer.finish()
+    if isinstance(strategy, ProFL):
+        for line in blocks_instead(federation, writer.rounds):
+            log(INFO, line)
     log(INFO, "done: final accuracy %s; results in %s", writer.doc["summary"].get("final_accuracy"),
         writer.folder / "results.json")
 
@@ -506,10 +509,34 @@ def progress_line(r: dict[str, Any], total_rounds: int) -> str:
             if kinds else "")
     step = (f"  profl {r['stage']} block {r['active_block']}{' mimic' if r.get('step') == 'mimic' else ''}"
             if "stage" in r and "active_block" in r else "")
+    if r.get("stage") == "shrink" and r.get("evaluated"):
+        step += f" (evaluated: {r['evaluated']})"
     return (f"round {r['round']}/{total_rounds}  accuracy {_figure(r['accuracy'])}  loss {_figure(r['loss'])}  "
             f"down {r['bytes_down'] / MB:.2f} MB  up {r['bytes_up'] / MB:.2f} MB  "
             f"clients {r['participants']}/{len(r['clients'])} ({left}{late}{failed} failed)  {r['seconds']:.1f} s"
             + (f"  emulated {r['emulated_clock_s']:.1f} s" if "emulated_clock_s" in r else "") + step)
+
+
+def blocks_instead(federation: Federation, rounds: list[dict[str, Any]]) -> list[str]:
+    """ProFL's point, said at the end of a run: which devices cannot train the full model (its
+    `Federation.shortfall`) and which blocks each of them trained instead, from the rounds' records."""
+    full = federation.cost(federation.full_spec())
+    short = {d.node_id: federation.shortfall(full, d) for d in federation.devices}
+    trained: dict[int, set[int]] = {node: set() for node in short}
+    for r in rounds:
+        for c in r["clients"]:
+            if c["participated"] and c["error"] is None and c["node_id"] in trained and "active_block" in r:
+                trained[c["node_id"]].add(r["active_block"])
+    cannot = [node for node, reason in short.items() if reason]
+    if not cannot:
+        return [f"profl: every device could train the full model as well ({len(short)} devices)"]
+    kinds = left_out_by_kind(short[node] for node in cannot)
+    helped = [node for node in cannot if trained[node]]
+    profile = {d.node_id: d.profile.name for d in federation.devices}
+    return [f"profl: {len(cannot)} of {len(short)} devices cannot train the full model "
+            f"({', '.join(f'{k} {n}' for k, n in kinds.items())}); {len(helped)} of them trained blocks instead:",
+            *(f"  node {node} ({profile[node]}): block{'s' if len(trained[node]) > 1 else ''} "
+              f"{', '.join(map(str, sorted(trained[node])))}" for node in helped)]
 
 
 def _figure(value: float | None) -> str:
@@ -533,13 +560,13 @@ def left_out_reasons(strategy: Strategy, federation: Federation, server_round: i
 
 
 def left_out_kind(reason: str) -> str:
-    """What a left-out reason says falls short: "memory", "compute", "no data", "offline" (availability
+    """What a left-out reason says falls short: "memory", "deadline", "no data", "offline" (availability
     model), or "other"."""
     if reason.startswith("holds no training data"):
         return "no data"
     if reason.startswith("offline at emulated"):
         return "offline"
-    match = re.search(r"\b(memory|compute): ", reason)  # Federation.shortfall's wording
+    match = re.search(r"\b(memory|deadline): ", reason)  # Federation.shortfall's wording
     return match.group(1) if match else "other"
 
 

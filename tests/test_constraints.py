@@ -1,12 +1,21 @@
-"""One constraint policy: for the same budgets and `constraints`, every strategy draws the same line."""
+"""Physical constraints, one rule for every strategy (shared/docs/ALGORITHMS.md, "Constraints are physical").
+
+A device never gets a job whose predicted peak memory exceeds its budget; with an emulated round
+deadline, never one whose predicted device time (compute at its GFLOPS + bytes at its link rates, the
+virtual clock's price) exceeds the deadline. Without a deadline nobody is left out for compute.
+FedAvg is the documented exception: the upper bound that ignores device limits.
+"""
 
 from dataclasses import replace
 
 import pytest
 
-from fl_app.config import CONSTRAINTS
+from fl_app.config import ConfigError, RunConfig
+from server_app.plan import make_plan
 from server_app.server_app import left_out_kind
+from server_app.strategies import STRATEGIES
 from server_app.strategies.allsmall import AllSmall
+from server_app.strategies.base import StrategySetupError
 from server_app.strategies.depthfl import DepthFL
 from server_app.strategies.exclusivefl import ExclusiveFL
 from server_app.strategies.fedrolex import FedRolex
@@ -15,29 +24,60 @@ from server_app.strategies.profl import ProFL
 from server_app.strategies.reft import REFT
 from tests.test_reft import federation
 
-# Budgets chosen so the policies disagree: a Pi 4 has compute but little memory relative to
-# the laptop, the workstation has both.
 MIX = ["raspberry-pi-3b-plus", "raspberry-pi-4", "jetson-nano", "laptop", "workstation"]
+# The default mix on the CNN, 64 examples each: a full-model round takes the Pi 3B+ 2.0 s and the Pi 4
+# 0.8 s of device time, the Jetson 0.43 s and the others less (python -m server_app.plan, this config).
+PLAN = {"model": "cnn", "dataset": "synthetic", "num-server-rounds": 3, "device-mix": ",".join(MIX),
+        "max-client-examples": 64, "batch-size": 32, "public-size": 64, "test-size": 100,
+        "memory-pool": "uniform-fraction:0.5-1.2"}
+DEADLINE = 0.6  # emulated seconds: the two Pis cannot train the full model in it, the rest can
+BOUNDED = [name for name in STRATEGIES if name != "fedavg"]
 
 
-def fits_full(fed) -> set[int]:
-    full = fed.cost(fed.full_spec())
-    return {d.node_id for d in fed.devices if fed.fits(full, d)}
+@pytest.mark.parametrize("deadline", [0.0, DEADLINE])
+@pytest.mark.parametrize("name", BOUNDED)
+def test_no_strategy_sends_a_job_over_a_devices_memory_or_the_deadline(name, deadline):
+    plan = make_plan({**PLAN, "emulated-deadline": deadline}, strategies=[name])
+    [strategy] = plan.strategies
+    assert strategy.error is None
+    budgets = {d.node_id: d.profile.memory_mb for d in plan.devices}
+    sent = [task for tasks in strategy.rounds for task in tasks]
+    assert sent
+    for task in sent:  # the exact price the run records (server_app.pricing.price_task)
+        assert task.price.predicted_peak_memory_mb <= budgets[task.node_id], (task.node_id, task.label)
+        if deadline:
+            assert task.price.device_time_s <= deadline, (task.node_id, task.label, task.price.device_time_s)
 
 
-@pytest.mark.parametrize("constraints", CONSTRAINTS)
-def test_every_strategy_gives_the_full_model_to_the_same_devices(constraints):
-    fed = federation(MIX, constraints=constraints, **{"batch-size": 256})
-    full = fits_full(fed)
+@pytest.mark.parametrize("name", BOUNDED)
+def test_without_a_deadline_nobody_is_left_out_for_compute(name):
+    plan = make_plan({**PLAN, "memory-pool": ""}, strategies=[name])  # the profiles' memory: all fit the CNN
+    [strategy] = plan.strategies
+    for absent in strategy.absent:
+        assert not any(left_out_kind(reason) != "other" for reason in absent.values()), absent
+
+
+def test_a_deadline_gives_slower_devices_smaller_submodels():
+    """REFT's pruning adapted to each client's FLOPS falls out of sizing to one deadline."""
+    fed = federation(MIX, **{"emulated-deadline": 0.4, "max-client-examples": 64})
+    strategy = REFT(fed)
+    by_speed = sorted(fed.devices, key=lambda d: d.profile.gflops)
+    levels = [strategy.ratios.get(d.node_id, 0.0) for d in by_speed]
+    assert levels == sorted(levels) and levels[0] < levels[-1] == 1.0
+
+
+def test_every_strategy_gives_the_full_model_to_the_same_devices():
+    fed = federation(MIX, **{"batch-size": 64, "emulated-deadline": 0.6})
+    full = {d.node_id for d in fed.devices if fed.fits(fed.cost(fed.full_spec()), d)}
+    assert 0 < len(full) < len(MIX)
     assert {d.node_id for d in ExclusiveFL(fed).eligible} == full
-    for strategy in (HeteroFL(fed), FedRolex(fed), REFT(fed)):
+    for strategy in (HeteroFL(fed), FedRolex(fed)):
         assert {n for n, r in strategy.ratios.items() if r == 1.0} == full, strategy.name
-    assert (AllSmall(fed).keep_ratio == 1.0) == (full == {d.node_id for d in fed.devices})
+    assert AllSmall(fed).keep_ratio < 1.0
 
 
-@pytest.mark.parametrize("constraints", CONSTRAINTS)
-def test_profl_selects_each_step_by_the_same_rule(constraints):
-    fed = federation(MIX, constraints=constraints, **{"batch-size": 256, "strategy": "profl"})
+def test_profl_selects_each_step_by_the_same_rule():
+    fed = federation(MIX, **{"batch-size": 256, "strategy": "profl", "emulated-deadline": 0.6})
     strategy = ProFL(fed)
     strategy.configure_train(1)
     job = strategy.job(1, strategy.step)
@@ -45,24 +85,39 @@ def test_profl_selects_each_step_by_the_same_rule(constraints):
                                                       if fed.job_shortfall(job, d) is None}
 
 
-def test_the_policy_decides_which_budget_binds():
-    by_policy = {c: fits_full(federation(MIX, constraints=c, **{"batch-size": 256})) for c in CONSTRAINTS}
-    assert by_policy["memory+compute"] == by_policy["memory"] & by_policy["compute"]
-    assert by_policy["memory"] != by_policy["compute"]  # this mix: the two budgets disagree
-
-
 @pytest.mark.parametrize("strategy_class", [ExclusiveFL, DepthFL])
 def test_a_left_out_device_is_told_which_budget_and_which_key(strategy_class):
-    fed = federation(MIX, constraints="memory", model="resnet18", **{"batch-size": 128})
+    fed = federation(MIX, model="resnet18", **{"batch-size": 128})
     reasons = list(strategy_class(fed).left_out.values())
     assert reasons and all("memory: needs" in r and "batch-size" in r for r in reasons)
     assert {left_out_kind(r) for r in reasons} == {"memory"}  # the console's count says why, not "other"
+    late = federation(MIX, **{"emulated-deadline": 0.1, "max-client-examples": 64})
+    reasons = list(strategy_class(late).left_out.values())
+    assert reasons and all("deadline: needs" in r and "emulated-deadline" in r for r in reasons)
+    assert {left_out_kind(r) for r in reasons} == {"deadline"}
 
 
 def test_a_device_joining_allsmall_below_its_shared_submodel_is_told_which_budget():
-    fed = federation(MIX, constraints="memory", model="resnet18", **{"batch-size": 128})
+    fed = federation(MIX, model="resnet18", **{"batch-size": 128})
     strategy = AllSmall(fed)
     weakest = min(fed.devices, key=lambda d: d.profile.memory_mb)
     poorer = replace(weakest, node_id=99, profile=replace(weakest.profile, memory_mb=1.0))
     strategy.admit(poorer)
     assert left_out_kind(strategy.left_out[99]) == "memory" and "batch-size" in strategy.left_out[99]
+
+
+@pytest.mark.parametrize("strategy_class", [ExclusiveFL, AllSmall, HeteroFL, REFT, ProFL, DepthFL])
+def test_a_deadline_nobody_meets_stops_the_run_naming_the_closest_device(strategy_class):
+    fed = federation(MIX, **{"emulated-deadline": 1e-5, "strategy": strategy_class.name})
+    with pytest.raises(StrategySetupError) as error:
+        strategy_class(fed)
+    text = str(error.value)
+    assert "deadline: needs" in text and "raise emulated-deadline" in text and "lower min-keep-ratio" not in text
+    fastest = max(fed.devices, key=lambda d: d.profile.gflops)  # the closest: the shortest time
+    assert f"node {fastest.node_id}:" in text
+
+
+@pytest.mark.parametrize("key", ["constraints", "compute-slack", "profl-shrink-rounds"])
+def test_a_removed_key_says_what_replaced_it(key):
+    with pytest.raises(ConfigError, match=f"{key} was removed: "):
+        RunConfig.from_mapping({key: 1})

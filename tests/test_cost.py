@@ -113,23 +113,24 @@ def test_flop_count_is_flop_counter_modes(name):
 
 
 def test_fit_ratio_is_the_plain_bisections_result_with_fewer_pricings():
-    """fl_app.width.fit_ratio settles most bisection steps from a few priced ratios (a submodel that
+    """fl_app.width.fit_ratio settles most bisection steps from a few priced levels (a submodel that
     keeps fewer channels costs no more); its answer must be the bisection's that prices every step,
-    for compute- and memory-bound budgets, budgets exactly at a submodel's cost, and none."""
+    for compute- and memory-bound budgets, budgets exactly at a submodel's cost, and none; with
+    uniform levels and with global pruning's levels."""
     from fl_app import width
+    from fl_app.models import build_model
 
-    def plain(spec, shape, batch, flops, memory, min_ratio):
-        def fits(ratio):
-            cost = model_cost(spec.with_widths(width.widths_at_ratio(spec, ratio)), shape)
-            return cost.train_flops_per_sample <= flops and cost.peak_train_bytes(batch, shape) <= memory
-        if fits(1.0):
+    def plain(spec, shape, widths_at, fits, min_ratio):
+        def ok(level):
+            return fits(model_cost(spec.with_widths(widths_at(level)), shape))
+        if ok(1.0):
             return 1.0
-        if not fits(min_ratio):
+        if not ok(min_ratio):
             return None
         low, high = min_ratio, 1.0
         while high - low > 1e-3:
             mid = (low + high) / 2
-            low, high = (mid, high) if fits(mid) else (low, mid)
+            low, high = (mid, high) if ok(mid) else (low, mid)
         return low
 
     for spec, shape in [(ModelSpec("cnn"), (3, 32, 32)), (ModelSpec("resnet18", 100, 1), (1, 28, 28))]:
@@ -140,9 +141,34 @@ def test_fit_ratio_is_the_plain_bisections_result_with_fewer_pricings():
         budgets += [(inf, full.peak_train_bytes(32, shape) * share) for share in (0.01, 0.2, 0.5)]
         budgets += [(at.train_flops_per_sample, inf), (inf, at.peak_train_bytes(32, shape)), (inf, inf), (0.0, inf),
                     (full.train_flops_per_sample * 0.2, full.peak_train_bytes(32, shape) * 0.3)]
+        levels = [(width.uniform_widths(spec), 0.05), (width.global_widths(build_model(spec), 0.05), 0.0)]
         for flops, memory in budgets:
-            expected = plain(spec, shape, 32, flops, memory, 0.05)
-            assert width.fit_ratio(spec, shape, 32, flops, memory, 0.05) == expected, (spec.name, flops, memory)
+            def fits(cost):
+                return cost.train_flops_per_sample <= flops and cost.peak_train_bytes(32, shape) <= memory
+            for widths_at, floor in levels:
+                expected = plain(spec, shape, widths_at, fits, floor)
+                assert width.fit_ratio(spec, shape, fits, floor, widths_at) == expected, (spec.name, flops, memory)
+
+
+def test_message_bytes_bound_is_above_the_exact_serialized_size():
+    """Device-time predictions (fl_app.cost.Workload) bound message bytes from above, so a job sized to
+    a deadline never misses it on the virtual clock for its bytes."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    from fl_app.cost import message_bytes_bound
+    from fl_app.job import Job
+    from fl_app.models import build_model
+    from fl_app.wire import encode, serialized_bytes
+
+    for name in ("cnn", "resnet18"):
+        state = build_model(ModelSpec(name)).state_dict()
+        values = sum(v.numel() for v in state.values())
+        job = Job(round=1, model=ModelSpec(name).with_widths(ModelSpec(name).resolved_widths()))
+        for encoding in ("fp32", "fp16", "int8"):
+            content = RecordDict({"job": ConfigRecord({"json": job.to_json()}), "weights": encode(state, encoding)})
+            exact = serialized_bytes(content)
+            bound = message_bytes_bound(values, len(state), encoding)
+            assert exact <= bound < exact * 1.2 + 20_000, (name, encoding, exact, bound)
 
 
 def test_meta_kernel_memo_stays_within_its_size_and_still_prices_exactly(monkeypatch):

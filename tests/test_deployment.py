@@ -38,8 +38,7 @@ from fl_app.results import load_results
 REPO = Path(__file__).resolve().parents[1]
 PROFILES_DIR = REPO / "profiles"
 FEDERATION_TIMEOUT_S = 240
-SMALL = {"num-server-rounds": 2, "max-client-examples": 64, "test-size": 200, "public-size": 100,
-         "compute-slack": 20.0, "min-nodes": 3}
+SMALL = {"num-server-rounds": 2, "max-client-examples": 64, "test-size": 200, "public-size": 100, "min-nodes": 3}
 
 
 # ------------------------------------------------------------------------------- slow: real engine
@@ -147,9 +146,9 @@ def test_node_config_round_trips_through_flowers_parser(tmp_path):
 
 
 def test_run_config_mapping_becomes_flwr_run_config_syntax():
-    text = config_string({"strategy": "reft", "num-server-rounds": 2, "compute-slack": 20.0, "augment": False,
+    text = config_string({"strategy": "reft", "num-server-rounds": 2, "lr": 0.05, "augment": False,
                           "data-dir": "/x/y z"})
-    assert parse_config_args([text]) == {"strategy": "reft", "num-server-rounds": 2, "compute-slack": 20.0,
+    assert parse_config_args([text]) == {"strategy": "reft", "num-server-rounds": 2, "lr": 0.05,
                                          "augment": False, "data-dir": "/x/y z"}
     assert config_string("strategy='fedavg'") == "strategy='fedavg'"
 

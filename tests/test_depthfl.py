@@ -33,7 +33,7 @@ def expected(depth: int, total: int) -> set[str]:
 
 
 def test_a_device_gets_the_deepest_submodel_that_fits_it_and_a_weaker_one_a_shallower_one():
-    fed = federation(PROFILES, strategy="depthfl", model="vgg11", **{"compute-slack": 5.0})
+    fed = federation(PROFILES, strategy="depthfl", model="vgg11", **{"emulated-deadline": 3.0})
     strategy = DepthFL(fed)
     total = num_blocks("vgg11")
     for device in fed.devices:
@@ -139,7 +139,7 @@ def test_depthfl_runs_end_to_end_and_each_reply_holds_exactly_its_blocks_and_hea
             replies[node] = blocks_and_heads(decode(reply.content["weights"]))
         return reply
 
-    results, grid = run(tmp_path / "depthfl", strategy="depthfl", tamper=record, **{"compute-slack": 20.0})
+    results, grid = run(tmp_path / "depthfl", strategy="depthfl", tamper=record, **{"emulated-deadline": 0.6})
     assert results["status"] == "completed"
     last = results["rounds"][-1]
     assert last["accuracy"] is not None and last["participants"] >= 2
@@ -150,3 +150,5 @@ def test_depthfl_runs_end_to_end_and_each_reply_holds_exactly_its_blocks_and_hea
         assert replies[node] == expected(k, total)
     for c in last["clients"]:  # a device that cannot afford the first block is left out, with its reason
         assert c["participated"] or "first block" in c["left_out"]
+    for c in results["rounds"][0]["clients"]:  # every job within the deadline, on the virtual clock
+        assert not c["participated"] or c["device_time_s"] <= 0.6

@@ -92,7 +92,7 @@ def test_a_node_that_leaves_is_skipped_and_a_restarted_one_rejoins_with_what_it_
             return reply
         grid.tamper = tamper
 
-    results, grid = run(tmp_path, strategy=strategy, on_grid=on_grid, **{**FAST, "compute-slack": 100.0})
+    results, grid = run(tmp_path, strategy=strategy, on_grid=on_grid, **{**FAST})
     assert results["status"] == "completed"
     assert [d["node_id"] for d in results["devices"]] == [1, 2, 3, 4, 5]
     assert all(r["offline"] == [4] for r in results["rounds"][1:])
@@ -112,7 +112,7 @@ def test_a_node_that_leaves_is_skipped_and_a_restarted_one_rejoins_with_what_it_
 @pytest.mark.parametrize("strategy", ["fedavg", "reft"])
 def test_a_faulty_node_is_rejected_every_round_and_never_aggregated(tmp_path, strategy, fault, message):
     results, _ = run(tmp_path, strategy=strategy, node_config={3: {"fault": fault}}, **{**FAST,
-                     "num-server-rounds": 2, "compute-slack": 100.0})
+                     "num-server-rounds": 2})
     assert results["status"] == "completed"
     for r in results["rounds"]:
         bad = r["clients"][2]
@@ -128,7 +128,7 @@ def test_an_unknown_fault_is_a_clear_node_config_error(tmp_path):
 
 @pytest.mark.parametrize("strategy", ["fedavg", "profl", "reft"])
 def test_resume_after_a_crash_loses_and_repeats_no_round(tmp_path, strategy):
-    config = {**FAST, "num-server-rounds": 4, "strategy": strategy, "compute-slack": 100.0}
+    config = {**FAST, "num-server-rounds": 4, "strategy": strategy}
     clean, _ = run(tmp_path / "clean", **config)
 
     def crash_in_round_3(node, reply):
@@ -197,7 +197,7 @@ def test_a_resent_task_keeps_the_bound_on_claimed_examples(tmp_path):
         grid.tamper = tamper
 
     results, grid = run(tmp_path, strategy="reft", on_grid=on_grid, node_config={3: {"fault": "examples"}},
-                        **{**FAST, "num-server-rounds": 2, "compute-slack": 100.0})
+                        **{**FAST, "num-server-rounds": 2})
     second = results["rounds"][1]["clients"][2]
     resent = [m for m in grid.sent if m.metadata.dst_node_id == 3 and m.metadata.message_type == "train"]
     assert len(resent) == 3 and "weights" in resent[2].content  # round 1, round 2, round 2 resent

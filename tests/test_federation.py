@@ -54,7 +54,7 @@ def test_accuracy_rises_over_rounds_on_synthetic_data(tmp_path):
 
 
 def test_exclusivefl_trains_only_the_devices_that_fit(tmp_path):
-    results, grid = run(tmp_path, strategy="exclusivefl", **{"compute-slack": 5.0})
+    results, grid = run(tmp_path, strategy="exclusivefl", **{"emulated-deadline": 0.6})  # the Pis are too slow
     participants = {c["profile"] for c in results["rounds"][0]["clients"] if c["participated"]}
     assert participants == {"laptop", "workstation"}
     assert {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "train"} == {3, 4}
@@ -62,7 +62,7 @@ def test_exclusivefl_trains_only_the_devices_that_fit(tmp_path):
 
 def test_exclusivefl_never_sends_a_job_a_device_cannot_fit(tmp_path):
     results, grid = run(tmp_path, num_nodes=2, strategy="exclusivefl", model="resnet18", **{
-        "device-mix": "workstation:1,raspberry-pi-3b-plus:1", "compute-slack": 100.0, "batch-size": 512,
+        "device-mix": "workstation:1,raspberry-pi-3b-plus:1", "batch-size": 512,
         "num-server-rounds": 1, "max-client-examples": 8})
     pi = results["rounds"][0]["clients"][1]
     assert pi["profile"] == "raspberry-pi-3b-plus" and not pi["participated"] and pi["error"] is None

@@ -1,5 +1,7 @@
 """ProFL: blocks and output modules, frozen fronts, effective movement, memory-aware selection, traffic."""
 
+import logging
+
 import pytest
 import torch
 
@@ -7,11 +9,11 @@ from fl_app.job import Job, reply_state
 from fl_app.models import MODEL_NAMES, ModelSpec, block_outputs, build_model, full_widths, num_blocks
 from fl_app.training import TrainConfig, forward, freeze_except, make_optimizer, train_step
 from server_app.strategies.base import ClientUpdate
-from server_app.strategies.profl import ProFL, Step, build_model_keys, effective_movement, part_of
+from server_app.strategies.profl import ProFL, Step, build_model_keys, effective_movement, part_of, shrink_schedule
 from tests.test_federation import run
 from tests.test_reft import federation
 
-QUICK = {"strategy": "profl", "em-window": 2, "block-round-cap": 1, "max-client-examples": 48, "constraints": "memory"}
+QUICK = {"strategy": "profl", "em-window": 2, "block-round-cap": 1, "max-client-examples": 48}
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -88,12 +90,43 @@ def test_effective_movement_is_one_for_steady_drift_and_zero_for_oscillation():
 
 
 def test_schedule_shrinks_back_to_front_then_grows_front_to_back():
-    strategy = ProFL(federation(**{"strategy": "profl"}))
+    strategy = ProFL(federation(**{"strategy": "profl", "num-server-rounds": 20}))
     steps = [strategy.step] + list(strategy.schedule)
-    assert [(s.stage, s.block, s.kind) for s in steps] == [
-        ("shrink", 3, "train"), ("shrink", 3, "mimic"), ("shrink", 2, "train"), ("shrink", 2, "mimic")]
+    assert [(s.stage, s.block, s.kind, s.rounds) for s in steps] == [
+        ("shrink", 3, "train", 1), ("shrink", 3, "mimic", 1), ("shrink", 2, "train", 1), ("shrink", 2, "mimic", 1)]
     assert Step("grow", 1, "train").trainable(3) == [0, 1] and Step("grow", 3, "train").trainable(3) == [2]
     assert Step("shrink", 3, "mimic").trainable(3) == [2]
+
+
+@pytest.mark.parametrize("blocks", [3, 4, 5])
+@pytest.mark.parametrize("rounds", [5, 8, 12, 24, 100])
+def test_shrinking_takes_a_bounded_share_and_leaves_every_block_a_round(blocks, rounds):
+    steps = shrink_schedule(blocks, rounds, 0.2)
+    assert sum(s.rounds for s in steps) <= 0.2 * rounds and rounds - sum(s.rounds for s in steps) >= blocks
+    assert [(s.block, s.kind) for s in steps] == [(t, k) for t in range(blocks, 1, -1)
+                                                   for k in ("train", "mimic")][:len(steps)]
+
+
+@pytest.mark.parametrize("model,rounds", [("cnn", 3), ("cnn", 5), ("cnn", 8), ("resnet18", 8), ("resnet18", 24)])
+def test_every_block_is_trained_and_the_full_model_evaluated_at_any_run_length(model, rounds):
+    """Blocks that keep moving (EM never decides) are frozen by caps that follow from the rounds left."""
+    strategy = ProFL(federation(model=model, **{"strategy": "profl", "num-server-rounds": rounds}))
+    grown = set()
+    for r in range(1, rounds + 1):
+        if strategy.step.stage == "grow":
+            grown.add(strategy.step.block)
+            _grow_round(strategy, r, +0.01)
+        else:
+            strategy.configure_train(r)
+            strategy.aggregate_train(r, [])
+    assert grown == set(range(1, strategy.total + 1))
+    assert strategy.global_model().spec.depth == strategy.total  # the full model is what was evaluated last
+
+
+def test_a_run_shorter_than_the_blocks_says_what_it_leaves_untrained(caplog):
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        ProFL(federation(model="resnet18", **{"strategy": "profl", "num-server-rounds": 3}))
+    assert "block 4 untrained" in caplog.text and "num-server-rounds to at least 4" in caplog.text
 
 
 def test_selection_never_sends_a_step_to_a_device_it_does_not_fit(tmp_path):
@@ -119,7 +152,7 @@ def test_selection_never_sends_a_step_to_a_device_it_does_not_fit(tmp_path):
 
 def test_frozen_blocks_travel_once_and_only_the_active_part_after(tmp_path):
     results, grid = run(tmp_path, num_nodes=2, **QUICK, **{
-        "num-server-rounds": 8, "profl-shrink-rounds": 0, "device-mix": "laptop:1,workstation:1"})
+        "num-server-rounds": 8, "profl-shrink-share": 0, "device-mix": "laptop:1,workstation:1"})
     assert [r["active_block"] for r in results["rounds"]] == [1, 2, 3, 3, 3, 3, 3, 3]
     sent_to_1 = [m for m in grid.sent if m.metadata.dst_node_id == 1 and m.metadata.message_type == "train"]
     parts = [{part_of(k) for k in m.content["weights"].keys()} for m in sent_to_1]
@@ -143,7 +176,7 @@ def test_a_client_that_lacks_a_frozen_block_gets_it(tmp_path):
 
     results, grid = run(tmp_path, num_nodes=2, tamper=reboot_node_1_after_round_2,
                         on_grid=lambda g: holder.update(grid=g), **QUICK,
-                        **{"num-server-rounds": 3, "profl-shrink-rounds": 0, "device-mix": "laptop:1,workstation:1"})
+                        **{"num-server-rounds": 3, "profl-shrink-share": 0, "device-mix": "laptop:1,workstation:1"})
     third = results["rounds"][2]
     assert third["clients"][0]["participated"] and third["clients"][0]["error"] is None
     first_try, resent = [m for m in grid.sent if m.metadata.dst_node_id == 1][-2:]
@@ -152,9 +185,9 @@ def test_a_client_that_lacks_a_frozen_block_gets_it(tmp_path):
 
 
 def test_the_grown_model_is_the_full_architecture(tmp_path):
-    results, _ = run(tmp_path, num_nodes=2, **QUICK, **{"num-server-rounds": 3, "profl-shrink-rounds": 0,
+    results, _ = run(tmp_path, num_nodes=2, **QUICK, **{"num-server-rounds": 3, "profl-shrink-share": 0,
                                                         "device-mix": "laptop:1,workstation:1"})
-    strategy = ProFL(federation(**{"strategy": "profl", "profl-shrink-rounds": 0, "block-round-cap": 1}))
+    strategy = ProFL(federation(**{"strategy": "profl", "profl-shrink-share": 0, "block-round-cap": 1}))
     for r in range(1, 4):
         strategy.configure_train(r)
         strategy.aggregate_train(r, [])
@@ -174,9 +207,20 @@ def _grow_round(strategy, server_round, shift):
     return strategy.aggregate_train(server_round, updates)
 
 
+def test_a_round_that_freezes_a_block_is_evaluated_on_what_it_trained():
+    """Not on the next step's model, whose new block is still at its initialisation."""
+    strategy = ProFL(federation(**{"strategy": "profl", "profl-shrink-share": 0, "block-round-cap": 1}))
+    record = _grow_round(strategy, 1, +0.01)
+    assert record["frozen"] and strategy.step.block == 2  # the schedule moved on
+    evaluated = strategy.global_model()
+    assert evaluated.spec.depth == 1 and record["evaluated"] == "block 1 + output module 1"
+    assert all(torch.equal(v, strategy.weights[k]) for k, v in evaluated.state_dict().items())
+
+
 def test_effective_movement_freezes_an_oscillating_block_before_the_cap():
-    strategy = ProFL(federation(**{"strategy": "profl", "profl-shrink-rounds": 0, "em-window": 2,
-                                   "em-threshold": 0.5, "em-patience": 1, "block-round-cap": 10}))
+    strategy = ProFL(federation(**{"strategy": "profl", "profl-shrink-share": 0, "em-window": 2,
+                                   "em-threshold": 0.5, "em-patience": 1, "block-round-cap": 10,
+                                   "num-server-rounds": 30}))
     first = _grow_round(strategy, 1, +0.01)
     assert first["effective_movement"] is None  # one move: no window of 2 yet
     second = _grow_round(strategy, 2, -0.01)  # back where it started: it oscillates
@@ -185,15 +229,16 @@ def test_effective_movement_freezes_an_oscillating_block_before_the_cap():
 
 
 def test_a_block_that_keeps_moving_is_frozen_by_the_cap_and_says_so():
-    strategy = ProFL(federation(**{"strategy": "profl", "profl-shrink-rounds": 0, "em-window": 2,
-                                   "em-threshold": 0.5, "em-patience": 1, "block-round-cap": 3}))
+    strategy = ProFL(federation(**{"strategy": "profl", "profl-shrink-share": 0, "em-window": 2,
+                                   "em-threshold": 0.5, "em-patience": 1, "block-round-cap": 3,
+                                   "num-server-rounds": 30}))
     records = [_grow_round(strategy, r, +0.01) for r in (1, 2, 3)]  # steady drift: EM = 1
     assert [r["frozen"] for r in records] == [False, False, True]
     assert records[-1]["freeze_reason"] == "cap" and records[-1]["effective_movement"] == pytest.approx(1.0)
 
 
 def test_effective_movement_ignores_batchnorm_running_statistics():
-    strategy = ProFL(federation(**{"strategy": "profl", "profl-shrink-rounds": 0}))
+    strategy = ProFL(federation(**{"strategy": "profl", "profl-shrink-share": 0}))
     strategy.configure_train(1)
     before = strategy._active_parameters()
     for k in strategy.weights:

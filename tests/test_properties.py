@@ -27,7 +27,7 @@ CONFIGS = 400
 @lru_cache(maxsize=None)
 def setup(strategy: str):
     """A strategy on four devices, and its round-1 tasks (built once: examples reuse them)."""
-    config = RunConfig.from_mapping({"strategy": strategy, "compute-slack": 100.0, "public-size": PUBLIC,
+    config = RunConfig.from_mapping({"strategy": strategy, "public-size": PUBLIC,
                                      "server-distill-epochs": 1, "batch-size": 16})
     devices = [Device(i + 1, i, load_profile(p), 50) for i, p in enumerate(PROFILES)]
     federation = Federation(config, devices, make_synthetic(train_size=400, test_size=20), np.random.default_rng(0))

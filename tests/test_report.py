@@ -44,7 +44,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     folders = {}
     for strategy in ("fedavg", "reft"):
         run_inprocess({"strategy": strategy, "num-server-rounds": 2, "max-client-examples": 32,
-                       "test-size": 100, "public-size": 50, "compute-slack": 20.0,
+                       "test-size": 100, "public-size": 50,
                        "server-distill-epochs": 1, "output-dir": str(root), "run-name": strategy,
                        "device-mix": "raspberry-pi-3b-plus:1,laptop:1,workstation:1"}, 3)
         folders[strategy] = root / strategy

@@ -85,8 +85,7 @@ def test_nodes_without_data_are_left_out_never_sent_a_task_and_never_counted_as_
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_every_strategy_runs_with_nodes_that_hold_no_data(tmp_path, strategy):
-    overrides = {"dataset": _npz(tmp_path / "d.npz", n_train=14), "partition": "shards", "strategy": strategy,
-                 "compute-slack": 50.0, "profl-shrink-rounds": 1}
+    overrides = {"dataset": _npz(tmp_path / "d.npz", n_train=14), "partition": "shards", "strategy": strategy}
     empty = {pid + 1 for pid in _empty_partitions(_config(tmp_path, **overrides), 4)}
     assert empty == {4}
     results, grid = _run(tmp_path, 4, **overrides)
@@ -228,30 +227,30 @@ def test_run_logs_left_out_devices_per_round_and_the_device_table_once(tmp_path,
     mix = "raspberry-pi-3b-plus:1,raspberry-pi-4:1,laptop:1,workstation:1"
     with caplog.at_level(logging.INFO, logger="flwr"):
         results, _ = _run(tmp_path, 4, dataset="synthetic", strategy="exclusivefl",
-                          **{"device-mix": mix, "compute-slack": 5.0, "num-server-rounds": 2,
+                          **{"device-mix": mix, "num-server-rounds": 2, "emulated-deadline": 0.6,
                              "public-size": 100, "max-client-examples": 64, "test-size": 100})
     messages = [r.getMessage() for r in caplog.records]
-    assert all(r["left_out_by_kind"] == {"compute": 2} for r in results["rounds"])
+    assert all(r["left_out_by_kind"] == {"deadline": 2} for r in results["rounds"])
     rounds = [m for m in messages if m.startswith("round ")]
-    assert len(rounds) == 2 and all("clients 2/4 (2 left out: compute 2; 0 failed)" in m for m in rounds)
-    table = [m for m in messages if "GFLOPS" in m]
+    assert len(rounds) == 2 and all("clients 2/4 (2 left out: deadline 2; 0 failed)" in m for m in rounds)
+    table = [m for m in messages if "GFLOPS  memory" in m]
     assert len(table) == 4  # one row per profile, logged once
     pi = next(m for m in table if "raspberry-pi-3b-plus" in m)
-    assert "x1" in pi and "left out 1 (compute)" in pi
+    assert "x1" in pi and "left out 1 (deadline)" in pi
     summary = next(m for m in messages if "exclusivefl leaves out 2 of 4 devices" in m)
-    assert "compute 2" in summary and "compute-slack" in summary
+    assert "deadline 2" in summary and "raise emulated-deadline" in summary
 
 
 def test_the_device_table_gives_the_memory_range_of_a_memory_pool(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="flwr"):
         _run(tmp_path, 4, dataset="synthetic", strategy="profl",
-             **{"device-mix": "laptop:1", "memory-pool": "uniform-fraction:0.3-1.3", "constraints": "memory",
+             **{"device-mix": "laptop:1", "memory-pool": "uniform-fraction:0.3-1.3",
                 "public-size": 100, "max-client-examples": 32, "test-size": 100})
     [row] = [r.getMessage() for r in caplog.records if "GFLOPS" in r.getMessage()]
     low, high = (float(x) for x in row.split("memory ")[1].split(" MB")[0].split("-"))
     assert "x4" in row and low < high
     rounds = [r.getMessage() for r in caplog.records if r.getMessage().startswith("round ")]
-    assert "profl shrink block" in rounds[0]
+    assert "profl grow block 1" in rounds[0]  # one round: no shrinking (profl-shrink-share of 1 round)
 
 
 # --- follow-ups -----------------------------------------------------------------------------------------

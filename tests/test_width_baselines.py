@@ -10,7 +10,7 @@ from tests.test_reft import federation
 
 
 def test_allsmall_gives_everybody_the_weakest_devices_model():
-    fed = federation(**{"compute-slack": 20.0, "strategy": "allsmall"})
+    fed = federation(**{"strategy": "allsmall"})
     strategy = AllSmall(fed)
     tasks = strategy.configure_train(1)
     weakest = min(fed.affordable_ratio(d) for d in fed.devices)
@@ -19,7 +19,7 @@ def test_allsmall_gives_everybody_the_weakest_devices_model():
 
 
 def test_heterofl_sends_first_k_channels_sized_to_each_device():
-    fed = federation(**{"compute-slack": 20.0, "strategy": "heterofl"})
+    fed = federation(**{"strategy": "heterofl"})
     strategy = HeteroFL(fed)
     for task in strategy.configure_train(1):
         keep = strategy.keep[task.node_id]
@@ -48,7 +48,7 @@ def test_heterofl_averages_each_coordinate_over_the_clients_that_hold_it():
 
 def test_width_baselines_run_end_to_end_and_record_keep_ratios(tmp_path):
     for strategy in ("allsmall", "heterofl"):
-        results, _ = run(tmp_path / strategy, strategy=strategy, **{"compute-slack": 20.0})
+        results, _ = run(tmp_path / strategy, strategy=strategy, )
         clients = results["rounds"][-1]["clients"]
         assert results["status"] == "completed" and all(c["participated"] for c in clients)
         assert all(0 < c["keep_ratio"] <= 1 for c in clients)

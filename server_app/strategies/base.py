@@ -9,22 +9,23 @@ counting bytes, evaluating and recording are done once, by the round loop.
 from __future__ import annotations
 
 import math
+import re
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from fl_app.config import RunConfig
-from fl_app.cost import ModelCost, model_cost
+from fl_app.cost import ModelCost, Workload, model_cost
 from fl_app.data import Batches, Dataset, split_public
 from fl_app.job import Job
 from fl_app.models import BlockNet, ModelSpec, build_model
 from fl_app.profiles import DeviceProfile, profile_report
 from fl_app.training import TrainConfig
 from fl_app.units import MIB
-from fl_app.width import fit_ratio, widths_at_ratio
+from fl_app.width import Widths, fit_ratio, widths_at_ratio
 
 
 class StrategySetupError(ValueError):
@@ -87,14 +88,11 @@ class Federation:
     # Nodes that reported no training data: recorded by the round loop, never in `devices`, so no
     # strategy plans, samples, sizes or averages for them (server_app.server_app.admit_devices).
     idle: list[Device] = field(default_factory=list)
-    _ratios: dict[tuple[float, float], float | None] = field(default_factory=dict, init=False, repr=False)
+    _ratios: dict[tuple[Any, ...], float | None] = field(default_factory=dict, init=False, repr=False)
     _by_id: dict[int, Device] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.online = self.online or {d.node_id for d in self.devices}
-        # Compute budgets are shares of the strongest device at setup; a stronger late joiner
-        # simply gets the full model, and the budgets of the others stay as they were.
-        self.reference_gflops = max((d.profile.gflops for d in self.devices), default=1.0)
 
     def device(self, node_id: int) -> Device | None:
         """The device of `node_id` (None if it holds no data or is unknown); O(1): called per task."""
@@ -137,56 +135,93 @@ class Federation:
         teacher = self.cost(job.mimic).state_bytes / MIB if job.mimic else 0.0
         return self.job_cost(job).peak_train_bytes(job.train.batch_size, self.image_shape) / MIB + teacher
 
-    def flops_budget(self, device: Device) -> float:
-        """Training FLOPs per sample `device` may spend: its share of the full model's.
-
-        The share is its GFLOPS over the strongest device's, times `compute-slack`
-        (1.0: a device gets the model it trains in the time the strongest trains the
-        full one), capped at the full model. Infinite when `constraints` leaves compute out.
-        """
-        if "compute" not in self.config.constraints:
-            return math.inf
-        full = self.cost(self.full_spec()).train_flops_per_sample
-        return full * min(1.0, self.config.compute_slack * device.profile.gflops / self.reference_gflops)
+    def workload(self, device: Device, **changes: Any) -> Workload:
+        """One round of `device`'s work for a strategy that sends a model and gets its trained part back:
+        its examples times `local-epochs`, in the run's encoding; `changes` adjust it (REFT: logits)."""
+        base = Workload(device.num_examples * self.config.local_epochs, encoding=self.config.encoding)
+        return replace(base, **changes) if changes else base
 
     def memory_budget_bytes(self, device: Device) -> float:
-        """The device's memory budget in bytes; infinite when `constraints` leaves memory out."""
-        return device.profile.memory_mb * MIB if "memory" in self.config.constraints else math.inf
+        """The device's memory budget in bytes (its profile's, or its draw from `memory-pool`)."""
+        return device.profile.memory_mb * MIB
 
-    def affordable_ratio(self, device: Device) -> float | None:
-        """The largest uniform channel ratio of the full model `device` can afford (None: not even the floor)."""
-        key = (device.profile.gflops, device.profile.memory_mb)
-        if key not in self._ratios:  # budgets depend on the profile only: price each one once
-            self._ratios[key] = fit_ratio(self.full_spec(), self.image_shape, self.config.batch_size,
-                                          self.flops_budget(device), self.memory_budget_bytes(device),
-                                          self.config.min_keep_ratio)
-        return self._ratios[key]
+    def shortfall(self, cost: ModelCost, device: Device, extra_bytes: float = 0.0,
+                  workload: Workload | None = None) -> str | None:
+        """Why `device` cannot train a model of `cost` in a round (None: it can): the one fitting rule of
+        every strategy but FedAvg (shared/docs/ALGORITHMS.md, "Constraints are physical").
 
-    def shortfall(self, cost: ModelCost, device: Device, extra_bytes: float = 0.0) -> str | None:
-        """Why `device` cannot train a model of `cost` under the `constraints` policy (None: it can).
-
-        The one fitting rule every strategy uses: predicted peak training memory at `batch-size`
-        (+ `extra_bytes`, e.g. a teacher held beside it) within the memory budget, and training
-        FLOPs per sample within the compute budget (`flops_budget`), each only when
-        `constraints` includes it. The text names the resource and the key that relaxes it.
+        - memory, always: predicted peak training memory at `batch-size` (+ `extra_bytes`, e.g. a
+          teacher held beside it) within the device's memory budget;
+        - time, when `emulated-deadline` is set: predicted device time of one round (`workload`, default
+          `self.workload(device)`: compute at its GFLOPS + message bytes bounded from above at its link
+          rates, the virtual clock's price) within the deadline.
+        The text starts with the resource ("memory: " or "deadline: ") and names the key that relaxes it.
         """
         peak = cost.peak_train_bytes(self.config.batch_size, self.image_shape) + extra_bytes
         if peak > self.memory_budget_bytes(device):
             return (f"memory: needs {peak / MIB:.1f} MB at batch {self.config.batch_size}, has "
-                    f"{device.profile.memory_mb:.1f} MB (lower batch-size, or constraints = 'compute')")
-        if cost.train_flops_per_sample > self.flops_budget(device) * (1 + 1e-9):
-            return (f"compute: needs {cost.train_flops_per_sample / 1e6:.1f} MFLOPs per sample, its share is "
-                    f"{self.flops_budget(device) / 1e6:.1f} (raise compute-slack, or constraints = 'memory')")
+                    f"{device.profile.memory_mb:.1f} MB (lower batch-size, or set checkpoint = true)")
+        deadline = self.config.emulated_deadline
+        if deadline > 0:
+            work = workload or self.workload(device)
+            compute, transfer = work.compute_s(device.profile, cost), work.transfer_s(device.profile, cost)
+            if compute + transfer > deadline:
+                return (f"deadline: needs {compute + transfer:.3g} s of device time (compute {compute:.3g} s at "
+                        f"{device.profile.gflops:g} GFLOPS, transfers {transfer:.3g} s), emulated-deadline = "
+                        f"{deadline:g} s (raise emulated-deadline, or lower local-epochs or max-client-examples)")
         return None
 
-    def fits(self, cost: ModelCost, device: Device) -> bool:
-        """Whether `device` can afford training a model of `cost` (`shortfall` is None)."""
-        return self.shortfall(cost, device) is None
+    def fits(self, cost: ModelCost, device: Device, workload: Workload | None = None) -> bool:
+        """Whether `device` can afford training a model of `cost` in a round (`shortfall` is None)."""
+        return self.shortfall(cost, device, workload=workload) is None
+
+    def job_workload(self, job: Job, device: Device) -> Workload:
+        """`job`'s round on `device`: what it trains, distills and predicts, and what travels (the whole
+        model down, as to a node that holds nothing yet; the teacher's state too for a mimic job)."""
+        public, classes = self.config.public_size, self.num_classes
+        logits = 4.0 * public * classes
+        teacher = self.cost(job.mimic).state_bytes if job.mimic else 0.0
+        return self.workload(device, trained_examples=device.num_examples * job.train.epochs,
+                             distilled_examples=job.distill_epochs * public,
+                             predicted_examples=public if job.returns == "logits" else 0,
+                             weights_up=job.returns == "weights",
+                             extra_down_bytes=teacher + (logits if job.distill_epochs else 0.0),
+                             extra_up_bytes=logits if job.returns == "logits" else 0.0, encoding=job.encoding)
 
     def job_shortfall(self, job: Job, device: Device) -> str | None:
         """`shortfall` of a planned job: its model and trainable blocks, plus the teacher it mimics."""
         teacher = self.cost(job.mimic).state_bytes if job.mimic else 0.0
-        return self.shortfall(self.job_cost(job), device, teacher)
+        return self.shortfall(self.job_cost(job), device, teacher, self.job_workload(job, device))
+
+    def affordable_ratio(self, device: Device, workload: Workload | None = None,
+                         widths_at: Widths | None = None) -> float | None:
+        """The largest pruning level of the full model `device` can afford in a round (`shortfall`):
+        uniform width scaling (HeteroFL, FedRolex, AllSmall) unless `widths_at` gives other levels
+        (REFT's global pruning, whose levels start at 0: every group at its floor). None: not even the
+        `min-keep-ratio` floor fits."""
+        work = workload or self.workload(device)
+        floor = 0.0 if widths_at is not None else self.config.min_keep_ratio
+        p = device.profile
+        key = (p.gflops, p.memory_mb, p.uplink_mbps, p.downlink_mbps, work, floor)
+        if widths_at is not None or key not in self._ratios:  # uniform levels: price each budget once
+            ratio = fit_ratio(self.full_spec(), self.image_shape, lambda c: self.fits(c, device, work), floor,
+                              widths_at)
+            if widths_at is not None:
+                return ratio
+            self._ratios[key] = ratio
+        return self._ratios[key]
+
+    def smallest_submodel_shortfall(self, device: Device, workload: Workload | None = None) -> str:
+        """Why `device` cannot afford even the `min-keep-ratio` floor, and what to change: lowering
+        min-keep-ratio is advised only when a submodel of one channel per layer would fit."""
+        full = self.full_spec()
+        floor = full.with_widths(widths_at_ratio(full, self.config.min_keep_ratio))
+        shortfall = self.shortfall(self.cost(floor), device, workload=workload)
+        thinnest = full.with_widths({g: 1 for g in full.resolved_widths()})
+        advice = ("; or lower min-keep-ratio (a thinner submodel fits)"
+                  if self.fits(self.cost(thinnest), device, workload) else "")
+        return (f"cannot afford even the smallest submodel (min-keep-ratio {self.config.min_keep_ratio}): "
+                f"{shortfall}{advice}")
 
     def affordable_ratios(self, devices: list[Device] | None = None) -> tuple[dict[int, float], dict[int, str]]:
         """(node id -> affordable channel ratio, node id -> why it cannot afford even the floor)."""
@@ -194,9 +229,7 @@ class Federation:
         for d in self.devices if devices is None else devices:
             ratio = self.affordable_ratio(d)
             if ratio is None:
-                floor = self.full_spec().with_widths(widths_at_ratio(self.full_spec(), self.config.min_keep_ratio))
-                left_out[d.node_id] = (f"cannot afford even the smallest submodel (min-keep-ratio "
-                                       f"{self.config.min_keep_ratio}): {self.shortfall(self.cost(floor), d)}")
+                left_out[d.node_id] = self.smallest_submodel_shortfall(d)
             else:
                 ratios[d.node_id] = ratio
         return ratios, left_out
@@ -246,8 +279,7 @@ class Strategy(ABC):
         ratios, left_out = self.federation.affordable_ratios(devices)
         self.left_out |= left_out
         if devices is None and not ratios:
-            raise StrategySetupError(f"{self.name}: no device can afford even the smallest submodel "
-                                     f"(min-keep-ratio {self.federation.config.min_keep_ratio}); lower it")
+            raise StrategySetupError(nobody_fits(self.name, "even the smallest submodel", left_out))
         return ratios
 
     @abstractmethod
@@ -283,6 +315,18 @@ class GlobalModelStrategy(Strategy):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
+
+
+def nobody_fits(strategy: str, what: str, left_out: dict[int, str]) -> str:
+    """The setup error of a strategy no device can run: the reason of the device closest to fitting (the
+    smallest shortfall's first number, e.g. the least memory missing) and the advice that would help:
+    the binding resource's own keys, never a setting that cannot change the outcome."""
+    def over(reason: str) -> float:  # needs / has, from Federation.shortfall's wording
+        number = r"([0-9.]+(?:e[-+]?[0-9]+)?)"
+        match = re.search(rf"needs {number} .*?(?:has|emulated-deadline =) {number}", reason)
+        return float(match.group(1)) / float(match.group(2)) if match and float(match.group(2)) else math.inf
+    node, reason = min(left_out.items(), key=lambda item: over(item[1]), default=(None, "no devices"))
+    return f"{strategy}: no device can train {what}; closest, node {node}: {reason}"
 
 
 def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ from fl_app.cost import ModelCost
 from fl_app.job import Job
 from fl_app.models import ModelSpec, build_model, num_blocks
 from server_app.strategies.base import (ClientUpdate, Device, Federation, GlobalModelStrategy, StrategySetupError,
-                                        TrainTask)
+                                        TrainTask, nobody_fits)
 
 
 class DepthFL(GlobalModelStrategy):
@@ -24,12 +24,9 @@ class DepthFL(GlobalModelStrategy):
     run-config `temperature`).
 
     Sizing: k is the largest depth whose job (blocks 1..k and their heads, trained at the run's
-    batch size) fits the device under the federation's fitting rule (`Federation.fits`); a device
-    that cannot afford even k = 1 is left out. Depths are fixed for the run (by the device profile).
-    Compute budgets are shares of the full model's training FLOPs; here the full model carries its
-    heads (0.02 % more FLOPs for the CNN), so a submodel's FLOPs are counted as a share of that
-    model's (`sizing_cost`): otherwise not even the strongest device could afford the last block
-    at compute-slack 1, and the last block would never be trained.
+    batch size) fits the device under the federation's fitting rule (`Federation.fits`: memory,
+    and with `emulated-deadline` device time); a device that cannot afford even k = 1 is left out.
+    Depths are fixed for the run (by the device profile).
 
     Aggregation: every tensor (blocks and heads alike) becomes the example-weighted average over
     the clients whose submodel held it this round; a tensor nobody held keeps its value (HeteroFL's
@@ -48,19 +45,13 @@ class DepthFL(GlobalModelStrategy):
     def __init__(self, federation: Federation) -> None:
         super().__init__(federation)
         self.total = num_blocks(self.model.spec.name)
-        self._flops_scale = (federation.cost(federation.full_spec()).train_flops_per_sample
-                             / federation.cost(self.spec(0)).train_flops_per_sample)
         self.depths: dict[int, int] = {}  # node -> the depth k of its submodel
         self._names: dict[int, set[str]] = {}  # depth -> the state names its submodel holds
         for device in federation.devices:
             self.admit(device)
         if not self.depths:
-            cost = self.sizing_cost(1)
-            raise StrategySetupError(
-                f"depthfl: no device can train even the first block of {self.model.spec.name} with its head "
-                f"(needs {federation.peak_memory_mb(cost):.0f} MB at batch {federation.config.batch_size} and "
-                f"{cost.train_flops_per_sample / 1e6:.1f} MFLOPs per sample); use a smaller model or batch, "
-                f"raise compute-slack, or add stronger devices to device-mix")
+            raise StrategySetupError(nobody_fits("depthfl", f"even the first block of {self.model.spec.name} "
+                                                 "with its head", self.left_out))
 
     def initial_spec(self) -> ModelSpec:
         return self.spec(0)
@@ -70,11 +61,8 @@ class DepthFL(GlobalModelStrategy):
         return replace(self.federation.full_spec(), exits=True).with_depth(depth)
 
     def sizing_cost(self, depth: int) -> ModelCost:
-        """What training the depth-`depth` submodel costs (memory at the run's batch size, as it
-        trains), its FLOPs per sample rescaled so that the whole model with its heads costs what
-        the federation's full model (no heads) does: the reference of its compute budgets."""
-        cost = self.federation.cost(self.spec(depth), None, self.federation.config.checkpoint)
-        return replace(cost, train_flops_per_sample=cost.train_flops_per_sample * self._flops_scale)
+        """What training the depth-`depth` submodel with its heads costs, as it trains."""
+        return self.federation.cost(self.spec(depth), None, self.federation.config.checkpoint)
 
     def affordable_depth(self, device: Device) -> int | None:
         """The largest k whose submodel (blocks 1..k and heads 1..k) fits `device`; None if not even 1."""

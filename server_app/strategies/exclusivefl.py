@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from server_app.strategies.base import Device, Federation, StrategySetupError
+from server_app.strategies.base import Device, Federation, StrategySetupError, nobody_fits
 from server_app.strategies.single_model import SingleModelStrategy
 
 
 class ExclusiveFL(SingleModelStrategy):
-    """FedAvg over only the clients whose memory and compute fit the full model.
+    """FedAvg over only the clients that can train the full model (`Federation.shortfall`: its
+    memory, and with `emulated-deadline` its device time).
 
-    What a practitioner does without REFT or ProFL: leave the weak devices out. Memory
-    budgets are enforced, as on real devices.
+    What a practitioner does without REFT or ProFL: leave the weak devices out.
     """
 
     name = "exclusivefl"
@@ -21,12 +21,7 @@ class ExclusiveFL(SingleModelStrategy):
         for device in federation.devices:
             self.admit(device)
         if not self.eligible:
-            cost = federation.cost(self.model.spec)
-            raise StrategySetupError(
-                f"exclusivefl: no device fits the full {self.model.spec.name} (needs "
-                f"{federation.peak_memory_mb(cost):.0f} MB at batch {federation.config.batch_size} and, under "
-                f"constraints = {federation.config.constraints!r}, the strongest device's compute); use a smaller "
-                f"model or batch, raise compute-slack, or add stronger devices to device-mix")
+            raise StrategySetupError(nobody_fits("exclusivefl", f"the full {self.model.spec.name}", self.left_out))
 
     def admit(self, device: Device) -> None:
         shortfall = self.federation.shortfall(self.federation.cost(self.model.spec), device)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import astuple, dataclass
 from functools import lru_cache
+from logging import WARNING
 from typing import Any
 
 import torch
+from flwr.common.logger import log
 
 from fl_app.job import Job
 from fl_app.models import BlockNet, ModelSpec, build_model, num_blocks
 from server_app.strategies.base import (ClientUpdate, Device, Federation, Strategy, StrategySetupError, TrainTask,
-                                        weighted_average)
+                                        nobody_fits, weighted_average)
 
 EM_COORDINATES = 10_000  # the authors' scripts track a fixed random sample of at most this many
 
@@ -23,6 +26,7 @@ class Step:
     stage: str  # "shrink" (back to front) or "grow" (front to back)
     block: int  # 1-based index of the block the step is about
     kind: str  # "train" (cross-entropy) or "mimic" (output module reproduces the model with the block)
+    rounds: int = 0  # a shrinking step's length in rounds (growing steps end by EM or their cap)
 
     @property
     def depth(self) -> int:
@@ -34,6 +38,26 @@ class Step:
         if self.kind == "mimic":
             return [depth]  # the output module that stands in for `block`
         return [depth - 1] + ([depth] if depth < total else [])  # the block and its output module
+
+
+def shrink_schedule(blocks: int, rounds: int, share: float) -> list[Step]:
+    """The shrinking stage for a model of `blocks` blocks in a run of `rounds` rounds: its steps (train
+    block t, then mimic it with output module t-1, for t = blocks..2) share floor(`share` x `rounds`)
+    rounds as evenly as possible, earlier steps first; a step left with no round is skipped. At least
+    one round per block is always left for growing, so every run trains every block and ends by
+    evaluating the full model."""
+    steps = [(t, kind) for t in range(blocks, 1, -1) for kind in ("train", "mimic")]
+    budget = max(0, min(math.floor(share * rounds + 1e-9), rounds - blocks))
+    lengths = [budget // len(steps) + (i < budget % len(steps)) for i in range(len(steps))] if steps else []
+    return [Step("shrink", t, kind, n) for (t, kind), n in zip(steps, lengths) if n > 0]
+
+
+def growth_cap(rounds_left: int, blocks_left: int, cap: int) -> int:
+    """Rounds block t may grow before it is frozen whatever its effective movement: an even share of the
+    rounds left (this one included) among the blocks left (this one included), so every block is trained
+    by the end of any run; at most `cap` when `block-round-cap` sets one (> 0)."""
+    share = max(1, rounds_left // max(1, blocks_left))
+    return min(share, cap) if cap > 0 else share
 
 
 def part_of(name: str) -> str:
@@ -59,16 +83,21 @@ def effective_movement(history: list[torch.Tensor], window: int) -> float | None
 class ProFL(Strategy):
     """Progressive training: every round trains one block, so weak devices fit and take part.
 
-    Shrinking (blocks T..2): train block t with its output module while the blocks in
-    front stay frozen at their initialisation, then train the output module of t-1,
-    whose first basic layer replaces block t, to mimic the model that still has block t
-    (MSE on logits). This yields initial weights for every block and an output module
-    for each. Growing (blocks 1..T): train block t with its output module, the blocks
-    in front frozen; freeze it when its effective movement stays below `em-threshold`
-    for `em-patience` rounds, or after `block-round-cap` rounds, then move on.
+    Shrinking (blocks T..2, `shrink_schedule`: `profl-shrink-share` of the rounds): train block t
+    with its output module while the blocks in front stay frozen at their initialisation, then
+    train the output module of t-1, whose first basic layer replaces block t, to mimic the model
+    that still has block t (MSE on logits). This yields initial weights for every block and an
+    output module for each. The model evaluated meanwhile is the step's: blocks 1..t (those in
+    front still at their initialisation) and output module t; each round's record says so.
+    Growing (blocks 1..T): train block t with its output module, the blocks in front frozen;
+    freeze it when its effective movement stays below `em-threshold` for `em-patience` rounds, or
+    after its cap (`growth_cap`: an even share of the rounds left), then move on. The last block
+    trains until the run ends, so every run ends with every block trained and the full model
+    evaluated.
 
-    Each round only devices whose memory fits the step's predicted peak are sampled.
-    A frozen block travels to a device once; the device keeps it.
+    Each round only devices whose memory (and, with `emulated-deadline`, device time) fits the
+    step are sampled (`Federation.job_shortfall`). A frozen block travels to a device once; the
+    device keeps it.
     """
 
     name = "profl"
@@ -78,27 +107,34 @@ class ProFL(Strategy):
         config = federation.config
         spec = federation.full_spec()
         self.total = num_blocks(spec.name)
+        if config.num_server_rounds < self.total:  # a smoke test may be this short; say what it leaves out
+            first = config.num_server_rounds + 1
+            left = f"block {first}" if first == self.total else f"blocks {first}-{self.total}"
+            log(WARNING, "profl grows one block per round at least and %s has %d blocks: %d rounds leave %s "
+                "untrained and the full model never evaluated; set num-server-rounds to at least %d",
+                spec.name, self.total, config.num_server_rounds, left, self.total)
         torch.manual_seed(config.seed)
         self.weights: dict[str, torch.Tensor] = dict(build_model(spec).state_dict())
         for depth in range(1, self.total):  # every output module, freshly initialised
             self.weights.update({k: v for k, v in build_model(spec.with_depth(depth)).state_dict().items()
                                  if part_of(k) == f"output{depth}"})
-        # Each shrinking step lasts profl-shrink-rounds rounds (counted in aggregate_train); 0 skips shrinking.
-        self.schedule = [Step("shrink", t, kind) for t in range(self.total, 1, -1) for kind in ("train", "mimic")
-                         if config.profl_shrink_rounds > 0]
+        self.schedule = shrink_schedule(self.total, config.num_server_rounds, config.profl_shrink_share)
         self.grow_block = 1
         self.rounds_in_block = 0
+        self.cap = 0  # the growing block's cap, set as it starts (growth_cap)
         self.calm_rounds = 0
         self.history: list[torch.Tensor] = []
         self.sample_index: torch.Tensor | None = None
         self.version: dict[str, int] = {}  # part -> version of the server's copy
         self.held: dict[int, dict[str, int]] = {}  # node -> part -> version it keeps (-1: its own local copy)
         self.step = self._next_step()
+        self.trained_step: Step | None = None  # the step of the last round folded: what global_model() is
         self.eligible: list[Device] = []
         if not any(self._fits(d, self.step) for d in federation.devices):
-            raise StrategySetupError(f"profl: no device fits even the first step under constraints = "
-                                     f"{config.constraints!r}; lower batch-size, enable checkpoint, or add devices "
-                                     "with more memory")
+            job = self.job(0, self.step)
+            raise StrategySetupError(nobody_fits("profl", f"its first step ({self.step.stage} block {self.step.block})",
+                                                 {d.node_id: federation.job_shortfall(job, d) or ""
+                                                  for d in federation.devices}))
 
     # --- schedule ---------------------------------------------------------------------------
 
@@ -117,7 +153,7 @@ class ProFL(Strategy):
                    keep_state=True, mimic=teacher)
 
     def _fits(self, device: Device, step: Step) -> bool:
-        """Whether `device` can run `step` under the federation's one fitting rule (`constraints`)."""
+        """Whether `device` can run `step` under the federation's one fitting rule (memory, deadline)."""
         return self.federation.job_shortfall(self.job(0, step), device) is None
 
     # --- the round ----------------------------------------------------------------------------
@@ -128,6 +164,8 @@ class ProFL(Strategy):
             self._init_output_module(step.block - 1)
         if step.stage == "grow" and not self.history:  # EM's first point: the block as growing starts
             self.history.append(self._active_parameters())
+            self.cap = growth_cap(self.federation.config.num_server_rounds - server_round + 1,
+                                  self.total - step.block + 1, self.federation.config.block_round_cap)
         self.eligible = [d for d in self.federation.devices if self._fits(d, step)]
         job = self.job(server_round, step)
         return [self._task(d.node_id, job) for d in self.federation.sample(self.eligible)]
@@ -153,7 +191,7 @@ class ProFL(Strategy):
         return self._task(task.node_id, task.job)
 
     def aggregate_train(self, server_round: int, updates: list[ClientUpdate]) -> dict[str, Any]:
-        step = self.step
+        step = self.trained_step = self.step
         for u in updates:  # what each node now keeps: its model as sent, and its own copy of what it trained
             held = self.held.setdefault(u.node_id, {})
             for k in build_model_keys(u.job.model):
@@ -167,11 +205,13 @@ class ProFL(Strategy):
                 self.version[part] = self.version.get(part, 0) + 1
         self.rounds_in_block += 1
         record = {"stage": step.stage, "active_block": step.block, "step": step.kind,
+                  "evaluated": evaluated_model(step, self.total),
                   "eligible": len(self.eligible), "eligible_nodes": [d.node_id for d in self.eligible],
-                  "effective_movement": None, "frozen": False, "freeze_reason": None, "em_at_freeze": None}
+                  "effective_movement": None, "frozen": False, "freeze_reason": None, "em_at_freeze": None,
+                  "block_cap": self.cap if step.stage == "grow" else None}
         if step.stage == "grow":
             record.update(self._track_movement(updates))
-        elif self.rounds_in_block >= self.federation.config.profl_shrink_rounds:
+        elif self.rounds_in_block >= step.rounds:
             self._advance()
         return record
 
@@ -194,7 +234,7 @@ class ProFL(Strategy):
         em = effective_movement(self.history, config.em_window)
         self.calm_rounds = self.calm_rounds + 1 if em is not None and em < config.em_threshold else 0
         by_em = self.calm_rounds >= config.em_patience
-        by_cap = self.rounds_in_block >= config.block_round_cap
+        by_cap = self.rounds_in_block >= self.cap
         freeze = self.step.block < self.total and (by_em or by_cap)  # the last block trains to the end
         reason = ("em" if by_em else "cap") if freeze else None
         if freeze:
@@ -225,8 +265,9 @@ class ProFL(Strategy):
         """Weights, schedule position and EM history; not `held` (a resumed run's nodes keep nothing)."""
         return {"weights": self.weights, "step": list(astuple(self.step)),
                 "schedule": [list(astuple(s)) for s in self.schedule], "grow_block": self.grow_block,
-                "rounds_in_block": self.rounds_in_block, "calm_rounds": self.calm_rounds,
-                "history": self.history, "sample_index": self.sample_index, "version": self.version}
+                "rounds_in_block": self.rounds_in_block, "calm_rounds": self.calm_rounds, "cap": self.cap,
+                "history": self.history, "sample_index": self.sample_index, "version": self.version,
+                "trained_step": list(astuple(self.trained_step)) if self.trained_step else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.weights = dict(state["weights"])
@@ -234,13 +275,30 @@ class ProFL(Strategy):
         self.schedule = [Step(*s) for s in state["schedule"]]
         self.grow_block, self.rounds_in_block = state["grow_block"], state["rounds_in_block"]
         self.calm_rounds, self.history = state["calm_rounds"], list(state["history"])
+        self.cap = state["cap"]
+        self.trained_step = Step(*state["trained_step"]) if state["trained_step"] else None
         self.sample_index, self.version = state["sample_index"], dict(state["version"])
         self.held = {}
 
     def global_model(self) -> BlockNet:
-        model = build_model(self.spec(self.step))
+        """The model of the step the last round trained (before any round: the first step's), so a round
+        that freezes block t is evaluated on what it trained, not on block t+1 at its initialisation."""
+        model = build_model(self.spec(self.trained_step or self.step))
         model.load_state_dict({k: self.weights[k] for k in model.state_dict()})
         return model
+
+
+def evaluated_model(step: Step, total: int) -> str:
+    """What the server evaluates after a round of `step`, in words for the record: the step's model, and
+    during shrinking which of its blocks are still at their initialisation."""
+    def span(last: int) -> str:
+        return "block 1" if last == 1 else f"blocks 1-{last}"
+    depth = step.depth
+    text = span(depth)
+    untrained = (step.block - 1) if step.stage == "shrink" else 0  # shrinking: every block in front of t
+    if untrained:
+        text += " (at initialisation)" if untrained >= depth else f" ({span(untrained)} at initialisation)"
+    return text + (f" + output module {depth}" if depth < total else "")
 
 
 @lru_cache(maxsize=256)

@@ -7,20 +7,26 @@ from typing import Any
 
 import torch
 
+from fl_app.cost import Workload
 from fl_app.job import Job
 from fl_app.models import ModelSpec
 from fl_app.training import distill
-from fl_app.width import extract
-from server_app.strategies.base import ClientUpdate, Device, Federation, GlobalModelStrategy, TrainTask
+from fl_app.width import Widths, extract, pruning_widths
+from server_app.strategies.base import (ClientUpdate, Device, Federation, GlobalModelStrategy, StrategySetupError,
+                                        TrainTask, nobody_fits)
 
 
 class REFT(GlobalModelStrategy):
     """Resource-efficient federated training with variable pruning and ensemble distillation.
 
-    Setup (round 1, and every `refresh-every` rounds): the server prunes the global
-    model by weight magnitude into one submodel per device, the largest whose training
-    FLOPs fit the device's share of the strongest device's and whose peak memory fits
-    its budget; the submodel's weights travel down. Every round: each client distills
+    Setup (round 1, and every `refresh-every` rounds): the server prunes the global model
+    structurally into one submodel per device, the largest whose peak training memory fits the
+    device's budget and, with `emulated-deadline`, whose round (compute at the device's GFLOPS,
+    its weights down and logits up at its link rates) fits the deadline: pruning adapted to each
+    client's FLOPS, as the paper's, falls out of sizing to one deadline. `pruning = global` ranks
+    every channel of the model in one list by importance per parameter (`fl_app.width.global_widths`:
+    parameter-heavy layers lose width first); `uniform` keeps one share of every layer's channels.
+    The submodel's weights travel down. Every round: each client distills
     the ensemble logits of the last round into its submodel on the public slice,
     trains on its private data, and sends up only its logits on the public slice; the
     server averages them (weighted by examples) into the ensemble teacher and distills
@@ -31,9 +37,49 @@ class REFT(GlobalModelStrategy):
 
     def __init__(self, federation: Federation) -> None:
         super().__init__(federation)
-        self.ratios = self.size_submodels()
         self.specs: dict[int, ModelSpec] = {}  # the submodel each client holds
         self.ensemble: torch.Tensor | None = None  # last round's teacher logits on the public slice
+        self.ratios: dict[int, float] = {}  # node -> its pruning level at the last cut
+        self.levels = self._pruning_levels()
+        sized = self._size(federation.devices)
+        if not sized:
+            raise StrategySetupError(nobody_fits(self.name, "even the smallest submodel", self.left_out))
+
+    def _pruning_levels(self) -> Widths:
+        """The submodel widths at every pruning level, ranked from the global model's current weights."""
+        config = self.federation.config
+        return pruning_widths(self.model, config.pruning, config.min_keep_ratio)
+
+    def workload(self, device: Device) -> Workload:
+        """A refresh round of `device`, the costliest: its submodel's weights and the soft labels down,
+        distilling them on the public slice, training on its data, its public logits up."""
+        config, fed = self.federation.config, self.federation
+        logits = 4.0 * config.public_size * fed.num_classes
+        return fed.workload(device, distilled_examples=config.client_distill_epochs * config.public_size,
+                            predicted_examples=config.public_size, weights_up=False, extra_down_bytes=logits,
+                            extra_up_bytes=logits)
+
+    def _size(self, devices: list[Device]) -> dict[int, float]:
+        """Each device's pruning level under the current ranking (`self.levels`), into `ratios`; a device
+        that cannot afford even every group's floor goes to `left_out` with the reason."""
+        global_levels = self.levels if self.federation.config.pruning == "global" else None
+        sized = {}
+        for device in devices:
+            level = self.federation.affordable_ratio(device, self.workload(device), global_levels)
+            if level is None:
+                self.left_out[device.node_id] = self.federation.smallest_submodel_shortfall(
+                    device, self.workload(device))
+            else:
+                sized[device.node_id] = level
+                self.left_out.pop(device.node_id, None)
+        self.ratios |= sized
+        return sized
+
+    def _cut(self, node_id: int) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
+        """Cut node `node_id`'s submodel from the global model at its pruning level (channels by magnitude)."""
+        sub = extract(self.model, self.ratios[node_id], by="magnitude", widths_at=self.levels)
+        self.specs[node_id] = sub.spec
+        return sub.spec, sub.state
 
     def _refresh_due(self, server_round: int) -> bool:
         every = self.federation.config.refresh_every
@@ -41,14 +87,16 @@ class REFT(GlobalModelStrategy):
 
     def configure_train(self, server_round: int) -> list[TrainTask]:
         config = self.federation.config
+        if self._refresh_due(server_round) and server_round > 1:  # re-rank the channels of the distilled model
+            self.levels = self._pruning_levels()
+            self._size([d for d in self.federation.devices if d.node_id in self.ratios])
         members = [d for d in self.federation.devices if d.node_id in self.ratios]
         soft_labels = {"soft-labels": {"logits": self.ensemble}} if self.ensemble is not None else {}
         tasks = []
         for device in self.federation.sample(members):
             weights: dict[str, torch.Tensor] = {}
             if self._refresh_due(server_round) or device.node_id not in self.specs:
-                sub = extract(self.model, self.ratios[device.node_id], by="magnitude")
-                self.specs[device.node_id], weights = sub.spec, sub.state
+                _, weights = self._cut(device.node_id)
             job = Job(round=server_round, model=self.specs[device.node_id], train=self.federation.train_config(),
                       returns="logits", encoding=config.encoding, keep_state=True, evaluate=True,
                       distill_epochs=config.client_distill_epochs if soft_labels else 0,
@@ -59,10 +107,9 @@ class REFT(GlobalModelStrategy):
 
     def resend(self, task: TrainTask) -> TrainTask:
         """A node lost its submodel: cut it again from the current global model (a refresh for that node)."""
-        sub = extract(self.model, self.ratios[task.node_id], by="magnitude")
-        self.specs[task.node_id] = sub.spec
-        job = replace(task.job, model=sub.spec)
-        return TrainTask(task.node_id, job, sub.state, task.extra, {**task.info, "weights_sent": True})
+        spec, weights = self._cut(task.node_id)
+        return TrainTask(task.node_id, replace(task.job, model=spec), weights, task.extra,
+                         {**task.info, "weights_sent": True})
 
     def aggregate_train(self, server_round: int, updates: list[ClientUpdate]) -> dict[str, Any]:
         if not updates:
@@ -75,7 +122,7 @@ class REFT(GlobalModelStrategy):
         return {"ensemble_size": len(updates), "server_distill_loss": loss}
 
     def admit(self, device: Device) -> None:
-        self.ratios |= self.size_submodels([device])
+        self._size([device])
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "ensemble": self.ensemble}
@@ -85,3 +132,5 @@ class REFT(GlobalModelStrategy):
         super().load_state_dict(state)
         self.ensemble = state["ensemble"]
         self.specs = {}
+        self.levels = self._pruning_levels()  # ranked from the resumed weights, as a refresh would
+        self._size([d for d in self.federation.devices if d.node_id in self.ratios])
