@@ -18,7 +18,7 @@ PI_AND_LAPTOP = "raspberry-pi-3b-plus:1,laptop:1"
 
 
 def run(tmp_path, name="run", **overrides):
-    config = {"num-server-rounds": 2, "device-mix": PI_AND_LAPTOP, "output-dir": str(tmp_path), "run-name": name,
+    config = {"strategy": "fedavg", "memory-pool": "", "num-server-rounds": 2, "device-mix": PI_AND_LAPTOP, "output-dir": str(tmp_path), "run-name": name,
               "public-size": 50, "max-client-examples": 64, "test-size": 100, **overrides}
     main(InProcessGrid(config, 2), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                                            run_config=config))

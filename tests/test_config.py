@@ -8,7 +8,8 @@ from server_app.strategies import STRATEGIES
 
 def test_defaults_in_pyproject_are_valid():
     config = RunConfig.from_mapping({})
-    assert config.strategy == "fedavg" and config.dataset == "synthetic"
+    assert config.strategy == "profl" and config.dataset == "synthetic"  # the main job: ProFL at the memory wall
+    assert config.memory_pool and config.emulated_deadline == 0
 
 
 def test_the_strategy_registry_is_the_one_list_of_valid_strategies():

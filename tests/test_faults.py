@@ -12,7 +12,7 @@ from server_app.server_app import RoundFailed
 from tests.test_federation import run
 from fl_app.results import load_results
 
-FAST = {"num-server-rounds": 3, "max-client-examples": 64, "public-size": 64, "test-size": 200}
+FAST = {"memory-pool": "", "num-server-rounds": 3, "max-client-examples": 64, "public-size": 64, "test-size": 200}
 
 
 def results_of(tmp_path):
@@ -178,7 +178,7 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_readable(tmp
         run(tmp_path, **FAST, resume=True)
     monkeypatch.setattr(os, "replace", real_replace)
     from fl_app.config import RunConfig
-    config = RunConfig.from_mapping({**FAST, "output-dir": str(tmp_path), "run-name": "run", "resume": True,
+    config = RunConfig.from_mapping({**FAST, "strategy": "fedavg", "output-dir": str(tmp_path), "run-name": "run", "resume": True,
                                      "device-mix": "raspberry-pi-3b-plus:1,raspberry-pi-4:1,laptop:1,workstation:1"})
     assert load_checkpoint(tmp_path / "run", config)["round"] == 1
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]  # no temporary left behind

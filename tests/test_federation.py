@@ -18,7 +18,8 @@ from fl_app.results import load_results
 
 
 def run(tmp_path, num_nodes=4, tamper=None, on_grid=None, node_config=None, **overrides):
-    config = {"num-server-rounds": 2, "device-mix": "raspberry-pi-3b-plus:1,raspberry-pi-4:1,laptop:1,workstation:1",
+    config = {"strategy": "fedavg", "memory-pool": "", "num-server-rounds": 2,
+              "device-mix": "raspberry-pi-3b-plus:1,raspberry-pi-4:1,laptop:1,workstation:1",
               "output-dir": str(tmp_path), "run-name": "run", "public-size": 100, "max-client-examples": 96,
               "test-size": 300, **overrides}
     grid = InProcessGrid(config, num_nodes, tamper, node_config)
@@ -72,7 +73,7 @@ def test_exclusivefl_never_sends_a_job_a_device_cannot_fit(tmp_path):
 def test_an_emulated_device_that_runs_out_of_memory_fails_like_one(tmp_path):
     tiny = tmp_path / "tiny.toml"
     tiny.write_text('name = "tiny"\ngflops = 1.0\nmemory_mb = 2.0\nuplink_mbps = 1.0\ndownlink_mbps = 1.0\n')
-    config = {"device-mix": f"{tiny}:1", "max-client-examples": 64}
+    config = {"device-mix": f"{tiny}:1", "max-client-examples": 64, "memory-pool": ""}
     grid = InProcessGrid(config, 1)
     spec = ModelSpec("cnn")
     job = Job(round=1, model=spec, train=TrainConfig(batch_size=32), enforce_memory=True)

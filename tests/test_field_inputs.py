@@ -33,7 +33,7 @@ def _npz(path, n_train=40, n_test=10, shape=(8, 8), classes=3, **override):
 
 
 def _run(tmp_path, num_nodes, **overrides):
-    config = {"num-server-rounds": 1, "device-mix": "laptop:1,workstation:1", "output-dir": str(tmp_path),
+    config = {"strategy": "fedavg", "memory-pool": "", "num-server-rounds": 1, "device-mix": "laptop:1,workstation:1", "output-dir": str(tmp_path),
               "run-name": "run", "public-size": 8, "max-client-examples": 16, "min-nodes": 2, **overrides}
     grid = InProcessGrid(config, num_nodes)
     main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
@@ -278,7 +278,7 @@ def test_a_too_small_input_stops_the_run_before_training(tmp_path):
 
 
 def _node(run_config, partition_id, num_partitions):
-    context = Context(run_id=1, node_id=partition_id + 1, state=RecordDict(), run_config=run_config,
+    context = Context(run_id=1, node_id=partition_id + 1, state=RecordDict(), run_config={"memory-pool": "", **run_config},
                       node_config={"partition-id": partition_id, "num-partitions": num_partitions})
     return LocalNode.from_context(context)
 

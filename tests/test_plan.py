@@ -9,7 +9,7 @@ from server_app.plan import FOLD_FREE, main, make_plan, plan_config, plan_datase
 from server_app.strategies import STRATEGIES
 
 # Every profile of the default mix once: some devices are left out (compute), some train submodels.
-BASE = {"model": "cnn", "dataset": "synthetic", "num-server-rounds": 1, "fraction-train": 1.0,
+BASE = {"memory-pool": "", "model": "cnn", "dataset": "synthetic", "num-server-rounds": 1, "fraction-train": 1.0,
         "device-mix": "raspberry-pi-3b-plus,raspberry-pi-4,jetson-nano,laptop,workstation",
         "max-client-examples": 64, "batch-size": 32, "public-size": 64, "test-size": 100}
 POOL = {"memory-pool": "uniform-fraction:0.3-1.3"}
@@ -59,7 +59,7 @@ def test_bad_input_is_one_line_and_exit_2(capsys):
     assert_exit_2(capsys, ["--device-mix", "raspberry-pi-9:2"], "unknown device profile 'raspberry-pi-9'")
     # Nobody can train: VGG-16 at batch 512 exceeds every Pi's memory, under every strategy.
     assert_exit_2(capsys, ["--device-mix", "raspberry-pi-3b-plus:2", "--strategies", "exclusivefl,profl",
-                           "--run-config", "model='vgg16' batch-size=512"], "no device of this mix can train")
+                           "--run-config", "model='vgg16' batch-size=512 memory-pool=''"], "no device of this mix can train")
     assert_exit_2(capsys, ["--strategies", "fedsgd"], "unknown fedsgd")
     assert_exit_2(capsys, ["--run-config", "batch-size=0"], "batch-size = 0")
 

@@ -13,7 +13,7 @@ from server_app.strategies.profl import ProFL, Step, build_model_keys, effective
 from tests.test_federation import run
 from tests.test_reft import federation
 
-QUICK = {"strategy": "profl", "em-window": 2, "block-round-cap": 1, "max-client-examples": 48}
+QUICK = {"strategy": "profl", "memory-pool": "", "em-window": 2, "block-round-cap": 1, "max-client-examples": 48}
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

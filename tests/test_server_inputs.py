@@ -19,7 +19,7 @@ from server_app.server_app import NoDevicesError, _test_batches, main, progress_
 from server_app.strategies import STRATEGIES
 from server_app.strategies.base import StrategySetupError
 
-BASE = {"num-server-rounds": 1, "device-mix": "workstation:1", "public-size": 8, "max-client-examples": 16,
+BASE = {"strategy": "fedavg", "memory-pool": "", "num-server-rounds": 1, "device-mix": "workstation:1", "public-size": 8, "max-client-examples": 16,
         "min-nodes": 2, "model": "cnn", "run-name": "run"}
 
 

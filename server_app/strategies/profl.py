@@ -17,6 +17,7 @@ from server_app.strategies.base import (ClientUpdate, Device, Federation, Strate
                                         nobody_fits, weighted_average)
 
 EM_COORDINATES = 10_000  # the authors' scripts track a fixed random sample of at most this many
+EM_WINDOWS_RECORDED = (2, 3, 4, 5, 6)  # each growing round records EM over these windows too
 
 
 @dataclass(frozen=True)
@@ -241,7 +242,9 @@ class ProFL(Strategy):
             self.grow_block += 1
             self._advance()
         return {"effective_movement": em, "frozen": freeze, "freeze_reason": reason,
-                "em_at_freeze": em if freeze else None}
+                "em_at_freeze": em if freeze else None,
+                # EM over other windows from the same positions: what choosing em-window is measured with
+                "em_by_window": {w: effective_movement(self.history, w) for w in EM_WINDOWS_RECORDED}}
 
     def _advance(self) -> None:
         self.step = self._next_step()
