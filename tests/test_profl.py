@@ -235,6 +235,8 @@ def test_a_block_that_keeps_moving_is_frozen_by_the_cap_and_says_so():
     records = [_grow_round(strategy, r, +0.01) for r in (1, 2, 3)]  # steady drift: EM = 1
     assert [r["frozen"] for r in records] == [False, False, True]
     assert records[-1]["freeze_reason"] == "cap" and records[-1]["effective_movement"] == pytest.approx(1.0)
+    assert records[-1]["em_by_window"][2] == pytest.approx(1.0)  # recorded at the freeze too
+    assert records[-1]["em_by_window"][3] == pytest.approx(1.0) and records[-1]["em_by_window"][4] is None
 
 
 def test_effective_movement_ignores_batchnorm_running_statistics():

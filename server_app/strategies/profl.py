@@ -238,13 +238,13 @@ class ProFL(Strategy):
         by_cap = self.rounds_in_block >= self.cap
         freeze = self.step.block < self.total and (by_em or by_cap)  # the last block trains to the end
         reason = ("em" if by_em else "cap") if freeze else None
+        # EM over other windows from the same positions: what choosing em-window is measured with
+        by_window = {w: effective_movement(self.history, w) for w in EM_WINDOWS_RECORDED}
         if freeze:
             self.grow_block += 1
             self._advance()
         return {"effective_movement": em, "frozen": freeze, "freeze_reason": reason,
-                "em_at_freeze": em if freeze else None,
-                # EM over other windows from the same positions: what choosing em-window is measured with
-                "em_by_window": {w: effective_movement(self.history, w) for w in EM_WINDOWS_RECORDED}}
+                "em_at_freeze": em if freeze else None, "em_by_window": by_window}
 
     def _advance(self) -> None:
         self.step = self._next_step()
