@@ -104,6 +104,7 @@ def test_after_setup_a_round_moves_logits_not_weights(tmp_path):
         assert r["bytes_down_weights"] == 0 and r["bytes_up_weights"] == 0
         assert r["bytes_down_logits"] > 0 and r["bytes_up_logits"] > 0
         assert r["ensemble_size"] == 4
+        assert 0.0 <= r["ensemble_public_accuracy"] <= 1.0  # the teacher, scored on the public slice's labels
     assert all(c["submodel_accuracy"] is not None for c in later[-1]["clients"])
     # Byte counts are the serialized sizes of the messages that were actually sent.
     sent = [serialized_bytes(m.content) for m in grid.sent if m.metadata.message_type == "train"]

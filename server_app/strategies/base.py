@@ -114,6 +114,11 @@ class Federation:
         x = self.dataset.x_train[torch.from_numpy(public)]
         return Batches(x, targets, self.dataset, self.config.batch_size, seed=self.config.seed)
 
+    def public_labels(self) -> torch.Tensor:
+        """The true labels of the public slice, (public_size,): what REFT's ensemble is scored against."""
+        public, _ = split_public(len(self.dataset.y_train), self.config.public_size, self.config.seed)
+        return torch.as_tensor(self.dataset.y_train)[torch.from_numpy(public)]
+
     def full_spec(self) -> ModelSpec:
         return ModelSpec(self.config.model, self.num_classes, self.image_shape[0])
 

@@ -119,7 +119,10 @@ class REFT(GlobalModelStrategy):
         config = self.federation.config
         loss = distill(self.model, self.federation.public_batches(self.ensemble), self.federation.train_config(),
                        config.server_distill_epochs, config.temperature)
-        return {"ensemble_size": len(updates), "server_distill_loss": loss}
+        # How good the teacher is (its labels on the public slice are known to the server): the global model
+        # cannot learn more from distillation than the ensemble knows.
+        teacher = float((self.ensemble.argmax(1) == self.federation.public_labels()).float().mean())
+        return {"ensemble_size": len(updates), "server_distill_loss": loss, "ensemble_public_accuracy": teacher}
 
     def admit(self, device: Device) -> None:
         self._size([device])
