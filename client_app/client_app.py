@@ -31,7 +31,7 @@ from fl_app.job import (ERROR_BAD_INPUT, ERROR_MISSING_WEIGHTS, ERROR_OOM, Job, 
                         reply_state, train_report)
 from fl_app.models import ModelSpec, build_model
 from fl_app.profiles import ProfileError, profile_report
-from fl_app.training import DeviceOutOfMemory, distill, evaluate, predict_logits, train
+from fl_app.training import DeviceOutOfMemory, TrainingDiverged, distill, evaluate, predict_logits, train
 from fl_app.units import MIB
 from fl_app.wire import decode, encode
 
@@ -47,7 +47,7 @@ atexit.register(gc.freeze)
 app = ClientApp()
 
 _EXPECTED = (DeviceOutOfMemory, JobError, DataError, ProfileError, ConfigError, NodeConfigError, FaultConfigError,
-             KeyError)
+             TrainingDiverged, KeyError)
 
 
 @app.query()

@@ -228,6 +228,17 @@ class TrainResult:
     peak_memory_bytes: int
 
 
+class TrainingDiverged(ValueError):
+    """The training loss became NaN or infinite: the model is useless from here on, so nothing is sent."""
+
+
+def _finite(loss: float, seen: int, cfg: TrainConfig) -> float:
+    if not math.isfinite(loss):
+        raise TrainingDiverged(f"training diverged: loss {loss} after {seen} examples at lr {cfg.lr:g}; "
+                               "lower lr")
+    return loss
+
+
 def train(model: nn.Module, batches: Batches, cfg: TrainConfig, trainable: Collection[int] | None = None,
           memory_limit_bytes: int | None = None, teacher: nn.Module | None = None,
           mutual_distillation: float = 0.0) -> TrainResult:
@@ -264,7 +275,7 @@ def train(model: nn.Module, batches: Batches, cfg: TrainConfig, trainable: Colle
             else:
                 loss = train_step(model, optimizer, x, target, trainable, loss_fn, cfg.checkpoint)
             seen += len(x)
-            loss_sum += loss * len(x)
+            loss_sum += _finite(loss, seen, cfg) * len(x)
     _check_trained(model, batches, seen, cfg.epochs)
     model.cpu()
     return TrainResult(seen, loss_sum / max(seen, 1), peak)

@@ -376,12 +376,21 @@ def collect_valid_replies(grid: Grid, strategy: Strategy, federation: Federation
             "; retrying" if attempt <= config.round_retries else "")
         if len(outcomes) < config.min_successful_clients and attempt <= config.round_retries:
             wait_for_nodes(grid, config.min_successful_clients)
+    errors = list(failed[-1]["errors"].values())
     reasons = "; ".join(f"node {n}: {e}" for n, e in failed[-1]["errors"].items()) or "no node could be given work"
     raise RoundFailed(
         f"round {server_round}: fewer than min-successful-clients = {config.min_successful_clients} valid replies "
         f"in each of {len(failed)} attempts (last: {failed[-1]['succeeded']} of {failed[-1]['planned']}; {reasons}). "
-        f"Rounds 1-{server_round - 1} are saved in {writer.folder}; fix or add nodes, or lower "
-        f"min-successful-clients, then continue with resume = true and run-name = {writer.folder.name!r}")
+        f"Rounds 1-{server_round - 1} are saved in {writer.folder}; {round_failure_advice(errors, config)}, "
+        f"then continue with resume = true and run-name = {writer.folder.name!r}")
+
+
+def round_failure_advice(errors: list[str], config: RunConfig) -> str:
+    """What would let a failed round succeed: when every reply was non-finite, training diverged and only a
+    lower learning rate helps (more nodes would diverge too); otherwise fix or add nodes."""
+    if errors and all("NaN or Inf" in e or "training diverged" in e for e in errors):
+        return f"local training diverged on every node; lower lr (it is {config.lr:g})"
+    return "fix or add nodes, or lower min-successful-clients"
 
 
 def wait_for_nodes(grid: Grid, wanted: int, wait_s: float = 30.0) -> None:

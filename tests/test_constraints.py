@@ -6,6 +6,7 @@ virtual clock's price) exceeds the deadline. Without a deadline nobody is left o
 FedAvg is the documented exception: the upper bound that ignores device limits.
 """
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -115,6 +116,30 @@ def test_a_deadline_nobody_meets_stops_the_run_naming_the_closest_device(strateg
     assert "deadline: needs" in text and "raise emulated-deadline" in text and "lower min-keep-ratio" not in text
     fastest = max(fed.devices, key=lambda d: d.profile.gflops)  # the closest: the shortest time
     assert f"node {fastest.node_id}:" in text
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_the_advised_deadline_lets_the_run_start(name):
+    """A refusal's advice must work: raising emulated-deadline to the time it names starts the strategy."""
+    strategy_class = STRATEGIES[name]
+    fed = federation(MIX, **{"emulated-deadline": 1e-5, "strategy": name})
+    with pytest.raises(StrategySetupError) as error:
+        strategy_class(fed)
+    needs = float(re.search(r"needs ([0-9.e+-]+) s", str(error.value)).group(1))
+    strategy_class(federation(MIX, **{"emulated-deadline": needs * 1.01, "strategy": name}))  # starts
+
+
+def test_lowering_min_keep_ratio_is_advised_only_when_it_helps():
+    pis = ["raspberry-pi-3b-plus", "raspberry-pi-3b-plus"]  # 300 MB each
+    fed = federation(pis, model="resnet18", **{"batch-size": 256, "min-keep-ratio": 0.5})
+    with pytest.raises(StrategySetupError) as error:
+        HeteroFL(fed)
+    assert "lower min-keep-ratio" in str(error.value)
+    HeteroFL(federation(pis, model="resnet18", **{"batch-size": 256, "min-keep-ratio": 0.01}))  # the advice works
+    hopeless = federation(pis, model="resnet18", **{"batch-size": 4096, "min-keep-ratio": 0.01})
+    with pytest.raises(StrategySetupError) as error:
+        HeteroFL(hopeless)
+    assert "lower min-keep-ratio" not in str(error.value)  # one channel per layer would not fit either
 
 
 @pytest.mark.parametrize("key", ["constraints", "compute-slack", "profl-shrink-rounds"])

@@ -202,3 +202,11 @@ def test_a_resent_task_keeps_the_bound_on_claimed_examples(tmp_path):
     resent = [m for m in grid.sent if m.metadata.dst_node_id == 3 and m.metadata.message_type == "train"]
     assert len(resent) == 3 and "weights" in resent[2].content  # round 1, round 2, round 2 resent
     assert not second["participated"] and "exceeds the" in second["error"]
+
+
+def test_a_run_whose_training_diverges_names_the_learning_rate(tmp_path):
+    """Every reply NaN or Inf: more nodes or a lower min-successful-clients would not help; a lower lr would."""
+    with pytest.raises(RoundFailed) as error:
+        run(tmp_path, **{**FAST, "num-server-rounds": 2, "lr": 1e4, "round-retries": 0})
+    assert "training diverged" in str(error.value)  # each node said so, instead of sending a useless model
+    assert "lower lr (it is 10000)" in str(error.value) and "add nodes" not in str(error.value)
