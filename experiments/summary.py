@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments.spec import Spec  # noqa: E402
+from fl_app.config import default_run_config  # noqa: E402
 from fl_app.report import emulated_clock, load_run, participating_peaks  # noqa: E402
 from fl_app.units import MB  # noqa: E402
 
@@ -153,10 +154,10 @@ def write_report(spec: Spec) -> list[Path]:
     groups = collect(spec)
     out = spec.output_dir
     out.mkdir(parents=True, exist_ok=True)
-    first = spec.runs[0].config
+    first = {**default_run_config(), **spec.runs[0].config}
     setting = (f"{first.get('model', 'cnn')} on {first.get('dataset', 'synthetic')}, {spec.nodes} nodes, "
-               f"constraints = {first.get('constraints', 'memory+compute')!r}, "
-               f"memory-pool = {first.get('memory-pool', '') or 'profiles'!r}")
+               f"memory-pool = {first.get('memory-pool', '') or 'profiles'!r}, "
+               f"emulated-deadline = {first.get('emulated-deadline', 0) or 'none'}")
     write_tables(spec, table_rows(spec, groups), out, f"{spec.description}\n\nSetting: {setting}.")
     return [out / "table.md", out / "table.csv"] + (write_figures(spec, groups, out, f"{spec.name}: {setting}")
                                                     if groups else [])
