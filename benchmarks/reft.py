@@ -43,10 +43,11 @@ def sizes() -> None:
     model = build_model(spec)
     print(f"vgg16-fc4096, 3x32x32: {full.state_bytes / 1e6:.1f} MB (10^6 bytes), "
           f"{full.forward_macs_per_sample / 1e9:.3f} G MACs/image; paper's REFT submodel: 1.8 MB, 0.07 G MACs")
-    print("\n1. Budget 0.07/0.33 of the full model's training FLOPs per sample (weights at initialisation, seed 0)")
+    print("\n1. Budget 0.07/0.33 of the full model's training FLOPs per sample (weights at initialisation, seed 0; "
+          "global: channels costed in parameters)")
     print(f"{'pruning':8s} {'level':>6s} {'MB':>7s} {'G MACs':>7s}  widths")
     for name in PRUNING:
-        widths_at = pruning_widths(model, name, 0.05)
+        widths_at = pruning_widths(model, name, 0.05, shape, 32, "parameters")
         level = fit_ratio(spec, shape, lambda c: c.train_flops_per_sample <= full.train_flops_per_sample * 0.07 / 0.33,
                           0.0 if name == "global" else 0.05, widths_at)
         cost = model_cost(spec.with_widths(widths_at(level)), shape)
@@ -73,7 +74,7 @@ def sizes() -> None:
                 print(f"{d.profile.name:22s} {name:8s} left out: {strategy.left_out[d.node_id]}")
                 continue
             level = strategy.ratios[d.node_id]
-            cost = fed.cost(spec.with_widths(strategy.levels(level)))
+            cost = fed.cost(spec.with_widths(strategy.levels_for(d)(level)))
             print(f"{d.profile.name:22s} {name:8s} {level:6.3f} {cost.state_bytes / 1e6:8.2f} "
                   f"{cost.forward_macs_per_sample / 1e9:7.4f} {strategy.workload(d).device_time_s(d.profile, cost):9.1f} "
                   f"{fed.peak_memory_mb(cost):8.1f}")

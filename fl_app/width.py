@@ -319,37 +319,48 @@ def _weight_layers(spec_json: str, image_shape: tuple[int, ...]) -> tuple[tuple[
 # --- global structured pruning (REFT) -----------------------------------------------------------
 
 
-def parameters_per_channel(model: nn.Module) -> dict[str, float]:
-    """Per width group: the parameters and buffers one of its channels carries across every layer it
-    appears in (as an output channel, an input channel or BatchNorm statistics): what removing it saves."""
-    axes, state = param_axes(model), model.state_dict()
-    widths = model.spec.resolved_widths()  # type: ignore[union-attr]
-    per: dict[str, float] = {g: 0.0 for g in widths}
-    for name, dims in axes.items():
-        for axis in {a if isinstance(a, str) else a[0] for a in dims if a is not None}:
-            per[axis] += state[name].numel() / widths[axis]
-    return per
+RESOURCES = ("parameters", "memory")  # what a channel's cost is counted in (`channel_costs`)
 
 
-def global_widths(model: nn.Module, min_ratio: float) -> Widths:
+def channel_costs(spec: ModelSpec, image_shape: tuple[int, int, int], batch_size: int,
+                  resource: str) -> dict[str, float]:
+    """What one channel of each width group costs at full width, in `resource`: "parameters" (bytes of
+    parameters and buffers: what travels and what is held) or "memory" (bytes of predicted peak training
+    memory at `batch_size`: parameters, gradients, optimizer state and saved activations). Priced by the
+    cost model as the full model minus the model with one channel fewer in that group (a group of width 1
+    cannot lose one and costs nothing here)."""
+    if resource not in RESOURCES:
+        raise ValueError(f"unknown resource {resource!r}; valid: {', '.join(RESOURCES)}")
+
+    def amount(s: ModelSpec) -> float:
+        cost = model_cost(s, image_shape)
+        return cost.state_bytes if resource == "parameters" else cost.peak_train_bytes(batch_size, image_shape)
+
+    widths, full = spec.resolved_widths(), amount(spec)
+    return {g: max(full - amount(spec.with_widths({**widths, g: w - 1})), 1.0) if w > 1 else 1.0
+            for g, w in widths.items()}
+
+
+def global_widths(model: nn.Module, min_ratio: float, costs: dict[str, float]) -> Widths:
     """Global structured pruning: every channel of every group ranked in one list, pruning level t keeps
     the top t of the channels above each group's floor (`min_ratio` of its width, at least 1).
 
-    A channel's rank is its importance per parameter it carries: its L2 weight norm (`channel_importance`)
-    over its group's mean (Torch-Pruning's group-mean normalisation, so layers of any scale compare),
-    divided by `parameters_per_channel`. Among equally important channels, the one that carries more
-    bytes goes first: the parameter-heavy late convolutions and classifier of a VGG lose width before
-    its FLOP-heavy early convolutions. This is the shape REFT's VGG-16 figures imply (128.4 MB ->
-    1.8 MB, 71x fewer bytes, at 0.33 -> 0.07 GMAC, 4.7x fewer FLOPs; Desai et al. 2023), which no
-    uniform ratio gives (shared/docs/ALGORITHMS.md). Within a group the order is by importance, so the
-    channels kept are `select_channels`'s by magnitude.
+    A channel's rank is its importance per unit of cost: its L2 weight norm (`channel_importance`) over its
+    group's mean (Torch-Pruning's group-mean normalisation, so layers of any scale compare), divided by
+    `costs[group]` (`channel_costs`: what one channel of the group costs in the resource that binds the
+    device). Counted in parameters, the parameter-heavy late convolutions and classifier of a VGG lose width
+    before its FLOP-heavy early convolutions: the shape REFT's VGG-16 figures imply (128.4 MB -> 1.8 MB,
+    71x fewer bytes, at 0.33 -> 0.07 GMAC, 4.7x fewer FLOPs; Desai et al. 2023), which no uniform ratio
+    gives (shared/docs/ALGORITHMS.md). Counted in training memory, activation-heavy early channels weigh
+    too, so a memory-bound device is not left with a starved late layer. Within a group the order is by
+    importance, so the channels kept are `select_channels`'s by magnitude.
     """
     widths = model.spec.resolved_widths()  # type: ignore[union-attr]
-    importance, carried = channel_importance(model), parameters_per_channel(model)
+    importance = channel_importance(model)
     floors = {g: max(1, min(c, math.ceil(min_ratio * c))) for g, c in widths.items()}
     ranked: list[tuple[float, str]] = []
-    for g, c in widths.items():
-        scores = importance[g] / importance[g].mean().clamp_min(1e-12) / carried[g]
+    for g in widths:
+        scores = importance[g] / importance[g].mean().clamp_min(1e-12) / costs[g]
         ranked += [(float(v), g) for v in torch.sort(scores, descending=True).values[floors[g]:]]
     ranked.sort(key=lambda item: -item[0])
     order = [g for _, g in ranked]
@@ -366,10 +377,13 @@ def global_widths(model: nn.Module, min_ratio: float) -> Widths:
 PRUNING = ("global", "uniform")  # REFT's run-config `pruning`
 
 
-def pruning_widths(model: nn.Module, pruning: str, min_ratio: float) -> Widths:
-    """The pruning levels of `model` by `pruning`: "global" (`global_widths`) or "uniform" (`uniform_widths`)."""
+def pruning_widths(model: nn.Module, pruning: str, min_ratio: float, image_shape: tuple[int, int, int] = (3, 32, 32),
+                   batch_size: int = 32, resource: str = "parameters") -> Widths:
+    """The pruning levels of `model` by `pruning`: "global" (`global_widths`, channels costed in `resource`
+    at `batch_size` on `image_shape` inputs) or "uniform" (`uniform_widths`)."""
     if pruning == "global":
-        return global_widths(model, min_ratio)
+        spec: ModelSpec = model.spec  # type: ignore[assignment]
+        return global_widths(model, min_ratio, channel_costs(spec, image_shape, batch_size, resource))
     if pruning == "uniform":
         return uniform_widths(model.spec)  # type: ignore[arg-type]
     raise ValueError(f"unknown pruning {pruning!r}; valid: {', '.join(PRUNING)}")

@@ -141,7 +141,9 @@ def test_fit_ratio_is_the_plain_bisections_result_with_fewer_pricings():
         budgets += [(inf, full.peak_train_bytes(32, shape) * share) for share in (0.01, 0.2, 0.5)]
         budgets += [(at.train_flops_per_sample, inf), (inf, at.peak_train_bytes(32, shape)), (inf, inf), (0.0, inf),
                     (full.train_flops_per_sample * 0.2, full.peak_train_bytes(32, shape) * 0.3)]
-        levels = [(width.uniform_widths(spec), 0.05), (width.global_widths(build_model(spec), 0.05), 0.0)]
+        levels = [(width.uniform_widths(spec), 0.05)] + [
+            (width.global_widths(build_model(spec), 0.05, width.channel_costs(spec, shape, 32, resource)), 0.0)
+            for resource in width.RESOURCES]
         for flops, memory in budgets:
             def fits(cost):
                 return cost.train_flops_per_sample <= flops and cost.peak_train_bytes(32, shape) <= memory

@@ -1,5 +1,7 @@
 """REFT: submodels within each device's budget, logits instead of weights, distillation both ways."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,7 @@ from fl_app.training import TrainConfig, distill, predict_logits
 from fl_app.wire import decode, encode, serialized_bytes
 from server_app.rounds import run_train_tasks
 from fl_app.cost import model_cost
-from fl_app.width import extract, fit_ratio, global_widths, uniform_widths
+from fl_app.width import channel_costs, extract, fit_ratio, global_widths, uniform_widths
 from server_app.strategies.base import ClientUpdate, Device, Federation, TrainTask
 from server_app.strategies.reft import REFT
 from tests.test_federation import run
@@ -59,8 +61,8 @@ def test_global_pruning_gives_reft_papers_vgg16_shape_where_uniform_cannot():
         return cost.train_flops_per_sample <= full.train_flops_per_sample * 0.07 / 0.33
 
     cuts = {}
-    for name, widths_at, floor in [("global", global_widths(model, 0.05), 0.0),
-                                   ("uniform", uniform_widths(spec), 0.05)]:
+    by_parameters = global_widths(model, 0.05, channel_costs(spec, shape, 32, "parameters"))
+    for name, widths_at, floor in [("global", by_parameters, 0.0), ("uniform", uniform_widths(spec), 0.05)]:
         level = fit_ratio(spec, shape, within, floor, widths_at)
         cuts[name] = (widths_at(level), model_cost(spec.with_widths(widths_at(level)), shape))
     widths, cost = cuts["global"]
@@ -68,6 +70,34 @@ def test_global_pruning_gives_reft_papers_vgg16_shape_where_uniform_cannot():
     assert widths["stage1.conv1"] == widths["stage1.conv2"] == 64  # FLOP-heavy, few parameters: kept whole
     assert widths["fc1"] < 0.1 * 4096 and widths["stage5.conv3"] < 0.1 * 512  # parameter-heavy: pruned most
     assert cuts["uniform"][1].state_bytes > 20 * 2**20
+
+
+def test_a_memory_bound_device_is_pruned_by_training_memory_not_left_with_a_starved_layer():
+    """Costed in parameters, the CNN's conv2 (parameter-heavy) would fall to its floor before conv1 (whose
+    activations hold most of the memory) lost a channel; costed in training memory it does not."""
+    spec, shape = ModelSpec("cnn"), (3, 32, 32)
+    full = model_cost(spec, shape).peak_train_bytes(32, shape)
+    torch.manual_seed(0)
+    model = build_model(spec)
+
+    def half_memory(cost):
+        return cost.peak_train_bytes(32, shape) <= 0.5 * full
+
+    kept = {}
+    for resource in ("parameters", "memory"):
+        widths_at = global_widths(model, 0.05, channel_costs(spec, shape, 32, resource))
+        kept[resource] = widths_at(fit_ratio(spec, shape, half_memory, 0.0, widths_at))
+    assert kept["parameters"]["conv2"] <= 4  # starved
+    assert kept["memory"]["conv2"] >= 16 and kept["memory"]["conv1"] < 32
+
+
+def test_reft_costs_a_device_in_memory_exactly_when_the_full_model_does_not_fit_it():
+    fed = federation(["raspberry-pi-4", "workstation"])
+    strategy = REFT(fed)
+    assert {strategy.binding_resource(d) for d in fed.devices} == {"parameters"}  # the CNN fits both
+    full_mb = fed.peak_memory_mb(fed.cost(fed.full_spec()))
+    tight = replace(fed.devices[0], profile=replace(fed.devices[0].profile, memory_mb=0.6 * full_mb))
+    assert strategy.binding_resource(tight) == "memory"
 
 
 def test_pruned_submodels_carry_the_global_models_largest_channels():

@@ -11,7 +11,8 @@ from fl_app.cost import Workload
 from fl_app.job import Job
 from fl_app.models import ModelSpec
 from fl_app.training import distill
-from fl_app.width import Widths, extract, pruning_widths
+from fl_app.units import MIB
+from fl_app.width import RESOURCES, Widths, extract, pruning_widths
 from server_app.strategies.base import (ClientUpdate, Device, Federation, GlobalModelStrategy, StrategySetupError,
                                         TrainTask, nobody_fits)
 
@@ -45,10 +46,22 @@ class REFT(GlobalModelStrategy):
         if not sized:
             raise StrategySetupError(nobody_fits(self.name, "even the smallest submodel", self.left_out))
 
-    def _pruning_levels(self) -> Widths:
-        """The submodel widths at every pruning level, ranked from the global model's current weights."""
-        config = self.federation.config
-        return pruning_widths(self.model, config.pruning, config.min_keep_ratio)
+    def _pruning_levels(self) -> dict[str, Widths]:
+        """Per resource a channel can be costed in (`fl_app.width.RESOURCES`), the submodel widths at every
+        pruning level, ranked from the global model's current weights."""
+        config, fed = self.federation.config, self.federation
+        return {r: pruning_widths(self.model, config.pruning, config.min_keep_ratio, fed.image_shape,
+                                  config.batch_size, r) for r in RESOURCES}
+
+    def binding_resource(self, device: Device) -> str:
+        """What `device`'s channels are costed in: training memory when the full model does not fit its
+        memory, else parameters (the bytes REFT exists to save, and what a deadline's transfers pay for)."""
+        full = self.federation.cost(self.federation.full_spec())
+        return "memory" if self.federation.peak_memory_mb(full) > self.federation.memory_budget_bytes(device) / MIB \
+            else "parameters"
+
+    def levels_for(self, device: Device) -> Widths:
+        return self.levels[self.binding_resource(device)]
 
     def workload(self, device: Device) -> Workload:
         """A refresh round of `device`, the costliest: its submodel's weights and the soft labels down,
@@ -62,10 +75,10 @@ class REFT(GlobalModelStrategy):
     def _size(self, devices: list[Device]) -> dict[int, float]:
         """Each device's pruning level under the current ranking (`self.levels`), into `ratios`; a device
         that cannot afford even every group's floor goes to `left_out` with the reason."""
-        global_levels = self.levels if self.federation.config.pruning == "global" else None
         sized = {}
         for device in devices:
-            level = self.federation.affordable_ratio(device, self.workload(device), global_levels)
+            levels = self.levels_for(device) if self.federation.config.pruning == "global" else None
+            level = self.federation.affordable_ratio(device, self.workload(device), levels)
             if level is None:
                 self.left_out[device.node_id] = self.federation.smallest_submodel_shortfall(
                     device, self.workload(device))
@@ -77,7 +90,9 @@ class REFT(GlobalModelStrategy):
 
     def _cut(self, node_id: int) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
         """Cut node `node_id`'s submodel from the global model at its pruning level (channels by magnitude)."""
-        sub = extract(self.model, self.ratios[node_id], by="magnitude", widths_at=self.levels)
+        device = self.federation.device(node_id)
+        assert device is not None
+        sub = extract(self.model, self.ratios[node_id], by="magnitude", widths_at=self.levels_for(device))
         self.specs[node_id] = sub.spec
         return sub.spec, sub.state
 
