@@ -202,6 +202,42 @@ def test_lab_certificates_are_ones_flower_and_tls_accept(tmp_path):
         make_certs(tmp_path, nodes=1)
 
 
+def test_private_keys_are_owner_only_from_the_moment_they_are_created(tmp_path, monkeypatch):
+    """No window in which a key file exists with a wider mode: each file's mode is read right after
+    os.open created it, before a byte is written, under the most permissive umask."""
+    created: dict[str, int] = {}
+    real_open = os.open
+
+    def recording_open(path, flags, mode=0o777, *args, **kwargs):
+        fd = real_open(path, flags, mode, *args, **kwargs)
+        created.setdefault(Path(path).name, os.fstat(fd).st_mode & 0o777)
+        return fd
+
+    monkeypatch.setattr(os, "open", recording_open)
+    old_umask = os.umask(0)
+    try:
+        files = make_certs(tmp_path / "certs", nodes=2)
+        make_certs(tmp_path / "certs", nodes=1, force=True)  # replacing keys: still never wider
+    finally:
+        os.umask(old_umask)
+    keys = [p.name for p in files.values() if p.suffix == ".key"]
+    assert sorted(keys) == ["ca.key", "server.key", "supernode-1.key", "supernode-2.key"]
+    assert {created[name] for name in keys} == {0o600}
+    assert all((tmp_path / "certs" / name).stat().st_mode & 0o777 == 0o600 for name in keys)
+    assert created["ca.crt"] == created["supernode-1.pub"] == 0o644
+    assert (tmp_path / "certs").stat().st_mode & 0o777 == 0o700
+
+
+def test_make_certs_never_writes_through_a_planted_symlink(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.write_text("untouched")
+    (tmp_path / "certs").mkdir()
+    (tmp_path / "certs" / "ca.key").symlink_to(target)
+    with pytest.raises(OSError):
+        make_certs(tmp_path / "certs", nodes=0, force=True)
+    assert target.read_text() == "untouched"
+
+
 def test_the_client_path_needs_no_server_side_packages():
     """A Raspberry Pi installs flwr, torch, numpy and psutil only: no torchvision, matplotlib or Ray."""
     code = ("import sys, importlib.abc\n"
