@@ -32,7 +32,9 @@ What it does, all bounded in time and undone at the end (even on errors or Ctrl-
 
 Prints a summary and writes it as JSON (--json); exit 0 only if every check passed.
 Environment: FL_COMPOSE_CACHE (default /var/tmp/fl-app-compose): debootstrap tree and the daemon's
-data-root (about 7 GB); remove it to start from scratch.
+data-root (about 7 GB); remove it to start from scratch. The script runs what that folder holds as
+root, so it refuses a folder it does not own, one others may write to, and a symlinked `lock`
+(scripts/root_cache.py): exit 1 with one line saying which.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 from local_federation import _json_from, write_flower_config  # noqa: E402
+from root_cache import CacheRefused, claim_cache, open_lock  # noqa: E402
 from fl_app.results import load_results
 
 CACHE = Path(os.environ.get("FL_COMPOSE_CACHE", "/var/tmp/fl-app-compose"))
@@ -432,11 +435,12 @@ def run_compose_federation(tls: bool = False, rounds: int = 2, compose: list[str
     compose = compose or (["docker-compose"] if shutil.which("docker-compose") else ["docker", "compose"])
     t0 = time.monotonic()
     summary: dict = {"tls": tls, "rounds": rounds, "compose": " ".join(compose), "problems": []}
-    ensure_packages(compose)
-    CACHE.mkdir(parents=True, exist_ok=True)
-    lock = open(CACHE / "lock", "w")  # one federation per cache (and per published port) at a time
+    # Root runs what this cache holds (dockerd's images, a rootfs): refuse one we do not own (root_cache.py).
+    claim_cache(CACHE)
+    lock = open_lock(CACHE)  # one federation per cache (and per published port) at a time
     import fcntl
     fcntl.flock(lock, fcntl.LOCK_EX)
+    ensure_packages(compose)
     daemon = Daemon(CACHE / "docker")
     home = Path(tempfile.mkdtemp(prefix="fl-compose-home-"))
     data = Path(tempfile.mkdtemp(prefix="fl-compose-data-"))  # /data: synthetic data needs no files
@@ -551,6 +555,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        claim_cache(CACHE)
+    except CacheRefused as exc:
+        print(f"compose_federation: refused: {exc}", file=sys.stderr)
+        return 1
     summary = run_compose_federation(args.tls, args.rounds, shlex.split(args.compose) if args.compose else None,
                                      not args.no_undersized, args.timeout, args.keep_stack)
     text = json.dumps(summary, indent=1)
