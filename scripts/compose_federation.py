@@ -13,7 +13,8 @@ What it does, all bounded in time and undone at the end (even on errors or Ctrl-
    built once), exec-root, pidfile and unix socket in a temporary folder, no NAT (`iptables`,
    `ip-forward`, `ip-masq` off, no default bridge): containers reach each other on the compose
    networks and this machine reaches the published port on 127.0.0.1, nothing else;
-3. builds what no registry can give here: a Debian base by `debootstrap`, and stand-ins for Flower's
+3. builds what no registry can give here: a Debian base by `debootstrap`, `nginx:1.22.1` (the Fleet
+   proxy) from Debian's nginx-light, and stand-ins for Flower's
    official images under their tags (`flwr/superlink`, `flwr/supernode`, `flwr/superexec`) laid out
    like them (venv /python/venv first on PATH, user app uid 49999, HOME=/app, WORKDIR /app, the
    pinned flwr); then the project's image from the project's Dockerfile, unchanged (torch from the
@@ -72,7 +73,8 @@ STANDINS = {  # tag -> entrypoint, as in Flower's official images
 }
 UNDERSIZED = REPO / "scripts" / "compose" / "undersized-node.yml"
 UNDERSIZED_CLIENTAPP = "superexec-clientapp-5"
-PORT = 8000  # docker-compose.yml publishes the SuperLink on 127.0.0.1:8000
+PORT = 9093  # docker-compose.yml publishes the SuperLink (its Control API) on 127.0.0.1:9093 only
+NGINX_IMAGE = "nginx:1.22.1"  # docker-compose.yml's fleet-proxy; a stand-in from Debian's nginx-light here
 # heterofl + resnet18: each device trains a width sized to its profile, so the Pis' jobs stay small while
 # a laptop-class node trains the full ResNet-18 (about +550 MiB over the ~650 MiB a ClientApp needs to
 # start and answer the device query): the under-sized node passes the query and dies in training.
@@ -203,6 +205,14 @@ def build_images(env: dict) -> dict[str, float]:
             sh(["docker", "build", "-t", tag, "-"], env=env, timeout=120,
                stdin=f'FROM {STANDIN_BASE}\nLABEL fl-app.standin="{tag}"\nENTRYPOINT ["{entry}"]\n')
         spent["standins"] = time.monotonic() - t
+    if not has_image(env, NGINX_IMAGE):  # the same nginx (1.22.1) as Debian 12's, where nginx.org's image is
+        t = time.monotonic()                # unreachable; the command in docker-compose.yml runs on either
+        say(f"building the stand-in {NGINX_IMAGE} (Debian's nginx-light)")
+        sh(["docker", "build", "--network", "host", "-t", NGINX_IMAGE, "-"], env=env, timeout=900,
+           stdin=f"FROM {BASE_IMAGE}\nRUN apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
+                 f"--no-install-recommends nginx-light && rm -rf /var/lib/apt/lists/*\n"
+                 f'LABEL fl-app.standin="{NGINX_IMAGE}"\n')
+        spent["nginx"] = time.monotonic() - t
     t = time.monotonic()
     say(f"building {APP_IMAGE} from the project's Dockerfile (torch from {TORCH_INDEX_URL})")
     sh(["docker", "build", "--network", "host", "--build-arg", f"TORCH_INDEX_URL={TORCH_INDEX_URL}",

@@ -327,6 +327,8 @@ def _executable(service: dict) -> str:
     for component in ("superlink", "supernode", "superexec"):
         if image.startswith(f"flwr/{component}:"):
             return f"flower-{component}"
+    if image.startswith("nginx:"):  # the Fleet proxy; its command is nginx's own (tests/test_fleet_proxy.py)
+        return "nginx"
     raise AssertionError(f"no known entrypoint for image {image!r}")
 
 
@@ -370,14 +372,14 @@ def test_compose_and_dockerfile_use_the_pinned_flwr_images():
                 assert str(svc["build"]["args"]["FLWR_VERSION"]) == pinned, name
     services = _compose("docker-compose.yml")["services"]
     assert {_executable(s) for s in services.values()} == {"flower-superlink", "flower-supernode",
-                                                           "flower-superexec"}
+                                                           "flower-superexec", "nginx"}
 
 
 @pytest.mark.parametrize("variant", ["docker-compose.yml", "with docker-compose.tls.yml"])
 def test_every_flag_of_every_service_is_one_the_pinned_flwr_accepts(variant):
     services = _compose("docker-compose.yml")["services"] if variant == "docker-compose.yml" else _merged_services()
-    problems = [f"{name}: {p}" for name, svc in services.items() for p in _check_command(_executable(svc),
-                                                                                         svc.get("command", []))]
+    problems = [f"{name}: {p}" for name, svc in services.items() if _executable(svc) != "nginx"
+                for p in _check_command(_executable(svc), svc.get("command", []))]
     assert not problems, "\n".join(problems)
 
 
@@ -440,9 +442,34 @@ def test_each_device_container_is_limited_as_its_profile_says():
               and _option(s["command"], "--runtime-api-address").split(":")[0] not in nodes]
     assert len(server) == 1, "one SuperExec for the ServerApp"
     link = [n for n, s in services.items() if _executable(s) == "flower-superlink"]
-    assert _option(server[0]["command"], "--runtime-api-address") == f"{link[0]}:8000"
+    assert _option(server[0]["command"], "--runtime-api-address") == \
+        f"{link[0]}:{_option(services[link[0]]['command'], '--port')}"
     assert all(str(p).startswith("127.0.0.1:") for p in services[link[0]].get("ports", [])), \
         "publish the SuperLink on loopback only"
+
+
+@pytest.mark.parametrize("variant", ["docker-compose.yml", "with docker-compose.tls.yml"])
+def test_compose_devices_reach_the_fleet_api_only_and_the_server_side_is_memory_limited(variant):
+    """The SuperNodes (the devices) share no network with the SuperLink: they dial the nginx Fleet proxy,
+    whose config forwards /v1/fleet/ only; the SuperLink's port is published on loopback only, and it
+    installs nothing at run time; the SuperLink, the ServerApp and the proxy have memory limits."""
+    services = _compose("docker-compose.yml")["services"] if variant == "docker-compose.yml" else _merged_services()
+    link = next(n for n, s in services.items() if _executable(s) == "flower-superlink")
+    proxy = next(n for n, s in services.items() if _executable(s) == "nginx")
+    link_nets = set(services[link]["networks"])
+    for name, svc in _supernodes(services).items():
+        assert not link_nets & set(svc["networks"]), f"{name} shares a network with the SuperLink"
+        assert _option(svc["command"], "--superlink") == f"{proxy}:8000", name
+    assert link_nets & set(services[proxy]["networks"])
+    conf = Path(_option(services[proxy]["command"], "-c")).name
+    assert "include fleet-only.conf;" in (REPO / "deploy" / "nginx" / conf).read_text()
+    assert ("./deploy/nginx:/etc/nginx/fl-app:ro") in services[proxy]["volumes"]
+    assert all(str(p).startswith("127.0.0.1:") for p in services[link].get("ports", []))
+    assert "--disable-runtime-dependency-installation" in services[link]["command"]
+    server = [n for n, s in services.items() if _executable(s) == "flower-superexec"
+              and str(_option(s["command"], "--runtime-api-address")).startswith(f"{link}:")]
+    for name in [link, proxy, *server]:
+        assert _mib(services[name]["mem_limit"]) > 0 and services[name]["memswap_limit"] == services[name]["mem_limit"]
 
 
 def test_the_tls_variant_secures_every_link_and_authenticates_every_supernode():
