@@ -81,9 +81,15 @@ def _query(msg: Message, node: LocalNode) -> RecordDict:
 KEPT = "kept-weights"  # context.state record: the model state a job asked the node to keep
 
 
-def _load_job_model(msg: Message, context: Context) -> tuple[Job, torch.nn.Module]:
+def _load_job_model(msg: Message, node: LocalNode) -> tuple[Job, torch.nn.Module]:
+    """The job (refused, one line, outside `fl_app.job.check_bounds` or this node's data) and its model."""
     job = Job.from_json(str(msg.content["job"]["json"]))
-    return job, _assemble(job.model, msg, ("weights",), context)
+    d = node.data
+    for spec in filter(None, (job.model, job.mimic)):
+        if (spec.num_classes, spec.in_channels) != (d.num_classes, d.image_shape[0]):
+            raise JobError(f"job refused: its model has {spec.num_classes} classes and {spec.in_channels} input "
+                           f"channels, this node's data {d.num_classes} and {d.image_shape[0]}")
+    return job, _assemble(job.model, msg, ("weights",), node.context)
 
 
 def _assemble(spec: ModelSpec, msg: Message, records: tuple[str, ...], context: Context) -> torch.nn.Module:
@@ -122,12 +128,12 @@ def _distill_soft_labels(model: torch.nn.Module, msg: Message, node: LocalNode, 
 
 
 def _train(msg: Message, node: LocalNode) -> RecordDict:
-    job, model = _load_job_model(msg, node.context)
+    job, model = _load_job_model(msg, node)
     if job.distill_epochs and "soft-labels" in msg.content:
         _distill_soft_labels(model, msg, node, job)
     # The teacher shares the front blocks sent in "weights"; "teacher-weights" holds the rest.
     teacher = _assemble(job.mimic, msg, ("weights", "teacher-weights"), node.context) if job.mimic else None
-    limit = int(node.profile.memory_mb * MIB) if job.enforce_memory else None
+    limit = node.memory_limit_bytes(job.enforce_memory)
     start = time.perf_counter()
     result = train(model, node.train_batches(job.train.batch_size, job.round), job.train, job.trainable, limit,
                    teacher, job.mutual_distillation)

@@ -20,6 +20,7 @@ from client_app.faults import Fault
 from fl_app.config import RunConfig
 from fl_app.data import (Batches, DataError, Dataset, FederatedSplit, NodeData, evaluation_indices, federated_split,
                          load_dataset, node_data, resolve_cache_dir)
+from fl_app.units import MIB
 from fl_app.profiles import DeviceProfile, load_profile, pooled_profile, profile_for_partition, profile_from_dict
 
 
@@ -37,6 +38,7 @@ class LocalNode:
     context: Context
     faults: tuple[Fault, ...] = ()  # injected misbehaviour, for resilience tests (client_app/faults.py)
     cache_dir: str = ""  # where its arrays are cached ("" = not cached; fl_app.data.resolve_cache_dir)
+    own_profile: bool = False  # the node config names the profile (a SuperNode), not the run config (simulation)
 
     @classmethod
     def from_context(cls, context: Context) -> LocalNode:
@@ -60,7 +62,8 @@ class LocalNode:
                    else profile_for_partition(config.device_mix, pid))
         faults = tuple(Fault.parse_all(str(nc["fault"]))) if nc.get("fault") else ()
         cache = resolve_cache_dir(str(nc["cache-dir"]) if "cache-dir" in nc else None)
-        node = cls(config, profile, pid, n, str(nc.get("data-dir", config.data_dir)), context, faults, cache)
+        node = cls(config, profile, pid, n, str(nc.get("data-dir", config.data_dir)), context, faults, cache,
+                   own_profile="profile" in nc)
         return node.with_pool_memory()
 
     def with_pool_memory(self) -> LocalNode:
@@ -86,6 +89,14 @@ class LocalNode:
         return node_data(c.dataset, self.data_dir, c.seed, self.num_partitions, self.partition_id, c.partition,
                          c.dirichlet_alpha, c.shards_per_client, c.public_size, c.max_client_examples, c.test_size,
                          self.cache_dir)
+
+    def memory_limit_bytes(self, job_enforces: bool) -> int | None:
+        """The training memory limit: the profile's budget, unless a SIMULATED node's job says not to.
+
+        A SuperNode whose own node config names its profile always enforces it: the server (or
+        whoever submitted the run) cannot switch that off (FedAvg's upper bound then fails as the
+        device would). In simulation the profile itself comes from the run config, so the job decides."""
+        return int(self.profile.memory_mb * MIB) if job_enforces or self.own_profile else None
 
     @property
     def num_examples(self) -> int:

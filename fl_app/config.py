@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_app.data import DATASET_NAMES, PARTITIONS
+from fl_app.job import MAX_BATCH_SIZE, MAX_EPOCHS
 from fl_app.models import MODEL_NAMES
 from fl_app.profiles import ProfileError, parse_device_mix, parse_memory_pool
 from fl_app.width import PRUNING
@@ -156,6 +157,11 @@ class RunConfig:
         if not 0 <= self.profl_shrink_share < 1:
             p.append(f"profl-shrink-share = {self.profl_shrink_share!r}: must be in [0, 1) (0 skips shrinking; the "
                      "growing stage needs rounds too)")
+        for key, high in (("local-epochs", MAX_EPOCHS), ("client-distill-epochs", MAX_EPOCHS),
+                          ("batch-size", MAX_BATCH_SIZE)):
+            if getattr(self, key.replace("-", "_")) > high:
+                p.append(f"{key} = {getattr(self, key.replace('-', '_'))!r}: at most {high}, what a client agrees "
+                         "to run (fl_app/job.py, check_bounds)")
         if not 0 < self.fraction_train <= 1:
             p.append(f"fraction-train = {self.fraction_train!r}: must be in (0, 1]")
         try:

@@ -7,12 +7,13 @@ ConfigRecord, beside the tensors it refers to.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from fl_app.models import ModelSpec
+from fl_app.models import ModelSpec, full_widths, num_blocks
 from fl_app.training import TrainConfig
 
 RETURNS = ("weights", "logits")
@@ -22,6 +23,13 @@ ERROR_OOM, ERROR_BAD_INPUT, ERROR_MISSING_WEIGHTS = 1001, 1002, 1003
 
 
 _OMITTED_AT_DEFAULT = {"mutual_distillation": 0.0}
+
+# What a client agrees to run whoever asks (`check_bounds`): the server plans jobs, but a device must not
+# be told to train for days or to build a model wider than its architecture (issue 22). The run config's
+# own checks (fl_app.config) hold local-epochs and batch-size to the same ceilings, so a run that would be
+# refused here is refused at its start instead.
+MAX_EPOCHS = 100         # local and distillation epochs of one job
+MAX_BATCH_SIZE = 4096    # examples per step
 
 
 class JobError(ValueError):
@@ -40,7 +48,9 @@ class Job:
     - `trainable`: block indices to train (None = all); the rest stays frozen.
     - `returns`: "weights" (the trainable part) or "logits" (on the public slice).
     - `enforce_memory`: False lets an emulated device exceed its memory budget (FedAvg's
-      upper bound pretends every device fits); True makes it fail as a real one would.
+      upper bound pretends every device fits); True makes it fail as a real one would. Only a
+      simulated node (its profile from the run config) obeys False: a SuperNode whose own node
+      config names its profile always enforces it (client_app.client_app._train).
     - `distill_epochs`/`temperature`: first distill the "soft-labels" record into the
       model on the public slice (REFT), then train on private data.
     - `keep_state`: the client keeps its model state for later rounds; weights it is
@@ -94,7 +104,59 @@ class Job:
         if job.mutual_distillation < 0 or (job.mutual_distillation and not job.model.exits):
             raise JobError(f"mutual_distillation = {job.mutual_distillation}: needs a model with exits and a "
                            "temperature > 0 (0 turns it off)")
+        check_bounds(job)
         return job
+
+
+def check_bounds(job: Job) -> None:
+    """Refuse (JobError, one line) a job no client should run, whoever sent it: epochs outside
+    [1, MAX_EPOCHS] (distillation: [0, MAX_EPOCHS]), a batch outside [1, MAX_BATCH_SIZE], a learning
+    rate, momentum, weight decay or temperature that is not a finite number in its range, a model (or
+    mimic teacher) wider than its architecture's full widths or deeper than its blocks, or trainable
+    blocks the model does not have."""
+    t = job.train
+    numbers = {"lr": t.lr, "momentum": t.momentum, "weight_decay": t.weight_decay, "temperature": job.temperature,
+               "mutual_distillation": job.mutual_distillation}
+    problems = [f"{k} = {v!r} is not a finite number" for k, v in numbers.items()
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)]
+    for name, value, low in (("epochs", t.epochs, 1), ("distill_epochs", job.distill_epochs, 0)):
+        if not isinstance(value, int) or not low <= value <= MAX_EPOCHS:
+            problems.append(f"{name} = {value!r} outside [{low}, {MAX_EPOCHS}]")
+    if not isinstance(t.batch_size, int) or not 1 <= t.batch_size <= MAX_BATCH_SIZE:
+        problems.append(f"batch_size = {t.batch_size!r} outside [1, {MAX_BATCH_SIZE}]")
+    if not problems and not (t.lr > 0 and 0 <= t.momentum < 1 and t.weight_decay >= 0 and job.temperature > 0):
+        problems.append(f"lr = {t.lr}, momentum = {t.momentum}, weight_decay = {t.weight_decay}, temperature = "
+                        f"{job.temperature}: need lr > 0, 0 <= momentum < 1, weight_decay >= 0, temperature > 0")
+    for role, spec in (("model", job.model), ("mimic", job.mimic)):
+        if spec is not None:
+            problems += _spec_problems(role, spec)
+    blocks = _blocks_or_none(job.model)
+    if job.trainable is not None and blocks is not None and \
+            not all(isinstance(i, int) and 0 <= i < blocks for i in job.trainable):
+        problems.append(f"trainable = {job.trainable!r}: block indices of {job.model.name!r} are 0..{blocks - 1}")
+    if problems:
+        raise JobError("job refused, outside what this client runs: " + "; ".join(problems))
+
+
+def _blocks_or_none(spec: ModelSpec) -> int | None:
+    try:
+        return num_blocks(spec.name)
+    except ValueError:
+        return None
+
+
+def _spec_problems(role: str, spec: ModelSpec) -> list[str]:
+    """Why `spec` is not a (sub)model of its own architecture: unknown name, widths above full, depth."""
+    blocks = _blocks_or_none(spec)
+    if blocks is None:
+        return [f"{role} {spec.name!r} is not a model this client knows"]
+    full = full_widths(spec.name)
+    problems = [f"{role} width {g} = {w!r} outside [1, {full[g]}]" if g in full else f"{role} has no width group {g!r}"
+                for g, w in spec.widths.items()
+                if g not in full or not isinstance(w, int) or isinstance(w, bool) or not 1 <= w <= full[g]]
+    if not isinstance(spec.depth, int) or not 0 <= spec.depth <= blocks:
+        problems.append(f"{role} depth = {spec.depth!r} outside [0, {blocks}]")
+    return problems
 
 
 def reply_state(job: Job, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

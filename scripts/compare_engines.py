@@ -98,7 +98,7 @@ else:
     node.train_indices()
     mark("federated split")
 if kind == "train":
-    job, model = ca._load_job_model(msg, ctx)
+    job, model = ca._load_job_model(msg, node)
     mark("job decode, model build, weights load")
     make_optimizer(model, job.train)
     mark("first optimizer")

@@ -13,7 +13,8 @@ What it does, all bounded in time and undone at the end (even on errors or Ctrl-
    built once), exec-root, pidfile and unix socket in a temporary folder, no NAT (`iptables`,
    `ip-forward`, `ip-masq` off, no default bridge): containers reach each other on the compose
    networks and this machine reaches the published port on 127.0.0.1, nothing else;
-3. builds what no registry can give here: a Debian base by `debootstrap`, and stand-ins for Flower's
+3. builds what no registry can give here: a Debian base by `debootstrap`, `nginx:1.22.1` (the Fleet
+   proxy) from Debian's nginx-light, and stand-ins for Flower's
    official images under their tags (`flwr/superlink`, `flwr/supernode`, `flwr/superexec`) laid out
    like them (venv /python/venv first on PATH, user app uid 49999, HOME=/app, WORKDIR /app, the
    pinned flwr); then the project's image from the project's Dockerfile, unchanged (torch from the
@@ -32,7 +33,9 @@ What it does, all bounded in time and undone at the end (even on errors or Ctrl-
 
 Prints a summary and writes it as JSON (--json); exit 0 only if every check passed.
 Environment: FL_COMPOSE_CACHE (default /var/tmp/fl-app-compose): debootstrap tree and the daemon's
-data-root (about 7 GB); remove it to start from scratch.
+data-root (about 7 GB); remove it to start from scratch. The script runs what that folder holds as
+root, so it refuses a folder it does not own, one others may write to, and a symlinked `lock`
+(scripts/root_cache.py): exit 1 with one line saying which.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 from local_federation import _json_from, write_flower_config  # noqa: E402
+from root_cache import CacheRefused, claim_cache, open_lock  # noqa: E402
 from fl_app.results import load_results
 
 CACHE = Path(os.environ.get("FL_COMPOSE_CACHE", "/var/tmp/fl-app-compose"))
@@ -69,7 +73,8 @@ STANDINS = {  # tag -> entrypoint, as in Flower's official images
 }
 UNDERSIZED = REPO / "scripts" / "compose" / "undersized-node.yml"
 UNDERSIZED_CLIENTAPP = "superexec-clientapp-5"
-PORT = 8000  # docker-compose.yml publishes the SuperLink on 127.0.0.1:8000
+PORT = 9093  # docker-compose.yml publishes the SuperLink (its Control API) on 127.0.0.1:9093 only
+NGINX_IMAGE = "nginx:1.22.1"  # docker-compose.yml's fleet-proxy; a stand-in from Debian's nginx-light here
 # heterofl + resnet18: each device trains a width sized to its profile, so the Pis' jobs stay small while
 # a laptop-class node trains the full ResNet-18 (about +550 MiB over the ~650 MiB a ClientApp needs to
 # start and answer the device query): the under-sized node passes the query and dies in training.
@@ -200,6 +205,14 @@ def build_images(env: dict) -> dict[str, float]:
             sh(["docker", "build", "-t", tag, "-"], env=env, timeout=120,
                stdin=f'FROM {STANDIN_BASE}\nLABEL fl-app.standin="{tag}"\nENTRYPOINT ["{entry}"]\n')
         spent["standins"] = time.monotonic() - t
+    if not has_image(env, NGINX_IMAGE):  # the same nginx (1.22.1) as Debian 12's, where nginx.org's image is
+        t = time.monotonic()                # unreachable; the command in docker-compose.yml runs on either
+        say(f"building the stand-in {NGINX_IMAGE} (Debian's nginx-light)")
+        sh(["docker", "build", "--network", "host", "-t", NGINX_IMAGE, "-"], env=env, timeout=900,
+           stdin=f"FROM {BASE_IMAGE}\nRUN apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
+                 f"--no-install-recommends nginx-light && rm -rf /var/lib/apt/lists/*\n"
+                 f'LABEL fl-app.standin="{NGINX_IMAGE}"\n')
+        spent["nginx"] = time.monotonic() - t
     t = time.monotonic()
     say(f"building {APP_IMAGE} from the project's Dockerfile (torch from {TORCH_INDEX_URL})")
     sh(["docker", "build", "--network", "host", "--build-arg", f"TORCH_INDEX_URL={TORCH_INDEX_URL}",
@@ -432,11 +445,12 @@ def run_compose_federation(tls: bool = False, rounds: int = 2, compose: list[str
     compose = compose or (["docker-compose"] if shutil.which("docker-compose") else ["docker", "compose"])
     t0 = time.monotonic()
     summary: dict = {"tls": tls, "rounds": rounds, "compose": " ".join(compose), "problems": []}
-    ensure_packages(compose)
-    CACHE.mkdir(parents=True, exist_ok=True)
-    lock = open(CACHE / "lock", "w")  # one federation per cache (and per published port) at a time
+    # Root runs what this cache holds (dockerd's images, a rootfs): refuse one we do not own (root_cache.py).
+    claim_cache(CACHE)
+    lock = open_lock(CACHE)  # one federation per cache (and per published port) at a time
     import fcntl
     fcntl.flock(lock, fcntl.LOCK_EX)
+    ensure_packages(compose)
     daemon = Daemon(CACHE / "docker")
     home = Path(tempfile.mkdtemp(prefix="fl-compose-home-"))
     data = Path(tempfile.mkdtemp(prefix="fl-compose-data-"))  # /data: synthetic data needs no files
@@ -551,6 +565,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        claim_cache(CACHE)
+    except CacheRefused as exc:
+        print(f"compose_federation: refused: {exc}", file=sys.stderr)
+        return 1
     summary = run_compose_federation(args.tls, args.rounds, shlex.split(args.compose) if args.compose else None,
                                      not args.no_undersized, args.timeout, args.keep_stack)
     text = json.dumps(summary, indent=1)

@@ -7,7 +7,8 @@
 #
 # 1. binfmt: qemu-user-static for aarch64 (apt), binfmt_misc mounted and qemu-aarch64 enabled;
 # 2. an arm64 Debian bookworm rootfs by debootstrap (--foreign, second stage under QEMU), cached
-#    in $FL_PI_CACHE (default /var/tmp/fl-app-pi);
+#    in $FL_PI_CACHE (default /var/tmp/fl-app-pi; refused unless owned by root and writable by root
+#    alone: scripts/root_cache.py);
 # 3. aarch64 wheels downloaded NATIVELY (pip --platform manylinux_2_28_aarch64 --python-version 3.11)
 #    and unpacked natively with `pip install --target` (no code runs at install; pip under QEMU
 #    takes ~8 min): the client's dependencies exactly as deploy/raspberry-pi/README.md installs them
@@ -38,6 +39,8 @@ while [ $# -gt 0 ]; do
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
+# Root chroots into and runs what the cache holds: refuse a folder someone else owns or may write to.
+python3 "$REPO/scripts/root_cache.py" "$CACHE" || exit 1
 ROOT=$CACHE/rootfs
 SITE=/opt/fl-pi            # inside the rootfs
 PLAT=(--platform manylinux_2_28_aarch64 --platform manylinux_2_17_aarch64 --platform manylinux2014_aarch64
@@ -56,7 +59,7 @@ grep -q enabled /proc/sys/fs/binfmt_misc/qemu-aarch64
 
 # 2. rootfs
 if [ ! -e "$ROOT/.fl-app-stage2-done" ]; then
-  rm -rf "$ROOT"; mkdir -p "$CACHE"
+  rm -rf "$ROOT"
   MIRROR=$(python3 -c "import sys; sys.path.insert(0, '$REPO/scripts'); from compose_federation import apt_mirror; print(apt_mirror())")
   say "debootstrap arm64 bookworm (first stage natively, second under QEMU: ~8 min)"
   debootstrap --arch=arm64 --foreign --variant=minbase --include=python3,ca-certificates bookworm "$ROOT" "$MIRROR"

@@ -8,7 +8,8 @@ writes into the folder given (created if needed, files never overwritten unless 
     ca.crt, ca.key                 a self-signed certificate authority (the "root certificate"
                                    every SuperNode and the `flwr` CLI trust: --root-certificates)
     server.pem, server.key         the SuperLink's certificate, signed by that CA, for
-                                   localhost, 127.0.0.1, ::1, superlink (the compose service name)
+                                   localhost, 127.0.0.1, ::1, superlink and fleet-proxy (compose's
+                                   service names)
                                    and every --san given (the laptop's LAN address for a Pi)
     supernode-<i>.key / .pub       one ECDSA P-384 key pair per SuperNode, in OpenSSH format:
                                    `flwr supernode register supernode-<i>.pub <connection>`
@@ -38,7 +39,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-DEFAULT_SANS = ("localhost", "127.0.0.1", "::1", "superlink")
+# superlink, fleet-proxy: the compose service names SuperNodes and the ServerApp dial (docker-compose.yml)
+DEFAULT_SANS = ("localhost", "127.0.0.1", "::1", "superlink", "fleet-proxy")
 LAB_LABEL = "LAB USE ONLY - fl-app test CA"
 
 
@@ -55,10 +57,19 @@ def _san(entry: str) -> x509.GeneralName:
 
 
 def _write(path: Path, data: bytes, private: bool, force: bool) -> None:
-    if path.exists() and not force:
-        raise FileExistsError(f"{path} exists; pass --force to overwrite it")
-    path.write_bytes(data)
-    os.chmod(path, 0o600 if private else 0o644)
+    """Write `data` to `path`, a private key readable by its owner alone FROM ITS CREATION: the file is
+    created with mode 0600 (0644 for certificates and public keys) by os.open itself, whatever the
+    umask, and re-moded before the first byte when --force replaces an older file. (Writing first and
+    chmod-ing after leaves a window in which anyone may open the key.) Never follows a symlink."""
+    mode = 0o600 if private else 0o644
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_TRUNC if force else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, mode)
+    except FileExistsError:
+        raise FileExistsError(f"{path} exists; pass --force to overwrite it") from None
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(fd, mode)  # the umask may have narrowed a new file; an old one keeps its mode otherwise
+        f.write(data)
 
 
 def _pem_key(key) -> bytes:
@@ -109,8 +120,10 @@ def make_node_keys(name: str) -> tuple[bytes, bytes]:
 
 def make_certs(out: Path, nodes: int = 3, sans: list[str] | None = None, days: int = 30,
                force: bool = False, node_prefix: str = "supernode-") -> dict[str, Path]:
-    """Write the CA, the SuperLink certificate and `nodes` SuperNode key pairs into `out`."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Write the CA, the SuperLink certificate and `nodes` SuperNode key pairs into `out`.
+
+    Private keys (*.key) are mode 0600 from their creation on (`_write`); a new folder is 0700."""
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
     all_sans = list(dict.fromkeys([*DEFAULT_SANS, *(sans or [])]))
     ca_key, ca_cert = make_ca(days)
     server_key, server_cert = make_server_cert(ca_key, ca_cert, all_sans, days)
@@ -126,8 +139,8 @@ def make_certs(out: Path, nodes: int = 3, sans: list[str] | None = None, days: i
         files[f"{name}.key"], files[f"{name}.pub"] = out / f"{name}.key", out / f"{name}.pub"
         _write(out / f"{name}.key", private, True, force)
         _write(out / f"{name}.pub", public, False, force)
-    (out / "README.txt").write_text(
-        f"{LAB_USE_ONLY_NOTE}\nSANs of server.pem: {', '.join(all_sans)}\nValid for {days} days.\n")
+    _write(out / "README.txt", f"{LAB_USE_ONLY_NOTE}\nSANs of server.pem: {', '.join(all_sans)}\n"
+           f"Valid for {days} days.\n".encode(), False, True)
     return files
 
 

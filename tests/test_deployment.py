@@ -202,6 +202,42 @@ def test_lab_certificates_are_ones_flower_and_tls_accept(tmp_path):
         make_certs(tmp_path, nodes=1)
 
 
+def test_private_keys_are_owner_only_from_the_moment_they_are_created(tmp_path, monkeypatch):
+    """No window in which a key file exists with a wider mode: each file's mode is read right after
+    os.open created it, before a byte is written, under the most permissive umask."""
+    created: dict[str, int] = {}
+    real_open = os.open
+
+    def recording_open(path, flags, mode=0o777, *args, **kwargs):
+        fd = real_open(path, flags, mode, *args, **kwargs)
+        created.setdefault(Path(path).name, os.fstat(fd).st_mode & 0o777)
+        return fd
+
+    monkeypatch.setattr(os, "open", recording_open)
+    old_umask = os.umask(0)
+    try:
+        files = make_certs(tmp_path / "certs", nodes=2)
+        make_certs(tmp_path / "certs", nodes=1, force=True)  # replacing keys: still never wider
+    finally:
+        os.umask(old_umask)
+    keys = [p.name for p in files.values() if p.suffix == ".key"]
+    assert sorted(keys) == ["ca.key", "server.key", "supernode-1.key", "supernode-2.key"]
+    assert {created[name] for name in keys} == {0o600}
+    assert all((tmp_path / "certs" / name).stat().st_mode & 0o777 == 0o600 for name in keys)
+    assert created["ca.crt"] == created["supernode-1.pub"] == 0o644
+    assert (tmp_path / "certs").stat().st_mode & 0o777 == 0o700
+
+
+def test_make_certs_never_writes_through_a_planted_symlink(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.write_text("untouched")
+    (tmp_path / "certs").mkdir()
+    (tmp_path / "certs" / "ca.key").symlink_to(target)
+    with pytest.raises(OSError):
+        make_certs(tmp_path / "certs", nodes=0, force=True)
+    assert target.read_text() == "untouched"
+
+
 def test_the_client_path_needs_no_server_side_packages():
     """A Raspberry Pi installs flwr, torch, numpy and psutil only: no torchvision, matplotlib or Ray."""
     code = ("import sys, importlib.abc\n"
@@ -291,6 +327,8 @@ def _executable(service: dict) -> str:
     for component in ("superlink", "supernode", "superexec"):
         if image.startswith(f"flwr/{component}:"):
             return f"flower-{component}"
+    if image.startswith("nginx:"):  # the Fleet proxy; its command is nginx's own (tests/test_fleet_proxy.py)
+        return "nginx"
     raise AssertionError(f"no known entrypoint for image {image!r}")
 
 
@@ -334,14 +372,14 @@ def test_compose_and_dockerfile_use_the_pinned_flwr_images():
                 assert str(svc["build"]["args"]["FLWR_VERSION"]) == pinned, name
     services = _compose("docker-compose.yml")["services"]
     assert {_executable(s) for s in services.values()} == {"flower-superlink", "flower-supernode",
-                                                           "flower-superexec"}
+                                                           "flower-superexec", "nginx"}
 
 
 @pytest.mark.parametrize("variant", ["docker-compose.yml", "with docker-compose.tls.yml"])
 def test_every_flag_of_every_service_is_one_the_pinned_flwr_accepts(variant):
     services = _compose("docker-compose.yml")["services"] if variant == "docker-compose.yml" else _merged_services()
-    problems = [f"{name}: {p}" for name, svc in services.items() for p in _check_command(_executable(svc),
-                                                                                         svc.get("command", []))]
+    problems = [f"{name}: {p}" for name, svc in services.items() if _executable(svc) != "nginx"
+                for p in _check_command(_executable(svc), svc.get("command", []))]
     assert not problems, "\n".join(problems)
 
 
@@ -404,9 +442,34 @@ def test_each_device_container_is_limited_as_its_profile_says():
               and _option(s["command"], "--runtime-api-address").split(":")[0] not in nodes]
     assert len(server) == 1, "one SuperExec for the ServerApp"
     link = [n for n, s in services.items() if _executable(s) == "flower-superlink"]
-    assert _option(server[0]["command"], "--runtime-api-address") == f"{link[0]}:8000"
+    assert _option(server[0]["command"], "--runtime-api-address") == \
+        f"{link[0]}:{_option(services[link[0]]['command'], '--port')}"
     assert all(str(p).startswith("127.0.0.1:") for p in services[link[0]].get("ports", [])), \
         "publish the SuperLink on loopback only"
+
+
+@pytest.mark.parametrize("variant", ["docker-compose.yml", "with docker-compose.tls.yml"])
+def test_compose_devices_reach_the_fleet_api_only_and_the_server_side_is_memory_limited(variant):
+    """The SuperNodes (the devices) share no network with the SuperLink: they dial the nginx Fleet proxy,
+    whose config forwards /v1/fleet/ only; the SuperLink's port is published on loopback only, and it
+    installs nothing at run time; the SuperLink, the ServerApp and the proxy have memory limits."""
+    services = _compose("docker-compose.yml")["services"] if variant == "docker-compose.yml" else _merged_services()
+    link = next(n for n, s in services.items() if _executable(s) == "flower-superlink")
+    proxy = next(n for n, s in services.items() if _executable(s) == "nginx")
+    link_nets = set(services[link]["networks"])
+    for name, svc in _supernodes(services).items():
+        assert not link_nets & set(svc["networks"]), f"{name} shares a network with the SuperLink"
+        assert _option(svc["command"], "--superlink") == f"{proxy}:8000", name
+    assert link_nets & set(services[proxy]["networks"])
+    conf = Path(_option(services[proxy]["command"], "-c")).name
+    assert "include fleet-only.conf;" in (REPO / "deploy" / "nginx" / conf).read_text()
+    assert ("./deploy/nginx:/etc/nginx/fl-app:ro") in services[proxy]["volumes"]
+    assert all(str(p).startswith("127.0.0.1:") for p in services[link].get("ports", []))
+    assert "--disable-runtime-dependency-installation" in services[link]["command"]
+    server = [n for n, s in services.items() if _executable(s) == "flower-superexec"
+              and str(_option(s["command"], "--runtime-api-address")).startswith(f"{link}:")]
+    for name in [link, proxy, *server]:
+        assert _mib(services[name]["mem_limit"]) > 0 and services[name]["memswap_limit"] == services[name]["mem_limit"]
 
 
 def test_the_tls_variant_secures_every_link_and_authenticates_every_supernode():
