@@ -75,12 +75,14 @@ UNDERSIZED = REPO / "scripts" / "compose" / "undersized-node.yml"
 UNDERSIZED_CLIENTAPP = "superexec-clientapp-5"
 PORT = 9093  # docker-compose.yml publishes the SuperLink (its Control API) on 127.0.0.1:9093 only
 NGINX_IMAGE = "nginx:1.22.1"  # docker-compose.yml's fleet-proxy; a stand-in from Debian's nginx-light here
-# heterofl + resnet18: each device trains a width sized to its profile, so the Pis' jobs stay small while
-# a laptop-class node trains the full ResNet-18 (about +550 MiB over the ~650 MiB a ClientApp needs to
-# start and answer the device query): the under-sized node passes the query and dies in training.
+# heterofl + resnet18: each device trains a width sized to its profile's memory (memory-pool '': the
+# profiles' own) and to a 15 s emulated deadline, about the laptop's full-model round, so the Pis' jobs stay
+# small (keep 0.28 and 0.45) while a laptop-class node trains the full ResNet-18 (about +550 MiB over the
+# ~650 MiB a ClientApp needs to start and answer the device query): the under-sized node passes the query
+# and dies in training. `python -m server_app.plan` with this run config shows the widths.
 RUN_CONFIG = ("strategy='heterofl' model='resnet18' num-server-rounds={rounds} max-client-examples=64 "
               "test-size=200 public-size=100 min-nodes={nodes} output-dir='/app/outputs' run-name='{run_name}' "
-              "round-timeout=600.0")
+              "round-timeout=600.0 memory-pool='' emulated-deadline=15.0")
 TORCH_INDEX_URL = os.environ.get("FL_TORCH_INDEX_URL", "https://pypi.org/simple")
 
 
