@@ -38,7 +38,8 @@ from fl_app.results import load_results
 REPO = Path(__file__).resolve().parents[1]
 PROFILES_DIR = REPO / "profiles"
 FEDERATION_TIMEOUT_S = 240
-SMALL = {"num-server-rounds": 2, "max-client-examples": 64, "test-size": 200, "public-size": 100, "min-nodes": 3}
+SMALL = {"memory-pool": "", "num-server-rounds": 2, "max-client-examples": 64, "test-size": 200, "public-size": 100,
+         "min-nodes": 3}
 
 
 # ------------------------------------------------------------------------------- slow: real engine

@@ -25,7 +25,7 @@ from scripts.local_federation import LocalFederation  # noqa: E402
 from fl_app.results import ResultsError, load_results
 
 PROFILES = ["laptop", "raspberry-pi-4", "jetson-nano"]
-JOB = {"strategy": "fedavg", "num-server-rounds": 3, "max-client-examples": 64, "test-size": 200,
+JOB = {"strategy": "fedavg", "memory-pool": "", "num-server-rounds": 3, "max-client-examples": 64, "test-size": 200,
        "public-size": 100, "min-nodes": 3, "round-timeout": 90.0, "seed": 0}
 RUN_TIMEOUT_S = 900
 
