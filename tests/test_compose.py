@@ -36,7 +36,8 @@ def test_federation_completes_two_rounds(summary):
         warnings.warn("the first run got no ClientApp started and was retried: "
                       + json.dumps(summary["first_attempt"], indent=1))
     assert summary["status"] == "finished:completed"
-    assert summary["containers"] == 12  # SuperLink, ServerApp SuperExec, 5 SuperNodes, 5 ClientApp SuperExecs
+    # SuperLink, ServerApp SuperExec, the Fleet-only proxy, 5 SuperNodes, 5 ClientApp SuperExecs
+    assert summary["containers"] == 13
     assert [r["round"] for r in summary["results"]["rounds"]] == [1, 2]
 
 
