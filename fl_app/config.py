@@ -17,6 +17,7 @@ from typing import Any
 from fl_app.data import DATASET_NAMES, PARTITIONS
 from fl_app.models import MODEL_NAMES
 from fl_app.profiles import ProfileError, parse_device_mix, parse_memory_pool
+from fl_app.seeds import SEED_RANGE
 from fl_app.wire import ENCODINGS
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
@@ -151,6 +152,9 @@ class RunConfig:
             parse_device_mix(self.device_mix)
         except ProfileError as exc:
             p.append(f"device-mix = {self.device_mix!r}: {exc}")
+        if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            p.append(f"seed = {self.seed}: must be a signed 64-bit integer, {SEED_RANGE[0]} to {SEED_RANGE[1]} "
+                     "(any such integer works; fl_app.seeds derives the generators' seeds from it)")
         if "/" in self.run_name or self.run_name.startswith("."):
             p.append(f"run-name = {self.run_name!r}: must be a plain folder name")
         if self.min_successful_clients > self.min_nodes:

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from fl_app.results import atomic_write_bytes
+from fl_app.seeds import numpy_rng, torch_generator
 
 DATASET_NAMES = ("synthetic", "mnist", "fashion-mnist", "cifar10", "cifar100", "npz:<file>",
                  "imagefolder:<dir>")
@@ -544,7 +545,7 @@ def make_synthetic(num_classes: int = 10, train_size: int = 6000, test_size: int
     shift-tolerant features, and accuracy climbs over several rounds instead of
     saturating at once.
     """
-    g = torch.Generator().manual_seed(1000 + seed)
+    g = torch_generator(1000 + seed)
     c, h, w = shape
     protos = F.interpolate(torch.randn(num_classes, c, h // 8, w // 8, generator=g), size=(h, w),
                            mode="bicubic", align_corners=False)
@@ -574,7 +575,7 @@ def split_public(num_train: int, public_size: int, seed: int) -> tuple[np.ndarra
     if not 0 <= public_size < num_train:
         raise DataError(f"public-size {public_size} must be in [0, {num_train}): the public slice is held out of "
                         f"this dataset's {num_train} training examples, and the nodes need some; lower public-size")
-    perm = np.random.default_rng(seed + 7).permutation(num_train)
+    perm = numpy_rng(seed + 7).permutation(num_train)
     return np.sort(perm[:public_size]), np.sort(perm[public_size:])
 
 
@@ -584,7 +585,7 @@ def evaluation_indices(num_test: int, test_size: int, seed: int) -> np.ndarray:
     scores the global model on it; node i of n scores its submodel on every n-th of it, from i."""
     if not test_size or test_size >= num_test:
         return np.arange(num_test)
-    return np.sort(np.random.default_rng(seed + 11).permutation(num_test)[:test_size])
+    return np.sort(numpy_rng(seed + 11).permutation(num_test)[:test_size])
 
 
 def partition(labels: np.ndarray, num_partitions: int, scheme: str = "iid", seed: int = 0,
@@ -595,7 +596,7 @@ def partition(labels: np.ndarray, num_partitions: int, scheme: str = "iid", seed
     - dirichlet: per class, proportions drawn from Dir(alpha) (small alpha = skewed);
     - shards: sort by label, cut into 2x... shards, give each client `shards_per_client`.
     """
-    rng = np.random.default_rng(seed)
+    rng = numpy_rng(seed)
     n = len(labels)
     if num_partitions < 1 or num_partitions > n:
         raise DataError(f"cannot split {n} examples into {num_partitions} partitions: use fewer nodes, a smaller "
@@ -643,7 +644,7 @@ class Batches:
         return len(self.y)
 
     def epoch(self, epoch: int, augment: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        g = torch_generator(self.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.y), generator=g) if self.shuffle else torch.arange(len(self.y))
         for i in range(0, len(order), self.batch_size):
             idx = order[i:i + self.batch_size]
@@ -690,7 +691,7 @@ def federated_split(dataset: Dataset, num_partitions: int, scheme: str, seed: in
     for part in parts:
         idx = private[part]
         if max_client_examples:
-            idx = np.sort(np.random.default_rng(seed + len(clients)).permutation(idx)[:max_client_examples])
+            idx = np.sort(numpy_rng(seed + len(clients)).permutation(idx)[:max_client_examples])
         clients.append(idx)
     return FederatedSplit(public, tuple(clients))
 

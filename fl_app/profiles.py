@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
+from fl_app.seeds import numpy_rng
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 NUMERIC_FIELDS = ("gflops", "memory_mb", "uplink_mbps", "downlink_mbps")
@@ -184,7 +184,7 @@ class MemoryPool:
 
     def draw_mb(self, partition_id: int, seed: int, full_peak_mb: float) -> float:
         """The budget of the node holding `partition_id`, in MB: the same in every process that draws it."""
-        u = np.random.default_rng([seed, partition_id, 7129]).uniform(self.low, self.high)
+        u = numpy_rng([seed, partition_id, 7129]).uniform(self.low, self.high)
         return float(u * full_peak_mb if self.unit == "fraction" else u)
 
 
