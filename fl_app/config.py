@@ -18,6 +18,7 @@ from fl_app.data import DATASET_NAMES, PARTITIONS
 from fl_app.job import MAX_BATCH_SIZE, MAX_EPOCHS
 from fl_app.models import MODEL_NAMES
 from fl_app.profiles import ProfileError, parse_device_mix, parse_memory_pool
+from fl_app.seeds import SEED_RANGE
 from fl_app.width import PRUNING
 from fl_app.wire import ENCODINGS
 
@@ -168,6 +169,9 @@ class RunConfig:
             parse_device_mix(self.device_mix)
         except ProfileError as exc:
             p.append(f"device-mix = {self.device_mix!r}: {exc}")
+        if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            p.append(f"seed = {self.seed}: must be a signed 64-bit integer, {SEED_RANGE[0]} to {SEED_RANGE[1]} "
+                     "(any such integer works; fl_app.seeds derives the generators' seeds from it)")
         if "/" in self.run_name or self.run_name.startswith("."):
             p.append(f"run-name = {self.run_name!r}: must be a plain folder name")
         if self.min_successful_clients > self.min_nodes:

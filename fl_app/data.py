@@ -21,15 +21,18 @@ own arrays" below for the key, the location and how a bad file is handled).
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import io
 import json
 import logging
+import math
 import os
 import pickle
 import time
 import warnings
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -40,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from fl_app.results import atomic_write_bytes
+from fl_app.seeds import numpy_rng, torch_generator
 
 DATASET_NAMES = ("synthetic", "mnist", "fashion-mnist", "cifar10", "cifar100", "npz:<file>",
                  "imagefolder:<dir>")
@@ -112,19 +116,58 @@ def _missing(name: str, where: Path, expected: str) -> DataError:
 
 
 def _read_idx_folder(raw: Path, name: str) -> tuple:
-    def read(stem: str, offset: int) -> np.ndarray:
+    def read(stem: str, ndim: int) -> np.ndarray:
         for candidate in (raw / stem, raw / f"{stem}.gz"):
             if candidate.exists():
-                opener = gzip.open if candidate.suffix == ".gz" else open
-                with opener(candidate, "rb") as f:
-                    return np.frombuffer(f.read(), np.uint8, offset=offset)
+                return read_idx(candidate, ndim)
         raise _missing(name, raw, f"{stem}[.gz]")
 
-    x_tr = read("train-images-idx3-ubyte", 16).reshape(-1, 1, 28, 28)
-    y_tr = read("train-labels-idx1-ubyte", 8)
-    x_te = read("t10k-images-idx3-ubyte", 16).reshape(-1, 1, 28, 28)
-    y_te = read("t10k-labels-idx1-ubyte", 8)
-    return x_tr, y_tr, x_te, y_te, f"{name} in {raw}"
+    x_tr = read("train-images-idx3-ubyte", 3)
+    y_tr = read("train-labels-idx1-ubyte", 1)
+    x_te = read("t10k-images-idx3-ubyte", 3)
+    y_te = read("t10k-labels-idx1-ubyte", 1)
+    return x_tr[:, None], y_tr, x_te[:, None], y_te, f"{name} in {raw}"
+
+
+def _redownload(path: Path) -> str:
+    return f"replace {path.name} with a fresh copy (download it again and check its size)"
+
+
+def read_idx(path: Path, ndim: int) -> np.ndarray:
+    """An unsigned-byte IDX array (LeCun's MNIST format: magic 0x00 0x00 0x08 ndim, then ndim
+    big-endian uint32 sizes, then the bytes), gzipped or not, shaped as its header says.
+
+    Raises DataError naming the file when it cannot be decompressed, its header is not an idx
+    header of `ndim` dimensions (3: images, 1: labels), or it holds fewer or more bytes than the
+    header promises (a truncated download)."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                blob = f.read()
+        else:
+            blob = path.read_bytes()
+    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError; a cut .gz raises EOFError
+        raise DataError(f"{path}: cannot be read ({exc}); {_redownload(path)}") from None
+    header = 4 + 4 * ndim
+    if len(blob) < header or blob[:4] != bytes((0, 0, 0x08, ndim)):
+        raise DataError(f"{path}: not an idx file of unsigned bytes with {ndim} dimension(s) "
+                        f"({_describe(blob)}); {_redownload(path)}")
+    shape = tuple(int(d) for d in np.frombuffer(blob, ">u4", count=ndim, offset=4))
+    expected = int(np.prod(shape))
+    if len(blob) - header != expected:
+        raise DataError(f"{path}: its header promises {' x '.join(map(str, shape))} = {expected} bytes of data but "
+                        f"the file holds {len(blob) - header} (truncated or padded); {_redownload(path)}")
+    return np.frombuffer(blob, np.uint8, offset=header).reshape(shape)
+
+
+def _describe(blob: bytes) -> str:
+    """What a file that is not what it should be holds, in a few words."""
+    if not blob:
+        return "the file is empty"
+    head = blob[:64].lstrip().lower()
+    if head.startswith((b"<!doctype", b"<html", b"<?xml", b"<head", b"<body")):
+        return "it is an HTML page, e.g. a download site's error page saved under this name"
+    return f"it starts with {blob[:8]!r}"
 
 
 def _read_cifar(root: Path, name: str) -> tuple:
@@ -143,13 +186,78 @@ def _read_cifar(root: Path, name: str) -> tuple:
             path = root / folder / f
             if not path.exists():
                 raise _missing(name, root / folder, f)
-            with open(path, "rb") as fh:
-                batch = pickle.load(fh, encoding="bytes")
-            xs.append(np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(batch[label], np.int64))
+            x, y = read_cifar_batch(path, label)
+            xs.append(x)
+            ys.append(y)
         return np.concatenate(xs), np.concatenate(ys)
 
     return (*read(train), *read(test), f"{name} in {root / folder}")
+
+
+def _numpy_core(module: str, attr: str) -> object:
+    """numpy's own array-rebuilding function `attr` (numpy >= 2 keeps numpy 1's numpy.core as numpy._core)."""
+    import importlib
+
+    return getattr(importlib.import_module(f"numpy._core.{module}"), attr)
+
+
+# What a CIFAR batch's pickle may build: numpy arrays (with their dtypes and scalars; protocol 5 rebuilds
+# them with _frombuffer) and bytes from Python 3's protocol-2 pickles. Dicts, lists, str, bytes and
+# numbers need no global. Each entry is a constructor of data that calls nothing given by the file.
+_CIFAR_GLOBALS = {
+    **{(f"{package}.{module}", attr): lambda module=module, attr=attr: _numpy_core(module, attr)
+       for package in ("numpy.core", "numpy._core")
+       for module, attr in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))},
+    ("numpy", "ndarray"): lambda: np.ndarray,
+    ("numpy", "dtype"): lambda: np.dtype,
+    ("_codecs", "encode"): lambda: codecs.encode,
+}
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle that asks for something a CIFAR batch never holds (a function to call, a class)."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles data only: any global outside `_CIFAR_GLOBALS` is refused before it is imported, so a
+    crafted file (`__reduce__` -> os.system, ...) runs nothing (Python's "Restricting Globals" recipe)."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise _RefusedGlobal(f"{module}.{name}")
+        return _CIFAR_GLOBALS[module, name]()
+
+
+def read_cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (N, 3, 32, 32), labels int64 (N,)) of one batch file of the CIFAR authors' python
+    version (a pickled dict with b"data" (N, 3072) and `label_key`), read by a restricted unpickler.
+
+    Raises DataError naming the file when it asks to run code or build objects a batch never holds
+    (it is refused, never executed), is empty, truncated, not a pickle (an HTML error page), or
+    does not hold a batch's arrays."""
+    try:
+        with open(path, "rb") as fh:
+            batch = _CifarUnpickler(fh, encoding="bytes").load()
+    except _RefusedGlobal as exc:
+        raise DataError(f"{path}: refused, not loaded: the file asks to call or build {exc}, which a CIFAR batch "
+                        "never holds (arrays, lists, bytes and numbers only); it may be crafted to run code: "
+                        f"delete it and {_redownload(path)}") from None
+    except Exception as exc:  # noqa: BLE001 - a cut or foreign pickle raises many kinds; each means the same
+        blob = path.read_bytes()[:64] if path.is_file() else b""
+        raise DataError(f"{path}: not a readable CIFAR batch ({_describe(blob)}; {type(exc).__name__}: {exc}); "
+                        f"{_redownload(path)}") from None
+    data = batch.get(b"data") if isinstance(batch, dict) else None
+    labels = batch.get(label_key) if isinstance(batch, dict) else None
+    try:
+        y = np.asarray(labels, np.int64)
+    except (TypeError, ValueError):
+        y = None
+    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or y is None \
+            or y.shape != (len(data),):
+        found = sorted(map(repr, batch)) if isinstance(batch, dict) else type(batch).__name__
+        raise DataError(f"{path}: not a CIFAR batch (expected a dict with b'data' of shape (N, 3072) and N "
+                        f"{label_key!r}; found {found}); {_redownload(path)}")
+    return np.asarray(data, np.uint8).reshape(-1, 3, 32, 32), y
 
 
 def _read_npz(path: Path) -> tuple:
@@ -215,7 +323,9 @@ def _read_imagefolder(root: Path) -> tuple:
             for f in images(folder / cls) if (folder / cls).is_dir() else []:
                 try:
                     with Image.open(f) as img:
-                        xs.append(np.asarray(img.convert("RGB").resize((32, 32))).transpose(2, 0, 1))
+                        xs.append(_image_rgb(img, f))
+                except DataError:
+                    raise
                 except (UnidentifiedImageError, OSError, ValueError):
                     skipped.append(f)
                     continue
@@ -237,41 +347,114 @@ def _read_imagefolder(root: Path) -> tuple:
     return x_tr, y_tr, x_te, y_te, str(root)
 
 
+# --- pixels: layouts and encodings --------------------------------------------------------
+#
+# Images are stored as uint8 0..255, (N, C, H, W). What users store is detected per split and
+# converted exactly (every value of a uint8 image that went through the encoding comes back):
+#
+#   layout:   (N, H, W) grey, (N, C, H, W), (N, H, W, C), C = 1 (grey) or 3 (RGB)
+#   encoding: uint8 / integers 0..255; 16-bit integers 0..65535 (v * 255 / 65535, rounded);
+#             booleans (0 / 255); floats 0..1 (v * 255), -1..1 (torchvision's Normalize((0.5,), (0.5,)):
+#             (v + 1) * 127.5) and 0..255, rounded
+#
+# Anything else is refused with what was found: flattened rows, 2 or 4 channels, an ambiguous channel
+# axis, negative or > 65535 integers, integers of 10-12 bits, floats outside those ranges (e.g.
+# standardized by a mean and std), NaN or infinite values, and splits encoded differently.
+
+PIXEL_ENCODINGS = {  # name -> the value range mapped linearly onto 0..255
+    "uint8": (0.0, 255.0), "16-bit": (0.0, 65535.0), "boolean": (0.0, 1.0),
+    "float 0..1": (0.0, 1.0), "float -1..1": (-1.0, 1.0), "float 0..255": (0.0, 255.0)}
+STORE_HINT = "store uint8 0..255 (or floats 0..1) images"
+
+
+def _image_rgb(img, path: Path) -> np.ndarray:
+    """A PIL image as uint8 RGB (3, 32, 32). 16-bit grey (PNG/TIFF mode "I;16*") is scaled from 0..65535
+    (Pillow's convert("RGB") would clip every value above 255 to white); 32-bit integer or float
+    images ("I", "F") have no fixed full scale and are refused naming the file."""
+    if img.mode.startswith("I;16"):
+        grey = np.asarray(img.convert("I").resize((32, 32)), np.float64).clip(0, 65535)
+        return np.repeat(_to_uint8(grey, "16-bit")[None], 3, axis=0)
+    if img.mode in ("I", "F"):
+        raise DataError(f"{path}: a 32-bit {'integer' if img.mode == 'I' else 'float'} image (mode {img.mode}) has "
+                        "no fixed full scale to map onto 0..255; save it as an 8-bit or 16-bit image")
+    return np.asarray(img.convert("RGB").resize((32, 32))).transpose(2, 0, 1)
+
+
 def _as_nchw(x: np.ndarray, what: str) -> np.ndarray:
+    """`x` as (N, C, H, W) with C = 1 or 3, or a DataError naming the shape found."""
+    if x.ndim == 2 and len(x):
+        side = math.isqrt(x.shape[1])
+        guess = f" (if grey {side}x{side} images: x.reshape(-1, {side}, {side}))" if side * side == x.shape[1] else ""
+        raise DataError(f"{what}: shape {x.shape} looks like flattened images; reshape them to (N, H, W) or "
+                        f"(N, H, W, C){guess}: the pixel order of colour rows cannot be guessed")
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim != 4:
         raise DataError(f"{what}: images must be (N,H,W), (N,H,W,C) or (N,C,H,W), got shape {x.shape}")
-    if x.shape[1] not in (1, 3) and x.shape[3] in (1, 3):
+    first, last = x.shape[1] in (1, 3), x.shape[3] in (1, 3)
+    if first and last and x.shape[1:] != (1, 1, 1):
+        raise DataError(f"{what}: shape {x.shape} is ambiguous: channels could be axis 1 ({x.shape[1]}) or axis 3 "
+                        f"({x.shape[3]}); store (N, C, H, W) or (N, H, W, C) images larger than 3 pixels")
+    if last and not first:
         x = x.transpose(0, 3, 1, 2)
     if x.shape[1] not in (1, 3):
-        raise DataError(f"{what}: images need 1 or 3 channels, got shape {x.shape}")
+        channels = 4 if 4 in (x.shape[1], x.shape[3]) else None
+        hint = "; 4 channels are RGBA (or CMYK): keep RGB, e.g. x[..., :3]" if channels else ""
+        raise DataError(f"{what}: images need 1 (grey) or 3 (RGB) channels, got shape {x.shape}{hint}")
     if len(x) == 0:
         raise DataError(f"{what}: no examples (0 rows); every split needs at least one")
-    if x.dtype != np.uint8:
-        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-            raise DataError(f"{what}: images must be numbers (uint8 0-255, or floats 0-1 or 0-255), got {x.dtype}")
-        bad = int(np.count_nonzero(~np.isfinite(x))) if np.issubdtype(x.dtype, np.floating) else 0
+    kind = x.dtype.kind
+    if kind not in "biuf":
+        raise DataError(f"{what}: images must be numbers ({STORE_HINT}), got dtype {x.dtype}")
+    if kind == "f":
+        bad = int(np.count_nonzero(~np.isfinite(x)))
         if bad:
             raise DataError(f"{what}: {bad} pixel values are NaN or infinite; clean or drop those images")
     return x
 
 
-def _scale_of(x: np.ndarray) -> str:
-    """How a split's pixel values are scaled: 'uint8', '0-1' (floats in [0, 1]) or '0-255'."""
-    if x.dtype == np.uint8:
-        return "uint8"
-    return "0-1" if np.issubdtype(x.dtype, np.floating) and x.max() <= 1.0 else "0-255"
+def pixel_encoding(x: np.ndarray, what: str, integer_peak: int | None = None) -> str:
+    """The key of PIXEL_ENCODINGS that `x`'s values are in, or a DataError saying what was found.
+
+    `integer_peak`: the largest value of every integer split of the dataset (default: this one's),
+    so that a 16-bit dataset whose test split happens to stay below 256 is read as 16-bit too."""
+    if x.dtype == np.bool_:
+        return "boolean"
+    low, high = x.min().item(), x.max().item()
+    found = f"{x.dtype} pixels from {low:g} to {high:g}"
+    if x.dtype.kind in "iu":
+        peak = high if integer_peak is None else integer_peak
+        if low < 0:
+            raise DataError(f"{what}: {found}: negative integers are not pixel intensities; {STORE_HINT}")
+        if peak <= 255:
+            return "uint8"
+        if 4096 <= peak <= 65535:
+            return "16-bit"
+        depth = "10- or 12-bit sensor data" if peak < 4096 else "more than 16 bits"
+        raise DataError(f"{what}: {found}: more than 8-bit but {depth}, whose full scale cannot be known; "
+                        f"scale them to 0..255 (uint8) or 0..65535 (uint16) first")
+    if low >= 0 and high <= 1:
+        return "float 0..1"
+    if low >= -1 and high <= 1:
+        return "float -1..1"
+    if low >= 0 and high <= 255:
+        return "float 0..255"
+    looks = " (it looks standardized, e.g. by transforms.Normalize(mean, std))" if low < 0 else ""
+    raise DataError(f"{what}: {found}, which is none of 0..1, -1..1 or 0..255{looks}; store the images "
+                    f"before normalizing: {STORE_HINT}")
 
 
-def _to_uint8(x: np.ndarray, scale: str) -> np.ndarray:
-    if scale != "uint8":
-        x = np.clip(x * 255.0 if scale == "0-1" else x, 0, 255).astype(np.uint8)
-    return np.require(x, requirements=["C", "W"])  # a writable copy if needed: torch shares it
+def _to_uint8(x: np.ndarray, encoding: str) -> np.ndarray:
+    """`x` (values in PIXEL_ENCODINGS[encoding]) as uint8 0..255, rounded to the nearest level."""
+    if encoding != "uint8":
+        low, high = PIXEL_ENCODINGS[encoding]
+        x = np.rint((x.astype(np.float64) - low) * (255.0 / (high - low))).clip(0, 255).astype(np.uint8)
+    return np.require(x, np.uint8, requirements=["C", "W"])  # a writable copy if needed: torch shares it
 
 
 def _labels(y: np.ndarray, what: str, num_images: int) -> np.ndarray:
-    """Class indices 0..C-1 as int64, or a DataError naming the split and the bad values."""
+    """Class indices 0..C-1 as int64, or a DataError naming the split and the bad values. Whole-number
+    floats (0.0, 1.0, ...) are read as indices, with a DataWarning that says so."""
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if y.ndim != 1:
@@ -283,6 +466,8 @@ def _labels(y: np.ndarray, what: str, num_images: int) -> np.ndarray:
         bad = np.unique(y[~np.isfinite(y) | (y != np.round(y))]) if len(y) else y
         if len(bad):
             raise DataError(f"{what}: labels must be integer class indices; {_few(bad)} are not whole numbers")
+        warnings.warn(f"{what}: labels are {y.dtype} whole numbers; read as integer class indices "
+                      f"(store them as integers to silence this)", DataWarning, stacklevel=4)
     negative = np.unique(y[y < 0])
     if len(negative):
         raise DataError(f"{what}: {int(np.count_nonzero(y < 0))} labels are negative ({_few(negative)}); "
@@ -295,10 +480,37 @@ def _few(values: np.ndarray, limit: int = 5) -> str:
     return shown + (f", ... ({len(values)} distinct)" if len(values) > limit else "")
 
 
-def _from_arrays(x_tr, y_tr, x_te, y_te, source: str) -> Dataset:
-    """Every property assumed of one split is checked on each: image layout and channels, finite
-    pixels, at least one example, one integer label >= 0 per image; and the splits agree on
-    image shape and pixel scale."""
+def _check_classes(y_tr: np.ndarray, y_te: np.ndarray, source: str) -> None:
+    """Refuse splits a run cannot learn or score honestly: a split of one class (e.g. the first rows
+    of a class-sorted file: the run would report accuracy 1.0), test classes the training split lacks
+    (never learned); warn when the test split lacks training classes, or class indices below the
+    largest never occur (labels 1..N: the model gets N+1 outputs, class 0 unused)."""
+    train, test = np.unique(y_tr), np.unique(y_te)
+    for split, classes, n in (("y_train", train, len(y_tr)), ("y_test", test, len(y_te))):
+        if len(classes) == 1:
+            raise DataError(f"{source} {split}: all {n} labels are class {classes[0]}; a run on one class learns "
+                            "nothing and scores 1.0 (was a class-sorted file cut, e.g. x[:800]?): shuffle before "
+                            "cutting, or give every split examples of at least two classes")
+    unseen = np.setdiff1d(test, train)
+    if len(unseen):
+        raise DataError(f"{source}: y_test holds classes {_few(unseen)} that no training example has; no model "
+                        "learns them: add training examples of them or drop those test rows")
+    untested = np.setdiff1d(train, test)
+    if len(untested):
+        warnings.warn(f"{source}: y_test lacks classes {_few(untested)} of y_train ({len(test)} of {len(train)} "
+                      "classes): accuracy measures the others only", DataWarning, stacklevel=3)
+    unused = np.setdiff1d(np.arange(train.max() + 1), train)
+    if len(unused):
+        warnings.warn(f"{source}: labels run from {train.min()} to {train.max()} with no example of class "
+                      f"{_few(unused)}; the model gets {train.max() + 1} outputs, {len(unused)} never used "
+                      "(renumber the labels 0..C-1 to drop them)", DataWarning, stacklevel=3)
+
+
+def _from_arrays(x_tr, y_tr, x_te, y_te, source: str, check_classes: bool = True) -> Dataset:
+    """Every property assumed of one split is checked on each: image layout and channels, pixel
+    encoding (converted to uint8 exactly, or refused), finite pixels, at least one example, one integer
+    label >= 0 per image; the splits agree on image shape and pixel encoding; and (`check_classes`)
+    on their classes (`_check_classes`)."""
     x_tr, x_te = _as_nchw(np.asarray(x_tr), f"{source} x_train"), _as_nchw(np.asarray(x_te), f"{source} x_test")
     y_tr, y_te = np.asarray(y_tr), np.asarray(y_te)
     y_tr, y_te = _labels(y_tr, f"{source} y_train", len(x_tr)), _labels(y_te, f"{source} y_test", len(x_te))
@@ -307,11 +519,14 @@ def _from_arrays(x_tr, y_tr, x_te, y_te, source: str) -> Dataset:
                         f"{len(x_te)} test images but {len(y_te)} labels")
     if x_tr.shape[1:] != x_te.shape[1:]:
         raise DataError(f"{source}: train images {x_tr.shape[1:]} and test images {x_te.shape[1:]} differ")
-    scales = _scale_of(x_tr), _scale_of(x_te)
-    if "0-1" in scales and scales[0] != scales[1]:
-        raise DataError(f"{source}: x_train pixels are scaled {scales[0]} but x_test pixels {scales[1]}; "
-                        "scale both splits alike (both 0-1 floats, or both 0-255)")
-    x_tr, x_te = _to_uint8(x_tr, scales[0]), _to_uint8(x_te, scales[1])
+    peak = max((int(x.max()) for x in (x_tr, x_te) if x.dtype.kind in "iu"), default=None)
+    encodings = [pixel_encoding(x, f"{source} {name}", peak) for x, name in ((x_tr, "x_train"), (x_te, "x_test"))]
+    if PIXEL_ENCODINGS[encodings[0]] != PIXEL_ENCODINGS[encodings[1]]:
+        raise DataError(f"{source}: x_train pixels are {encodings[0]} but x_test pixels {encodings[1]}; "
+                        "encode both splits alike (e.g. both uint8 0..255, or both floats 0..1)")
+    if check_classes:
+        _check_classes(y_tr, y_te, source)
+    x_tr, x_te = _to_uint8(x_tr, encodings[0]), _to_uint8(x_te, encodings[1])
     num_classes = int(max(y_tr.max(initial=0), y_te.max(initial=0))) + 1
     xf = torch.from_numpy(x_tr).float()
     mean = tuple(xf.mean(dim=(0, 2, 3)).tolist())
@@ -330,7 +545,7 @@ def make_synthetic(num_classes: int = 10, train_size: int = 6000, test_size: int
     shift-tolerant features, and accuracy climbs over several rounds instead of
     saturating at once.
     """
-    g = torch.Generator().manual_seed(1000 + seed)
+    g = torch_generator(1000 + seed)
     c, h, w = shape
     protos = F.interpolate(torch.randn(num_classes, c, h // 8, w // 8, generator=g), size=(h, w),
                            mode="bicubic", align_corners=False)
@@ -348,7 +563,8 @@ def make_synthetic(num_classes: int = 10, train_size: int = 6000, test_size: int
 
     x_tr, y_tr = sample(train_size)
     x_te, y_te = sample(test_size)
-    return _from_arrays(x_tr.numpy(), y_tr.numpy(), x_te.numpy(), y_te.numpy(), "synthetic")
+    # Classes are drawn uniformly: a tiny set made for a test may miss some, which is no user's mistake.
+    return _from_arrays(x_tr.numpy(), y_tr.numpy(), x_te.numpy(), y_te.numpy(), "synthetic", check_classes=False)
 
 
 # --- public slice and partitions ---------------------------------------------------------
@@ -359,7 +575,7 @@ def split_public(num_train: int, public_size: int, seed: int) -> tuple[np.ndarra
     if not 0 <= public_size < num_train:
         raise DataError(f"public-size {public_size} must be in [0, {num_train}): the public slice is held out of "
                         f"this dataset's {num_train} training examples, and the nodes need some; lower public-size")
-    perm = np.random.default_rng(seed + 7).permutation(num_train)
+    perm = numpy_rng(seed + 7).permutation(num_train)
     return np.sort(perm[:public_size]), np.sort(perm[public_size:])
 
 
@@ -369,7 +585,7 @@ def evaluation_indices(num_test: int, test_size: int, seed: int) -> np.ndarray:
     scores the global model on it; node i of n scores its submodel on every n-th of it, from i."""
     if not test_size or test_size >= num_test:
         return np.arange(num_test)
-    return np.sort(np.random.default_rng(seed + 11).permutation(num_test)[:test_size])
+    return np.sort(numpy_rng(seed + 11).permutation(num_test)[:test_size])
 
 
 def partition(labels: np.ndarray, num_partitions: int, scheme: str = "iid", seed: int = 0,
@@ -380,7 +596,7 @@ def partition(labels: np.ndarray, num_partitions: int, scheme: str = "iid", seed
     - dirichlet: per class, proportions drawn from Dir(alpha) (small alpha = skewed);
     - shards: sort by label, cut into 2x... shards, give each client `shards_per_client`.
     """
-    rng = np.random.default_rng(seed)
+    rng = numpy_rng(seed)
     n = len(labels)
     if num_partitions < 1 or num_partitions > n:
         raise DataError(f"cannot split {n} examples into {num_partitions} partitions: use fewer nodes, a smaller "
@@ -428,7 +644,7 @@ class Batches:
         return len(self.y)
 
     def epoch(self, epoch: int, augment: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        g = torch_generator(self.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.y), generator=g) if self.shuffle else torch.arange(len(self.y))
         for i in range(0, len(order), self.batch_size):
             idx = order[i:i + self.batch_size]
@@ -475,7 +691,7 @@ def federated_split(dataset: Dataset, num_partitions: int, scheme: str, seed: in
     for part in parts:
         idx = private[part]
         if max_client_examples:
-            idx = np.sort(np.random.default_rng(seed + len(clients)).permutation(idx)[:max_client_examples])
+            idx = np.sort(numpy_rng(seed + len(clients)).permutation(idx)[:max_client_examples])
         clients.append(idx)
     return FederatedSplit(public, tuple(clients))
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
+from fl_app.seeds import numpy_rng
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 NUMERIC_FIELDS = ("gflops", "memory_mb", "uplink_mbps", "downlink_mbps")
@@ -34,6 +34,42 @@ MAX_MIX_COUNT = 100_000  # devices of one profile in a device mix; more is a typ
 
 class ProfileError(ValueError):
     """A profile name, file or device mix that cannot be used; the message says why."""
+
+
+# The physical range of each profile number, (low, high, unit), inclusive, and the unit mistakes that
+# put a real value outside it: (what the user wrote, the factor that turns it into the right unit).
+# - gflops: sustained fp32 GFLOPS of PyTorch training on one device: 0.01 (10 MFLOPS, below any board
+#   that trains a network) to 1e6 (1 PFLOPS, beyond any one accelerator today, tensor cores included);
+# - memory_mb: memory a training job may use, MB = 2^20 bytes: 1 (a microcontroller) to 2^24 (16 TiB,
+#   beyond the largest single host);
+# - uplink_mbps / downlink_mbps: link rate in Mbit/s (10^6 bit/s): 0.001 (1 kbit/s, LoRa-class) to 1e6
+#   (1 Tbit/s, beyond any network card).
+PHYSICAL_RANGES: dict[str, tuple[float, float, str]] = {
+    "gflops": (0.01, 1e6, "GFLOPS"),
+    "memory_mb": (1.0, float(2**24), "MB (2^20 bytes)"),
+    "uplink_mbps": (0.001, 1e6, "Mbit/s"),
+    "downlink_mbps": (0.001, 1e6, "Mbit/s"),
+}
+UNIT_MISTAKES: dict[str, tuple[tuple[str, float], ...]] = {
+    "gflops": (("FLOPS", 1e-9), ("TFLOPS", 1e3)),
+    "memory_mb": (("bytes", 1 / 2**20), ("KB (2^10 bytes)", 1 / 2**10), ("GB (2^30 bytes)", 2**10)),
+    "uplink_mbps": (("bit/s", 1e-6), ("kbit/s", 1e-3), ("Gbit/s", 1e3)),
+    "downlink_mbps": (("bit/s", 1e-6), ("kbit/s", 1e-3), ("Gbit/s", 1e3)),
+}
+
+
+def physical_range_problem(key: str, value: float) -> str | None:
+    """Why `value` cannot be profile number `key` (a key of PHYSICAL_RANGES, in its unit), naming the
+    likely unit mistake; None when it is within the physical range. E.g. gflops = 4.8e9 -> "... it
+    looks like FLOPS: write 4.8 (GFLOPS)". Used for profile files and for the profiles nodes report."""
+    low, high, unit = PHYSICAL_RANGES[key]
+    if low <= value <= high:
+        return None
+    problem = f"{key} = {value:g} is outside the physical range {low:g}-{high:g} {unit}"
+    for written, factor in UNIT_MISTAKES[key]:
+        if low <= value * factor <= high:
+            return f"{problem}; it looks like {written}: write {value * factor:.4g} ({unit})"
+    return problem
 
 
 @dataclass(frozen=True)
@@ -119,6 +155,11 @@ def profile_from_dict(data: dict, where: str) -> DeviceProfile:
     if not isinstance(availability, dict) or set(availability) - set(AVAILABILITY_FIELDS):
         raise ProfileError(f"profile {where}: [availability] takes only {', '.join(AVAILABILITY_FIELDS)} "
                            f"(seconds), got {availability!r}")
+    for key in NUMERIC_FIELDS:
+        if _positive(data[key]):
+            problem = physical_range_problem(key, data[key])
+            if problem:
+                raise ProfileError(f"profile {where}: {problem}")
     return DeviceProfile(name=str(data["name"]), description=str(data.get("description", "")),
                          sources={str(k): str(v) for k, v in sources.items()},
                          **{k: data[k] for k in NUMERIC_FIELDS},
@@ -143,7 +184,7 @@ class MemoryPool:
 
     def draw_mb(self, partition_id: int, seed: int, full_peak_mb: float) -> float:
         """The budget of the node holding `partition_id`, in MB: the same in every process that draws it."""
-        u = np.random.default_rng([seed, partition_id, 7129]).uniform(self.low, self.high)
+        u = numpy_rng([seed, partition_id, 7129]).uniform(self.low, self.high)
         return float(u * full_peak_mb if self.unit == "fraction" else u)
 
 

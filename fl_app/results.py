@@ -41,8 +41,62 @@ CSV_COLUMNS = ("round", "accuracy", "loss", "bytes_down", "bytes_up", "participa
 LISTS = {"rounds": "rounds.jsonl", "devices": "devices.jsonl"}  # kept out of results.json, one line each
 
 
+RUN_FILES = ("results.json", *LISTS.values(), "rounds.csv")  # what ResultsWriter writes in a run folder
+
+
 class ResultsError(ValueError):
     """A run folder whose results cannot be read; the message names the file and what is wrong."""
+
+
+class OutputWriteError(RuntimeError):
+    """A run folder that cannot be written (read-only, full, missing permissions); the message names
+    the folder or file, the system's reason and what to do."""
+
+
+def check_writable(folder: Path) -> None:
+    """Create `folder` and write, flush and remove a file in it, so that an output-dir that cannot
+    hold results is refused before any training; OutputWriteError saying why."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe.")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(b"fl-app")
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            Path(probe).unlink(missing_ok=True)
+    except OSError as exc:
+        raise OutputWriteError(f"cannot write the run folder {folder} ({exc.strerror or exc}): choose a writable "
+                               "output-dir (a read-only mount, a full disk or missing permissions stop here, "
+                               "before any training)") from None
+
+
+def remove_stale_temporaries(folder: Path, names: tuple[str, ...] = RUN_FILES) -> list[Path]:
+    """Remove the temporary files `atomic_write_bytes` leaves beside `names` when its process is killed
+    mid-write (`.<name>.<random>`), and the write probe's; the removed paths. Call it only while no
+    other process writes the folder (a run owns its folder)."""
+    removed = []
+    for name in (*names, ".write-probe"):
+        for tmp in folder.glob(f".{name.lstrip('.')}.*") if folder.is_dir() else []:
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except OSError:
+                pass  # gone meanwhile, or not ours to remove: it is ignored by every reader anyway
+    return removed
+
+
+def holds_no_round(folder: Path, checkpoint: str) -> bool:
+    """True when `folder` has results.json but neither a completed round nor the file `checkpoint`:
+    a run that stopped before or during its first round (e.g. its first checkpoint could not be
+    written), which a new run or `resume = true` may start afresh."""
+    if (folder / checkpoint).exists():
+        return False
+    try:
+        return load_results(folder).get("rounds") == []
+    except ResultsError:
+        return False
 
 
 def load_results(folder: Path | str) -> dict[str, Any]:
@@ -116,6 +170,12 @@ class ResultsWriter:
         self.doc["summary"] = summarize(self.rounds)
         if write:
             self.write()
+
+    def discard_last_round(self) -> None:
+        """Forget the last round added (before it was written): one whose checkpoint could not be
+        written, so that the results never show a round a resumed run would lack."""
+        self.rounds.pop()
+        self.doc["summary"] = summarize(self.rounds)
 
     def finish(self, error: str | None = None) -> None:
         self.doc["status"] = "failed" if error else "completed"

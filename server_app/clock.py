@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from fl_app.config import ConfigError, RunConfig
+from fl_app.seeds import numpy_rng
 from server_app.pricing import price_task
 from server_app.rounds import TaskOutcome
 from server_app.strategies.base import Device, Federation
@@ -142,7 +143,7 @@ def node_availability(device: Device, seed: int, trace: dict[str, list[tuple[flo
             return NodeAvailability(trace[key])
     p = device.profile
     if p.mean_offline_s > 0:
-        rng = np.random.default_rng([seed, device.partition_id, AVAILABILITY_SEED])
+        rng = numpy_rng([seed, device.partition_id, AVAILABILITY_SEED])
         return NodeAvailability.on_off(p.mean_online_s, p.mean_offline_s, rng)
     return NodeAvailability()
 

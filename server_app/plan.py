@@ -41,6 +41,7 @@ from fl_app.data import DataError, Dataset, evaluation_indices, federated_split,
 from fl_app.job import train_report
 from fl_app.models import ModelSpec
 from fl_app.profiles import DeviceProfile, ProfileError, parse_device_mix, pooled_profile, profile_for_partition
+from fl_app.seeds import numpy_rng
 from fl_app.training import check_input_size
 from fl_app.units import MB
 from fl_app.wire import encode, serialized_bytes
@@ -330,7 +331,7 @@ def plan_strategy(name: str, config: RunConfig, devices: list[Device], dataset: 
     wire = wire or _Wire()
     config = replace(config, strategy=name)
     plan = StrategyPlan(name, deadline_s=config.emulated_deadline)
-    federation = Federation(config, list(devices), dataset, np.random.default_rng(config.seed))
+    federation = Federation(config, list(devices), dataset, numpy_rng(config.seed))
     try:
         strategy = STRATEGIES[name](federation)
     except StrategySetupError as exc:

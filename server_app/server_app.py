@@ -21,7 +21,6 @@ from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import psutil
 import torch
 from flwr.app import Context
@@ -32,7 +31,9 @@ from fl_app.config import ConfigError, RunConfig, default_run_config
 from fl_app.data import Batches, DataError, Dataset, evaluation_indices, federated_split, load_dataset
 from fl_app.job import ERROR_MISSING_WEIGHTS
 from fl_app.profiles import ProfileError
-from fl_app.results import ResultsWriter
+from fl_app.results import (RUN_FILES, OutputWriteError, ResultsWriter, check_writable, holds_no_round,
+                            remove_stale_temporaries)
+from fl_app.seeds import numpy_rng
 from fl_app.models import ModelSpec
 from fl_app.training import check_input_size, evaluate
 from fl_app.units import MB, MIB
@@ -55,9 +56,11 @@ def main(grid: Grid, context: Context) -> None:
     try:  # everything a user can get wrong is checked here, before any training
         config = RunConfig.from_mapping(dict(context.run_config), strategies=STRATEGIES)
         folder = run_folder(config)
-        checkpoint = load_checkpoint(folder, config) if config.resume else None
+        checkpoint = resumable_checkpoint(folder, config)
         if checkpoint is None:
             refuse_to_overwrite(folder)
+        check_writable(folder)  # a read-only or full output-dir stops here, not after the device query
+        remove_stale_temporaries(folder, (*RUN_FILES, CHECKPOINT))  # of writes killed mid-way; the run owns the folder
         clock = VirtualClock.for_run(config, now_s=resumed_clock_s(checkpoint))
         dataset = load_dataset(config.dataset, config.data_dir, config.seed)
         check_input_size(ModelSpec(config.model, dataset.num_classes, dataset.image_shape[0]), dataset.image_shape,
@@ -103,15 +106,14 @@ def main(grid: Grid, context: Context) -> None:
                              write=False)
             # Checkpoint first: results.json never shows a round the checkpoint lacks, so whoever
             # sees round r finished can resume after it. (A crash in between reruns round r.)
-            save_checkpoint(folder, server_round, strategy.state_dict(), federation.rng, writer.doc)
-            writer.write()
+            save_round(folder, server_round, strategy, federation, writer)
             log(INFO, progress_line(writer.rounds[-1], config.num_server_rounds))
-    except RoundFailed as exc:
+    except (RoundFailed, OutputWriteError) as exc:
         log(ERROR, "run stopped: %s", exc)
-        writer.finish(error=str(exc))
-        raise
+        finish_results(writer, str(exc))
+        raise exc.with_traceback(None) if isinstance(exc, OutputWriteError) else exc
     except BaseException as exc:
-        writer.finish(error=f"{type(exc).__name__}: {exc}")
+        finish_results(writer, f"{type(exc).__name__}: {exc}")
         raise
     writer.finish()
     if isinstance(strategy, ProFL):
@@ -129,7 +131,8 @@ class RoundFailed(RuntimeError):
     """A round did not get `min-successful-clients` valid replies in any attempt; the run stops."""
 
 
-SETUP_ERRORS = (ConfigError, CheckpointError, DataError, ProfileError, StrategySetupError, NoDevicesError)
+SETUP_ERRORS = (ConfigError, CheckpointError, DataError, ProfileError, StrategySetupError, NoDevicesError,
+                OutputWriteError)
 
 
 class OneLineSetupErrors(logging.Filter):
@@ -154,12 +157,65 @@ def resumed_clock_s(checkpoint: dict[str, Any] | None) -> float:
     return float(rounds[-1].get("emulated_clock_s", 0.0)) if rounds else 0.0
 
 
+def save_round(folder: Path, server_round: int, strategy: Strategy, federation: Federation,
+               writer: ResultsWriter) -> None:
+    """Write the checkpoint after `server_round`, then the results that show it. A checkpoint that
+    cannot be written (a full disk) withdraws the round from the results, which then end at the last
+    checkpointed round; either failure is an OutputWriteError saying how to continue."""
+    try:
+        save_checkpoint(folder, server_round, strategy.state_dict(), federation.rng, writer.doc)
+    except OSError as exc:
+        writer.discard_last_round()
+        raise OutputWriteError(f"round {server_round}: cannot write {folder / CHECKPOINT} ({exc.strerror or exc}); "
+                               f"{_continue_hint(folder, server_round - 1)}") from None
+    try:
+        writer.write()
+    except OSError as exc:  # the checkpoint holds round r with its results: resuming rewrites them
+        raise OutputWriteError(f"round {server_round}: checkpointed, but the results in {folder} cannot be written "
+                               f"({exc.strerror or exc}); {_continue_hint(folder, server_round)}") from None
+
+
+def _continue_hint(folder: Path, saved: int) -> str:
+    kept = f"rounds 1-{saved} are saved" if saved else "no round was saved"
+    return (f"{kept}; free space or fix {folder.parent}, then continue with resume = true and "
+            f"run-name = {folder.name!r}")
+
+
+def finish_results(writer: ResultsWriter, error: str) -> None:
+    """Record the run's error in results.json; when the disk refuses even that, say so in the log
+    (the last results written and the checkpoint stay as they were)."""
+    try:
+        writer.finish(error=error)
+    except OSError as exc:
+        log(WARNING, "results.json in %s not updated with the error (%s)", writer.folder, exc.strerror or exc)
+
+
+def resumable_checkpoint(folder: Path, config: RunConfig) -> dict[str, Any] | None:
+    """The checkpoint `resume = true` continues from; None for a new run, and for a folder that holds
+    no completed round and no checkpoint (`holds_no_round`), which `resume = true` starts afresh."""
+    if not config.resume:
+        return None
+    if holds_no_round(folder, CHECKPOINT):
+        log(WARNING, "resume = true, but %s holds no checkpoint and no completed round: starting the run from "
+            "round 1", folder)
+        return None
+    return load_checkpoint(folder, config)
+
+
 def refuse_to_overwrite(folder: Path) -> None:
-    """A folder that holds the results of a run is never reused (a run that stopped before training
-    left none: its results.json says only that and why, and a corrected run may take its place)."""
-    if (folder / "results.json").exists() and not _stopped_before_training(folder):
+    """A folder that holds the results of a run is never reused (a run that stopped before or during
+    its first round left none: its results.json says only that and why, and a corrected run may take
+    its place)."""
+    if holds_results_of_a_run(folder):
         raise ConfigError(f"{folder} already holds the results of a run: set resume = true to continue it, "
                           "or choose another run-name (an empty run-name makes a new timestamped folder)")
+
+
+def holds_results_of_a_run(folder: Path) -> bool:
+    """Whether `folder` holds rounds of a run or its checkpoint: not a folder whose results.json says only
+    that a run stopped before training, or before its first round was saved."""
+    return (folder / "results.json").exists() and not (_stopped_before_training(folder)
+                                                       or holds_no_round(folder, CHECKPOINT))
 
 
 def _stopped_before_training(folder: Path) -> bool:
@@ -179,7 +235,7 @@ def record_stopped_before_training(context: Context, config: RunConfig | None, d
     if folder is None:
         log(WARNING, "no results.json written: output-dir and run-name cannot be read from the run config")
         return
-    if (folder / "results.json").exists() and not _stopped_before_training(folder):
+    if holds_results_of_a_run(folder):
         return
     try:
         ResultsWriter.stopped_before_training(folder, config.__dict__ if config is not None else raw,
@@ -278,7 +334,7 @@ def admit_devices(config: RunConfig, devices: list[Device], dataset: Dataset, re
     with_data = [d for d in devices if d.num_examples > 0]
     if not with_data:
         raise NoDevicesError(f"none of the {len(devices)} nodes holds training data; {no_data_reason(config)}")
-    return Federation(config, with_data, dataset, np.random.default_rng(config.seed), refused=set(refused),
+    return Federation(config, with_data, dataset, numpy_rng(config.seed), refused=set(refused),
                       idle=[d for d in devices if d.num_examples <= 0])
 
 

@@ -9,8 +9,8 @@ import pytest
 
 from fl_app.measure import main as measure_main
 from fl_app.measure import measure_gflops, measure_matmul_gflops, measure_memory_mb
-from fl_app.profiles import (NUMERIC_FIELDS, PROFILES_DIR, ProfileError, available_profiles, load_profile,
-                             parse_device_mix)
+from fl_app.profiles import (NUMERIC_FIELDS, PHYSICAL_RANGES, PROFILES_DIR, ProfileError, available_profiles,
+                             load_profile, parse_device_mix, physical_range_problem, profile_from_report)
 
 REQUIRED = ("raspberry-pi-3b-plus", "raspberry-pi-4", "raspberry-pi-5", "jetson-nano", "jetson-orin-nano",
             "laptop", "workstation")
@@ -87,6 +87,48 @@ def test_a_profile_missing_a_key_says_which(tmp_path):
 def test_a_negative_gflops_is_refused(tmp_path):
     with pytest.raises(ProfileError, match="gflops must be a positive number"):
         load_profile(write_toml(tmp_path / "x.toml", {**GOOD, "gflops": -3.0}))
+
+
+# Values in the wrong unit (issue #23 item 7): refused with the likely mistake and the value to write.
+WRONG_UNITS = [
+    ("gflops", 4.8e9, r"gflops = 4\.8e\+09 is outside the physical range 0\.01-1e\+06 GFLOPS; it looks like FLOPS: "
+                      r"write 4\.8 \(GFLOPS\)"),
+    ("gflops", 1e300, r"gflops = 1e\+300 is outside the physical range 0\.01-1e\+06 GFLOPS$"),
+    # 2 GiB written in bytes: read as MB, 2 PB
+    ("memory_mb", 2 * 2**30, r"memory_mb = 2\.14748e\+09 is outside the physical range 1-1\.67772e\+07 MB "
+                             r"\(2\^20 bytes\); it looks like bytes: write 2048 \(MB"),
+    ("memory_mb", 4 * 2**30, r"it looks like bytes: write 4096 \(MB"),
+    ("memory_mb", 0.5, r"it looks like GB \(2\^30 bytes\): write 512 \(MB"),
+    ("uplink_mbps", 20e6, r"uplink_mbps = 2e\+07 .*it looks like bit/s: write 20 \(Mbit/s\)"),
+    ("downlink_mbps", 5e9, r"downlink_mbps = 5e\+09 .*it looks like bit/s: write 5000 \(Mbit/s\)"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "message"), WRONG_UNITS)
+def test_a_profile_number_in_the_wrong_unit_is_refused_naming_the_likely_mistake(tmp_path, key, value, message):
+    with pytest.raises(ProfileError, match=message):
+        load_profile(write_toml(tmp_path / "p.toml", {**GOOD, key: value}))
+
+
+@pytest.mark.parametrize(("key", "value", "message"), WRONG_UNITS)
+def test_a_node_reporting_a_number_in_the_wrong_unit_is_refused_alike(key, value, message):
+    report = {"profile": "x", **{k: float(v) for k, v in GOOD.items() if k in NUMERIC_FIELDS}, key: value}
+    with pytest.raises(ProfileError, match=message.rstrip("$")):
+        profile_from_report(report, "of node 7")
+
+
+def test_the_edges_of_the_physical_ranges_are_accepted(tmp_path):
+    for key, (low, high, unit) in PHYSICAL_RANGES.items():
+        assert physical_range_problem(key, low) is None and physical_range_problem(key, high) is None, unit
+        assert physical_range_problem(key, high * 1.01) and physical_range_problem(key, low * 0.99)
+
+
+def test_a_device_mix_naming_a_profile_in_the_wrong_unit_stops_the_run_config(tmp_path):
+    from fl_app.config import ConfigError, RunConfig
+
+    path = write_toml(tmp_path / "flops.toml", {**GOOD, "gflops": 4.8e9})
+    with pytest.raises(ConfigError, match=r"device-mix.*looks like FLOPS"):
+        RunConfig.from_mapping({"device-mix": f"{path}:2"})
 
 
 def test_a_file_that_is_not_toml_is_refused(tmp_path):
