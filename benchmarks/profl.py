@@ -1,6 +1,7 @@
 """ProFL figures: measured peak memory of every step vs full training; who can take part.
 
     python benchmarks/profl.py memory          # ResNet-18 and VGG-16, CIFAR-10 shapes, batch 64
+    python benchmarks/profl.py memory --models resnet18 --device cuda   # the same on a GPU
     python benchmarks/profl.py participation   # memory-constrained device mix: ProFL vs ExclusiveFL
     python benchmarks/profl.py accuracy        # same mix, real CIFAR-10: participation and accuracy of
                                                # fedavg, exclusivefl, allsmall, heterofl, profl
@@ -42,16 +43,17 @@ STRATEGIES = ("fedavg", "exclusivefl", "allsmall", "heterofl", "profl")
 
 
 def measured_peak(spec: ModelSpec, trainable: list[int] | None, batch: int, checkpoint: bool,
-                  teacher: ModelSpec | None = None) -> float:
+                  teacher: ModelSpec | None = None, device: str = "cpu") -> float:
+    """Peak memory (MB) of one real training step on `device` (on CUDA: torch.cuda.max_memory_allocated)."""
     torch.manual_seed(0)
-    model = build_model(spec)
+    model = build_model(spec).to(device)
     freeze_except(model, trainable)
     optimizer = make_optimizer(model, TrainConfig())
-    x, y = torch.randn(batch, *SHAPE), torch.randint(0, 10, (batch,))
+    x, y = torch.randn(batch, *SHAPE, device=device), torch.randint(0, 10, (batch,), device=device)
     target, loss_fn = y, torch.nn.functional.cross_entropy
     extra = 0
     if teacher is not None:  # the mimic step holds its teacher too, and regresses on its logits
-        t = build_model(teacher).eval()
+        t = build_model(teacher).to(device).eval()
         extra = sum(v.numel() * v.element_size() for v in t.state_dict().values())
         with torch.no_grad():
             target = t(x)
@@ -66,11 +68,12 @@ def steps(total: int) -> list[Step]:
     return shrink + grow
 
 
-def memory(batch: int, models: list[str]) -> None:
-    print(f"batch {batch}, inputs 3x32x32, SGD momentum; MB = 2^20 bytes; measured = a real step on this CPU")
+def memory(batch: int, models: list[str], device: str = "cpu") -> None:
+    where = torch.cuda.get_device_name(device) if device.startswith("cuda") else "this CPU"
+    print(f"batch {batch}, inputs 3x32x32, SGD momentum; MB = 2^20 bytes; measured = a real step on {where}")
     for name in models:
         full = ModelSpec(name)
-        full_measured = measured_peak(full, None, batch, False)
+        full_measured = measured_peak(full, None, batch, False, device=device)
         full_predicted = model_cost(full, SHAPE).peak_train_bytes(batch, SHAPE) / MB
         print(f"\n{name}: full-model training {full_measured:.1f} MB measured, {full_predicted:.1f} MB predicted")
         print(f"{'step':18s} {'trains':>8s} {'measured':>9s} {'vs full':>8s} {'predicted':>9s} "
@@ -83,7 +86,7 @@ def memory(batch: int, models: list[str]) -> None:
             teacher = full.with_depth(step.block) if step.kind == "mimic" else None
             row = []
             for ckpt in (False, True):
-                m = measured_peak(spec, trainable, batch, ckpt, teacher)
+                m = measured_peak(spec, trainable, batch, ckpt, teacher, device)
                 p = (model_cost(spec, SHAPE, trainable, ckpt).peak_train_bytes(batch, SHAPE)
                      + (model_cost(teacher, SHAPE).state_bytes if teacher else 0)) / MB
                 worst[ckpt] = max(worst[ckpt], m)
@@ -259,6 +262,7 @@ if __name__ == "__main__":
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--mix", default="raspberry-pi-3b-plus:6,jetson-nano:2,laptop:2")
     parser.add_argument("--models", default="resnet18,vgg16", help="memory: comma-separated model names")
+    parser.add_argument("--device", default="cpu", help="memory: where the steps are measured, e.g. cuda")
     acc_args = parser.add_argument_group("accuracy")
     acc_args.add_argument("--strategies", default=",".join(STRATEGIES))
     acc_args.add_argument("--nodes", type=int, default=None, help="default: the length of --mix")
@@ -279,7 +283,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     print(f"$ python benchmarks/profl.py {' '.join(sys.argv[1:])}")
     if args.part == "memory":
-        memory(args.batch, args.models.split(","))
+        memory(args.batch, args.models.split(","), args.device)
     elif args.part == "participation":
         participation(args.batch, args.model, args.mix)
     else:

@@ -3,9 +3,11 @@
     python -m experiments experiments/specs/reproduction.toml            # run what is not done, then report
     python -m experiments experiments/specs/reproduction.toml --report   # report only, from what is done
     python -m experiments experiments/specs/reproduction.toml --list     # the runs, and which are done
+    python -m experiments SPEC.toml --address HEAD:6379 --gpus-per-run 0.5  # on a Ray cluster, 2 runs per GPU
 
-Re-running the same command skips finished runs and resumes interrupted ones, so a long grid can
-be stopped and continued at any time. A bad spec is refused, whole, before anything runs.
+Runs are Ray tasks: on an embedded local Ray by default (the spec's `workers` CPUs), or on the
+cluster at `--address`. Re-running the same command skips finished runs and resumes interrupted
+ones, so a long grid can be stopped and continued at any time. A bad spec is refused, whole, before anything runs.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.runner import StaleRun, run_grid, run_status
+from experiments.runner import GridError, StaleRun, run_grid, run_status
 from experiments.spec import SpecError, load_spec
 from experiments.summary import write_report
 
@@ -25,7 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("spec", type=Path, help="the experiment spec (TOML), e.g. experiments/specs/reproduction.toml")
     parser.add_argument("--report", action="store_true", help="only write the report from the finished runs")
     parser.add_argument("--list", action="store_true", help="only list the runs and their status")
-    parser.add_argument("--workers", type=int, help="runs at once (default: the spec's `workers`)")
+    parser.add_argument("--workers", type=int, help="runs at once (default: the spec's `workers`; with --address, "
+                        "as many as the cluster holds)")
+    parser.add_argument("--address", help="run on the existing Ray cluster whose head is at HOST:PORT "
+                        "(default: an embedded local Ray)")
+    parser.add_argument("--gpus-per-run", type=float, metavar="FRACTION",
+                        help="reserve this fraction of a GPU for each run, e.g. 0.5 (default: none reserved)")
     args = parser.parse_args(argv)
     try:
         spec = load_spec(args.spec)
@@ -35,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         started = time.perf_counter()
         if not args.report:
-            outcomes = run_grid(spec, args.workers)
+            outcomes = run_grid(spec, args.workers, address=args.address, gpus_per_run=args.gpus_per_run)
             failed = [o for o in outcomes if o.status == "failed"]
             print(f"grid done in {(time.perf_counter() - started) / 60:.1f} min; {len(failed)} failed", flush=True)
         for path in write_report(spec):
@@ -43,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.report and not args.list and failed:
             print(f"error: {len(failed)} runs failed; their results.json and logs say why", file=sys.stderr)
             return 1
-    except (SpecError, StaleRun) as exc:
+    except (SpecError, StaleRun, GridError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -238,14 +238,20 @@ def cnn() -> Architecture:
                         head)
 
 
-def vgg(stages: list[list[int]], fc4096: bool = False) -> Architecture:
+def scaled(channels: int, width: float) -> int:
+    """`channels` times the width multiplier `width`, rounded, at least 1 (as HeteroFL's width scaling)."""
+    return max(1, round(channels * width))
+
+
+def vgg(stages: list[list[int]], fc4096: bool = False, width: float = 1.0) -> Architecture:
     """CIFAR VGG with BatchNorm (Simonyan & Zisserman, 2015): `stages` lists the channels of each
     conv, one inner list per max-pool stage; one block per stage. The classifier is one linear layer,
-    or with `fc4096` the original 512-4096-4096 classifier with dropout."""
-    widths = {f"stage{s}.conv{c}": ch for s, stage in enumerate(stages, start=1)
+    or with `fc4096` the original 512-4096-4096 classifier with dropout. `width` multiplies every
+    channel count (the hidden classifier layers too): same blocks, fewer channels."""
+    widths = {f"stage{s}.conv{c}": scaled(ch, width) for s, stage in enumerate(stages, start=1)
               for c, ch in enumerate(stage, start=1)}
     if fc4096:
-        widths |= {"fc1": 4096, "fc2": 4096}
+        widths |= {"fc1": scaled(4096, width), "fc2": scaled(4096, width)}
 
     def build(spec: ModelSpec, w: dict[str, int]) -> Blocks:
         blocks: Blocks = []
@@ -276,9 +282,12 @@ def vgg(stages: list[list[int]], fc4096: bool = False) -> Architecture:
     return Architecture(widths, build, outputs, head)
 
 
-def resnet(blocks_per_stage: list[int], stage_widths: tuple[int, ...] = (64, 128, 256, 512)) -> Architecture:
+def resnet(blocks_per_stage: list[int], stage_widths: tuple[int, ...] = (64, 128, 256, 512),
+           width: float = 1.0) -> Architecture:
     """CIFAR ResNet with basic blocks (He et al., 2016; 3x3 stem, no max-pool). One ProFL block per
-    stage, as in the ProFL authors' scripts: stem + stage 1, stage 2, stage 3, stage 4 + head."""
+    stage, as in the ProFL authors' scripts: stem + stage 1, stage 2, stage 3, stage 4 + head.
+    `width` multiplies every stage's channels: same blocks and strides, fewer channels."""
+    stage_widths = tuple(scaled(c, width) for c in stage_widths)
     widths = {f"stage{s}": c for s, c in enumerate(stage_widths, start=1)}
     for s, n_blocks in enumerate(blocks_per_stage, start=1):
         widths |= {f"stage{s}.block{b}.mid": stage_widths[s - 1] for b in range(n_blocks)}
@@ -318,6 +327,12 @@ MODELS: dict[str, Architecture] = {
     "vgg16": vgg(_VGG16),
     "vgg11-fc4096": vgg(_VGG11, fc4096=True),
     "vgg16-fc4096": vgg(_VGG16, fc4096=True),  # REFT's VGG-16: 128.4 MB, 33.6 M parameters
+    # Width-scaled: the same blocks and memory profile (activations scale with the width, parameters
+    # with its square) at a cost a CPU can train; a model too large for most of a pool, made small.
+    "resnet18-w0.5": resnet([2, 2, 2, 2], width=0.5),
+    "resnet18-w0.25": resnet([2, 2, 2, 2], width=0.25),
+    "vgg16-w0.5": vgg(_VGG16, width=0.5),
+    "vgg16-w0.25": vgg(_VGG16, width=0.25),
 }
 MODEL_NAMES = tuple(MODELS)
 

@@ -6,7 +6,8 @@ import torch
 from fl_app.models import MODEL_NAMES, ModelSpec, build_model, full_widths, num_parameters
 
 EXPECTED_BLOCKS = {"cnn": 3, "resnet18": 4, "resnet34": 4, "vgg11": 5, "vgg16": 5,
-                   "vgg11-fc4096": 5, "vgg16-fc4096": 5}
+                   "vgg11-fc4096": 5, "vgg16-fc4096": 5, "resnet18-w0.5": 4, "resnet18-w0.25": 4,
+                   "vgg16-w0.5": 5, "vgg16-w0.25": 5}
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

@@ -15,7 +15,17 @@ BASE = {"memory-pool": "", "model": "cnn", "dataset": "synthetic", "num-server-r
 POOL = {"memory-pool": "uniform-fraction:0.3-1.3"}
 DEADLINE = {"emulated-deadline": 0.6}
 CASES = ([(name, {}) for name in STRATEGIES] + [("profl", POOL), ("heterofl", POOL)]
-         + [(name, DEADLINE) for name in ("exclusivefl", "heterofl", "reft", "depthfl")])
+         + [(name, DEADLINE) for name in ("exclusivefl", "heterofl", "reft", "depthfl")]
+         # Width-scaled models through the planner, the width routine, ProFL's steps and DepthFL's exits.
+         + [(name, {**POOL, "model": model}) for name, model in (("profl", "vgg16-w0.25"),
+                                                                 ("fedrolex", "vgg16-w0.25"),
+                                                                 ("depthfl", "resnet18-w0.25"))])
+# ResNet-18's ProFL step 1 (no checkpointing) is predicted 4 % below its measured peak, at any width
+# (resnet18 batch 32: 115.8 vs 120.5 MB; resnet18-w0.25: 27.1 vs 28.1 MB): a device whose budget falls
+# between the two is planned to train and refused by its client's measured first step.
+UNDER_PREDICTED = [pytest.param("profl", {**POOL, "model": "resnet18-w0.25"}, id="profl-resnet18-w0.25-pool",
+                                marks=pytest.mark.xfail(strict=True, reason="cost model under-predicts ProFL "
+                                                        "step 1 of ResNet-18 by 4 %; node 2 is refused"))]
 # The cost model's stated accuracy for a training step's peak memory (tests/test_cost.py:
 # predicted / measured within 0.75-1.35; benchmarks/results/foundation.txt: 1.01-1.17 at batch 64).
 # Submodels keeping under a quarter of the channels are over-predicted by more (measured here, CNN at
@@ -26,7 +36,8 @@ EXACT = ("model_params", "model_size_mb", "train_flops_per_sample", "predicted_p
          "bytes_down", "bytes_up", "device_time_s")
 
 
-@pytest.mark.parametrize("name,extra", CASES, ids=[f"{n}-{'-'.join(e) or 'profiles'}" for n, e in CASES])
+@pytest.mark.parametrize("name,extra", [pytest.param(n, e, id=f"{n}-{'-'.join(e) or 'profiles'}") for n, e in CASES]
+                         + UNDER_PREDICTED)
 def test_plan_equals_the_run_it_predicts(tmp_path, name, extra):
     config = {**BASE, **extra}
     results = run_inprocess({**config, "strategy": name, "output-dir": str(tmp_path), "run-name": "run"}, 5)
