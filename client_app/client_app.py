@@ -22,7 +22,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client_app.faults import FaultConfigError, fault_for_round
+from client_app.faults import FaultConfigError, faults_for_round
 from client_app.node import LocalNode, NodeConfigError
 from fl_app import cpu_safety
 from fl_app.config import ConfigError
@@ -75,6 +75,8 @@ def _query(msg: Message, node: LocalNode) -> RecordDict:
         "partition_id": node.partition_id, "num_partitions": node.num_partitions,
         "num_examples": node.num_examples,
     })
+    for fault in node.faults:  # an attack on the server's trust in what nodes report (client_app/faults.py)
+        report = ConfigRecord(fault.damage_query(dict(report)))
     return RecordDict({"device": report})
 
 
@@ -134,9 +136,15 @@ def _train(msg: Message, node: LocalNode) -> RecordDict:
     # The teacher shares the front blocks sent in "weights"; "teacher-weights" holds the rest.
     teacher = _assemble(job.mimic, msg, ("weights", "teacher-weights"), node.context) if job.mimic else None
     limit = node.memory_limit_bytes(job.enforce_memory)
+    faults = faults_for_round(node.faults, job.round)
+    batches = node.train_batches(job.train.batch_size, job.round)
+    before = None
+    if faults:  # injected on purpose (client_app/faults.py): what it trains on, and where it started from
+        for fault in faults:
+            batches.y = fault.flip_labels(batches.y, job.model.num_classes)
+        before = {k: v.detach().numpy().copy() for k, v in reply_state(job, model.state_dict()).items()}
     start = time.perf_counter()
-    result = train(model, node.train_batches(job.train.batch_size, job.round), job.train, job.trainable, limit,
-                   teacher, job.mutual_distillation)
+    result = train(model, batches, job.train, job.trainable, limit, teacher, job.mutual_distillation)
     if job.keep_state:  # add to what the node keeps; a new tensor of the same name replaces the old
         kept = decode(node.context.state[KEPT]) if KEPT in node.context.state else {}
         node.context.state[KEPT] = encode(kept | model.state_dict())
@@ -154,7 +162,6 @@ def _train(msg: Message, node: LocalNode) -> RecordDict:
             test = (accuracy, loss)
     content["report"] = MetricRecord(train_report(result.num_examples, result.loss, seconds,
                                                   result.peak_memory_bytes / MIB, test))
-    fault = fault_for_round(node.faults, job.round)
-    if fault is not None:
-        content = fault.damage(content, job.returns)
+    for fault in faults:
+        content = fault.damage(content, job.returns, before)
     return content

@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from fl_app.aggregation import Aggregation, AggregationError
 from fl_app.data import DATASET_NAMES, PARTITIONS
 from fl_app.job import MAX_BATCH_SIZE, MAX_EPOCHS
 from fl_app.models import MODEL_NAMES
@@ -80,6 +81,7 @@ class RunConfig:
     availability_trace: str
     min_successful_clients: int
     round_retries: int
+    aggregation: str
     resume: bool
     seed: int
     output_dir: str
@@ -177,6 +179,10 @@ class RunConfig:
         if self.min_successful_clients > self.min_nodes:
             p.append(f"min-successful-clients = {self.min_successful_clients}: must be <= min-nodes "
                      f"({self.min_nodes}), or no round could ever succeed with the nodes the run waits for")
+        try:
+            Aggregation.parse(self.aggregation)
+        except AggregationError as exc:
+            p.append(str(exc))
         if self.resume and not self.run_name:
             p.append("resume = true: also set run-name to the run to continue (its folder under output-dir "
                      "holds checkpoint.pt)")

@@ -26,6 +26,7 @@ from fl_app.wire import decode, encode, serialized_bytes
 from server_app.flower_errors import describe
 from server_app.pricing import TaskPrice
 from server_app.strategies.base import ClientUpdate, Device, TrainTask
+from server_app.verify import QUERY_REPLY_BOUND, REASON_LIMIT, node_text, payload_bytes
 
 
 class ReplyRejected(ValueError):
@@ -59,14 +60,21 @@ def query_devices(grid: Grid, node_ids: Iterable[int],
     for reply in replies:
         node = to_node.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
         if reply.has_error():
-            problems.append((node, describe(reply.error.code, reply.error.reason)))
+            problems.append((node, describe(reply.error.code, node_text(reply.error.reason, REASON_LIMIT))))
+            continue
+        size = payload_bytes(reply.content)  # from metadata, before anything is read
+        if size > QUERY_REPLY_BOUND:
+            problems.append((node, f"device report of {size} bytes exceeds the {QUERY_REPLY_BOUND} a report can take"))
             continue
         try:
             r = dict(reply.content["device"])
+            if "profile" in r:  # a name that reaches logs and results.json
+                r["profile"] = node_text(r["profile"])
             profile = profile_from_report(r, f"of node {node}")
-            devices.append(Device(node, int(r["partition_id"]), profile, int(r["num_examples"])))
+            devices.append(Device(node, int(r["partition_id"]), profile, int(r["num_examples"]),
+                                  int(r["num_partitions"])))
         except (KeyError, TypeError, ValueError, ProfileError) as exc:
-            problems.append((node, f"malformed device report ({exc})"))
+            problems.append((node, f"malformed device report ({node_text(exc, REASON_LIMIT)})"))
     return sorted(devices, key=lambda d: d.partition_id), problems
 
 
@@ -94,14 +102,18 @@ def run_train_tasks(grid: Grid, tasks: list[TrainTask], public_size: int,
             continue
         answered.add(node)
         if reply.has_error():
-            outcome.error, outcome.error_code = describe(reply.error.code, reply.error.reason), reply.error.code
+            outcome.error = describe(reply.error.code, node_text(reply.error.reason, REASON_LIMIT))
+            outcome.error_code = reply.error.code
             continue
-        outcome.bytes_up = serialized_bytes(reply.content)
-        outcome.bytes_up_by_record = _bytes_by_record(reply.content)
+        # Sized from metadata first: a reply larger than its job can produce is never copied to be counted.
+        size = payload_bytes(reply.content)
+        within = size <= reply_size_bound(expected_tensors(outcome.task, public_size))
+        outcome.bytes_up = serialized_bytes(reply.content) if within else size
+        outcome.bytes_up_by_record = _bytes_by_record(reply.content) if within else {}
         try:
             if reply.metadata.message_type != "train":
-                raise ReplyRejected(f"message type {reply.metadata.message_type!r}, expected 'train'")
-            outcome.update = validate_reply(outcome.task, reply.content, public_size, outcome.bytes_up)
+                raise ReplyRejected(f"message type {node_text(reply.metadata.message_type)!r}, expected 'train'")
+            outcome.update = validate_reply(outcome.task, reply.content, public_size, size)
         except ReplyRejected as exc:
             outcome.error, outcome.rejected = f"rejected: {exc}", True
             log(WARNING, "round %d: rejected the reply of node %d: %s", outcome.task.job.round, node, exc)
@@ -159,7 +171,8 @@ def validate_reply(task: TrainTask, content: RecordDict, public_size: int, size:
     shapes, dtypes, finite values, and a report whose num-examples is within what the node holds."""
     record_name = task.job.returns
     if record_name not in content or "report" not in content:
-        raise ReplyRejected(f"expected records {record_name!r} and 'report', got {sorted(content.keys())}")
+        raise ReplyRejected(f"expected records {record_name!r} and 'report', got "
+                            f"{[node_text(k) for k in sorted(content.keys())[:5]]}")
     expected = expected_tensors(task, public_size)
     bound = reply_size_bound(expected)
     if size is not None and size > bound:
@@ -167,10 +180,12 @@ def validate_reply(task: TrainTask, content: RecordDict, public_size: int, size:
     try:
         tensors = decode(content[record_name])
     except Exception as exc:  # any undecodable payload is the client's fault, not ours
-        raise ReplyRejected(f"undecodable {record_name!r} record ({type(exc).__name__}: {exc})") from exc
+        raise ReplyRejected(f"undecodable {record_name!r} record ({type(exc).__name__}: "
+                            f"{node_text(exc, REASON_LIMIT)})") from exc
     if set(tensors) != set(expected):
         missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-        raise ReplyRejected(f"wrong tensor names: missing {missing[:3]}, unexpected {extra[:3]}")
+        raise ReplyRejected(f"wrong tensor names: missing {missing[:3]}, "
+                            f"unexpected {[node_text(e) for e in extra[:3]]}")
     for name, tensor in tensors.items():
         shape, floating = expected[name]
         if tuple(tensor.shape) != shape:
@@ -192,5 +207,10 @@ def validate_reply(task: TrainTask, content: RecordDict, public_size: int, size:
     return ClientUpdate(task.node_id, task.job, tensors, int(n), _floats(metrics))
 
 
+REPORT_KEYS = ("num-examples", "train-loss", "train-seconds", "peak-memory-mb", "test-accuracy", "test-loss")
+
+
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    """The report's known keys (`fl_app.job.train_report`) with finite numbers; anything else a node adds is dropped."""
+    return {k: float(v) for k, v in metrics.items()
+            if k in REPORT_KEYS and isinstance(v, (int, float)) and math.isfinite(v)}

@@ -10,8 +10,10 @@ and logged as one line.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import math
 import re
 import time
 from collections import Counter
@@ -41,8 +43,9 @@ from server_app.clock import VirtualClock
 from server_app.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint, restore_rng, save_checkpoint
 from server_app.pricing import planned_examples, price_task
 from server_app.rounds import TaskOutcome, query_devices, run_train_tasks
+from server_app.verify import agreed_partitions, check_partitions
 from server_app.strategies import STRATEGIES
-from server_app.strategies.base import Device, Federation, Strategy, StrategySetupError, TrainTask
+from server_app.strategies.base import ClientUpdate, Device, Federation, Strategy, StrategySetupError, TrainTask
 from server_app.strategies.profl import ProFL
 
 app = ServerApp()
@@ -68,7 +71,7 @@ def main(grid: Grid, context: Context) -> None:
         node_ids = wait_for_min_nodes(grid, config)
         check_split(dataset, config, len(node_ids))  # what the server can check itself, before asking any node
         # A slow node (an emulated Pi starts its ClientApp in minutes) gets the round deadline to answer.
-        devices, refused = discover_devices(grid, config, node_ids, wait_s=max(120.0, config.round_timeout))
+        devices, refused = discover_devices(grid, config, node_ids, dataset, wait_s=max(120.0, config.round_timeout))
         federation = admit_devices(config, devices, dataset, refused)
         strategy = STRATEGIES[config.strategy](federation)
     except SETUP_ERRORS as exc:  # the user's to fix: one line, in the log and in results.json
@@ -278,13 +281,17 @@ def check_split(dataset: Dataset, config: RunConfig, num_nodes: int) -> None:
                         config.shards_per_client, config.public_size, config.max_client_examples)
 
 
-def discover_devices(grid: Grid, config: RunConfig, node_ids: list[int],
+def discover_devices(grid: Grid, config: RunConfig, node_ids: list[int], dataset: Dataset,
                      wait_s: float = 120.0) -> tuple[list[Device], set[int]]:
-    """Query the connected nodes for their device reports: (devices, the nodes that answered with
-    errors, never asked again). Identical problems of many nodes are one line; when fewer than
+    """Query the connected nodes for their device reports and hold them to the split the server derives
+    itself (`server_app.verify.check_partitions`): (devices, the nodes that answered with errors or
+    failed the check, never asked again). Identical problems of many nodes are one line; when fewer than
     `min-nodes` remain, NoDevicesError says how many answered, how many answered with errors (and
     which, grouped) and how many did not answer."""
     devices, problems = query_devices(grid, node_ids, timeout=wait_s)
+    agreed = agreed_partitions(devices, len(node_ids))
+    devices, wrong = check_partitions(devices, agreed, dataset, config)
+    problems += wrong
     if len(devices) >= config.min_nodes:
         for line in group_problems(problems):
             log(WARNING, "left out of the run: %s", line)
@@ -349,6 +356,11 @@ def refresh_devices(grid: Grid, strategy: Strategy, federation: Federation, writ
     new = sorted(online - known - federation.refused)
     if new:
         devices, problems = query_devices(grid, new, timeout=federation.config.round_timeout or 120.0)
+        admitted = federation.devices + federation.idle
+        devices, wrong = check_partitions(
+            devices, agreed_partitions(admitted, len(online)), federation.dataset, federation.config,
+            held={d.partition_id: d.node_id for d in admitted if d.node_id in online})
+        problems += wrong
         for line in group_problems(problems):
             log(WARNING, "a joining node was left out: %s", line)
         federation.refused |= set(new) - {d.node_id for d in devices}
@@ -388,10 +400,11 @@ def run_round(grid: Grid, strategy: Strategy, federation: Federation, writer: Re
     outcomes, spent, failed, unavailable = collect_valid_replies(grid, strategy, federation, writer, server_round,
                                                                  clock)
     left_out = left_out_reasons(strategy, federation, server_round) | unavailable  # before ProFL moves on
-    extras = strategy.aggregate_train(server_round, [o.update for o in outcomes if o.update])
-    accuracy, loss, _ = evaluate(strategy.global_model(), test)
+    extras, accuracy, loss, refused = aggregate_safely(strategy, server_round,
+                                                       [o.update for o in outcomes if o.update], test)
     record = round_record(federation, strategy, server_round, accuracy, loss, outcomes, spent, failed, extras,
                           time.perf_counter() - started, unavailable)
+    record["aggregate_refused"] = refused
     record.update(emulated_round_s=clock.now_s - round_start_s, emulated_clock_s=clock.now_s,
                   left_out_by_kind=left_out_by_kind(left_out.values()),
                   server_rss_mb=psutil.Process().memory_info().rss / MIB,  # the ServerApp's memory now
@@ -399,6 +412,49 @@ def run_round(grid: Grid, strategy: Strategy, federation: Federation, writer: Re
                   # runs in the same process, and `seconds` (wall) includes it and the clients' training.
                   server_cpu_s=time.thread_time() - started_cpu)
     return record
+
+
+def aggregate_safely(strategy: Strategy, server_round: int, updates: list[ClientUpdate], test: Batches
+                     ) -> tuple[dict[str, Any], float | None, float | None, dict[str, Any] | None]:
+    """Aggregate and evaluate; an aggregate that is not sound (`unsound_model`) is never adopted: the
+    strategy's state before the round is restored and the refusal names why and the update that
+    stands out most (`outlier`). Returns (the strategy's extras, test accuracy, test loss, the refusal
+    or None). The honest nodes are never blamed: the next round starts from the last sound model."""
+    before = copy.deepcopy(strategy.state_dict())  # deep: strategies load new values into the same tensors
+    extras = strategy.aggregate_train(server_round, updates)
+    accuracy, loss, _ = evaluate(strategy.global_model(), test)
+    problem = unsound_model(strategy.global_model(), loss)
+    if problem is None:
+        return extras, accuracy, loss, None
+    strategy.load_state_dict(before)
+    accuracy, loss, _ = evaluate(strategy.global_model(), test)
+    node, ratio = outlier(updates)
+    log(WARNING, "round %d: the aggregate was not adopted (%s); the update of node %s stands out (norm %.3g x the "
+        "median); the previous model is kept", server_round, problem, node, ratio)
+    return extras, accuracy, loss, {"reason": problem, "outlier_node": node, "outlier_norm_ratio": ratio}
+
+
+def unsound_model(model: torch.nn.Module, test_loss: float | None) -> str | None:
+    """Why a model must not be adopted (None: it may): a float value that is not finite, or finite
+    weights so large that its outputs overflow (a non-finite test loss)."""
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not bool(t.isfinite().all())]
+    if bad:
+        return f"non-finite values in {len(bad)} tensors (e.g. {bad[0]})"
+    if test_loss is not None and not math.isfinite(test_loss):
+        return f"its test loss is {test_loss}: its outputs overflow"
+    return None
+
+
+def outlier(updates: list[ClientUpdate]) -> tuple[int | None, float]:
+    """(the node whose update has the largest norm, that norm over the median of all updates' norms),
+    in float64 so that huge values cannot overflow; (None, nan) without updates."""
+    if not updates:
+        return None, math.nan
+    norms = [math.sqrt(sum(float(t.double().square().sum()) for t in u.tensors.values() if t.is_floating_point()))
+             for u in updates]
+    largest = max(range(len(updates)), key=norms.__getitem__)
+    median = float(np.median(norms))
+    return updates[largest].node_id, norms[largest] / median if median > 0 else math.inf
 
 
 def collect_valid_replies(grid: Grid, strategy: Strategy, federation: Federation, writer: ResultsWriter,

@@ -113,13 +113,15 @@ def test_a_joining_node_without_data_is_left_out_too(tmp_path):
     assert joined["node_id"] == 4 and "holds no training data" in joined["left_out"]
 
 
-def test_when_no_node_holds_data_the_run_stops_before_any_task_with_one_line(tmp_path):
+def test_nodes_whose_counts_contradict_the_split_the_run_stops_before_any_task_with_one_line(tmp_path):
+    # The server derives the split itself (server_app.verify): a report of no data where the
+    # partition holds some is a wrong report, and a run left with none stops before training.
     def no_data(node, reply):
         if reply.metadata.message_type == "query" and not reply.has_error():
             reply.content["device"]["num_examples"] = 0
         return reply
 
-    with pytest.raises(NoDevicesError, match="holds training data") as info:
+    with pytest.raises(NoDevicesError, match="reports 0 training examples; partition 0 of 3 holds") as info:
         _run(tmp_path, 3, tamper=no_data)
     assert "\n" not in str(info.value)
     assert _results(tmp_path)["status"] == "failed"

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from fl_app.aggregation import Aggregation, fold_states
 from fl_app.config import RunConfig
 from fl_app.cost import ModelCost, Workload, model_cost
 from fl_app.data import Batches, Dataset, split_public
@@ -40,6 +41,7 @@ class Device:
     partition_id: int
     profile: DeviceProfile
     num_examples: int
+    num_partitions: int | None = None  # as the node reported it (server_app.verify holds it to the run's)
 
     def to_dict(self) -> dict[str, Any]:
         return {"node_id": self.node_id, "partition_id": self.partition_id, **profile_report(self.profile),
@@ -334,13 +336,10 @@ def nobody_fits(strategy: str, what: str, left_out: dict[int, str]) -> str:
     return f"{strategy}: no device can train {what}; closest, node {node}: {reason}"
 
 
-def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
-    """Average float tensors weighted by `weights`; integer counters take the maximum."""
-    total = float(sum(weights))
-    out = {}
-    for name, first in states[0].items():
-        if first.is_floating_point():
-            out[name] = sum(w * s[name] for s, w in zip(states, weights)) / total
-        else:
-            out[name] = torch.stack([s[name] for s in states]).max(0).values
-    return out
+def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float],
+                     reference: dict[str, torch.Tensor], aggregation: str = "mean") -> dict[str, torch.Tensor]:
+    """Fold whole-tensor states held by every client into `reference` (the current global state, the
+    origin of clipping) by run-config `aggregation` (`fl_app.aggregation`; "mean": the `weights`-weighted
+    average); integer counters take the maximum. Returns the names the states hold."""
+    folded = fold_states(reference, states, weights, Aggregation.parse(aggregation))
+    return {name: folded[name] for name in states[0]}

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from fl_app.aggregation import Aggregation, fold_states
 from fl_app.cost import ModelCost
 from fl_app.job import Job
 from fl_app.models import ModelSpec, build_model, num_blocks
@@ -28,7 +29,8 @@ class DepthFL(GlobalModelStrategy):
     and with `emulated-deadline` device time); a device that cannot afford even k = 1 is left out.
     Depths are fixed for the run (by the device profile).
 
-    Aggregation: every tensor (blocks and heads alike) becomes the example-weighted average over
+    Aggregation: every tensor (blocks and heads alike) becomes the example-weighted average (or
+    run-config `aggregation`'s rule) over
     the clients whose submodel held it this round; a tensor nobody held keeps its value (HeteroFL's
     rule, by depth instead of width: the deep blocks and heads are averaged over the strong
     devices only). BatchNorm running statistics are averaged the same way; integer counters take
@@ -98,23 +100,16 @@ class DepthFL(GlobalModelStrategy):
 
     def aggregate_train(self, server_round: int, updates: list[ClientUpdate]) -> dict[str, Any]:
         self.model.load_state_dict(average_held(self.model.state_dict(), [u.tensors for u in updates],
-                                                [float(u.num_examples) for u in updates]))
+                                                [float(u.num_examples) for u in updates],
+                                                self.federation.config.aggregation))
         return {}
 
 
 def average_held(state: dict[str, torch.Tensor], updates: list[dict[str, torch.Tensor]],
-                 weights: list[float]) -> dict[str, torch.Tensor]:
-    """`state` with every tensor replaced by the `weights`-weighted average of the updates that hold
-    it (float tensors; integer counters such as BatchNorm's batch count take the maximum); a tensor
-    that no update with examples holds keeps its value. Shapes are those of `state` (depth-scaled
-    submodels hold whole tensors)."""
-    out = {}
-    for name, value in state.items():
-        holders = [(u[name], w) for u, w in zip(updates, weights) if name in u and w > 0]
-        if not holders:
-            out[name] = value
-        elif value.is_floating_point():
-            out[name] = sum(w * t for t, w in holders) / sum(w for _, w in holders)
-        else:
-            out[name] = torch.stack([t for t, _ in holders]).max(0).values
-    return out
+                 weights: list[float], aggregation: str = "mean") -> dict[str, torch.Tensor]:
+    """`state` with every tensor replaced by the fold (run-config `aggregation`, `fl_app.aggregation`;
+    "mean": the `weights`-weighted average) of the updates that hold it (float tensors; integer
+    counters such as BatchNorm's batch count take the maximum); a tensor that no update with examples
+    holds keeps its value. Shapes are those of `state` (depth-scaled submodels hold whole tensors)."""
+    held = [(u, w) for u, w in zip(updates, weights) if w > 0]
+    return fold_states(state, [u for u, _ in held], [w for _, w in held], Aggregation.parse(aggregation))

@@ -200,7 +200,8 @@ class ProFL(Strategy):
             for k in u.tensors:
                 held[part_of(k)] = -1
         if updates:
-            averaged = weighted_average([u.tensors for u in updates], [u.num_examples for u in updates])
+            averaged = weighted_average([u.tensors for u in updates], [u.num_examples for u in updates],
+                                        self.weights, self.federation.config.aggregation)
             self.weights.update(averaged)
             for part in {part_of(k) for k in averaged}:
                 self.version[part] = self.version.get(part, 0) + 1

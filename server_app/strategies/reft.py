@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from fl_app.aggregation import Aggregation, fold_logits
 from fl_app.cost import Workload
 from fl_app.job import Job
 from fl_app.models import ModelSpec
@@ -30,7 +31,8 @@ class REFT(GlobalModelStrategy):
     The submodel's weights travel down. Every round: each client distills
     the ensemble logits of the last round into its submodel on the public slice,
     trains on its private data, and sends up only its logits on the public slice; the
-    server averages them (weighted by examples) into the ensemble teacher and distills
+    server averages them (weighted by examples; or run-config `aggregation`'s rule,
+    `fl_app.aggregation.fold_logits`) into the ensemble teacher and distills
     it into the full global model. After setup a round costs logits, not weights.
     """
 
@@ -129,8 +131,8 @@ class REFT(GlobalModelStrategy):
     def aggregate_train(self, server_round: int, updates: list[ClientUpdate]) -> dict[str, Any]:
         if not updates:
             return {"ensemble_size": 0}
-        total = float(sum(u.num_examples for u in updates))
-        self.ensemble = sum(u.num_examples / total * u.tensors["logits"] for u in updates)
+        self.ensemble = fold_logits([u.tensors["logits"] for u in updates], [u.num_examples for u in updates],
+                                    Aggregation.parse(self.federation.config.aggregation))
         config = self.federation.config
         loss = distill(self.model, self.federation.public_batches(self.ensemble), self.federation.train_config(),
                        config.server_distill_epochs, config.temperature)

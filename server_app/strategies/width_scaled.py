@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from fl_app.job import Job
-from fl_app.width import ChannelMap, cut, param_axes, scatter_sum, widths_at_ratio
+from fl_app.aggregation import Aggregation, fold_states
+from fl_app.width import ChannelMap, _global_index, cut, param_axes, widths_at_ratio
 from server_app.strategies.base import ClientUpdate, Device, Federation, GlobalModelStrategy, TrainTask
 
 
@@ -45,13 +46,11 @@ class WidthScaledStrategy(GlobalModelStrategy):
 
     def aggregate_train(self, server_round: int, updates: list[ClientUpdate]) -> dict[str, Any]:
         state = self.model.state_dict()
-        total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in state.items()}
-        count = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in state.items()}
-        for u in updates:
-            scatter_sum(total, count, u.tensors, self.axes, self.keep[u.node_id], float(u.num_examples))
-        self.model.load_state_dict({
-            k: torch.where(count[k] > 0, total[k] / count[k].clamp_min(1e-12), v) if v.is_floating_point() else v
-            for k, v in state.items()})
+        index = [{k: _global_index(self.axes[k], self.keep[u.node_id], state[k].shape) for k in u.tensors}
+                 for u in updates]
+        self.model.load_state_dict(fold_states(state, [u.tensors for u in updates],
+                                               [float(u.num_examples) for u in updates],
+                                               Aggregation.parse(self.federation.config.aggregation), index))
         return {}
 
     def admit(self, device: Device) -> None:

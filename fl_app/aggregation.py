@@ -1,0 +1,171 @@
+"""How the server folds client updates into one: the run-config key `aggregation`.
+
+    mean                   the example-weighted mean (FedAvg, McMahan et al., 2017)
+    median                 the coordinate-wise median (Yin et al., ICML 2018)
+    trimmed-mean:<f>       the coordinate-wise mean after dropping the fraction f (0 <= f < 0.5) of the
+                           lowest and of the highest values (Yin et al., 2018)
+    norm-clip[:<factor>]   before folding, each update's distance from the current global model is clipped
+                           to factor (default 2) x the round's median distance (norm bounding, Sun et al.,
+                           "Can You Really Backdoor Federated Learning?", 2019); relative to the round's own
+                           updates, so it needs no tuning per model or learning rate
+    norm-clip:2+median     clipping combined with any of the rules ('+' joins them, in either order)
+
+Median and trimmed mean count every client once (order statistics are unweighted): a client cannot buy
+more influence by claiming more examples. Every fold accumulates in float64, so a huge but finite value
+cannot overflow the sum, and is cast back to the global model's dtype only at the end.
+
+Strategies call one of three folds, each over the clients that hold a coordinate:
+`fold_states` (whole or width-scaled model states: FedAvg's family, ProFL's active block, HeteroFL and
+FedRolex's channels, DepthFL's held tensors) and `fold_logits` (REFT's ensemble, per public example).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+RULES = ("mean", "median", "trimmed-mean")
+DEFAULT_CLIP_FACTOR = 2.0
+Index = tuple[torch.Tensor, ...]  # an advanced index placing a submodel tensor into its global tensor
+
+
+class AggregationError(ValueError):
+    """An `aggregation` value that is not one of the documented forms."""
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """A fold rule (`rule`, with `trim` for trimmed-mean) and optional clipping at `clip` x the median norm."""
+
+    rule: str = "mean"
+    trim: float = 0.0
+    clip: float | None = None
+
+    @staticmethod
+    @lru_cache(maxsize=32)
+    def parse(text: str) -> Aggregation:
+        """`"norm-clip:2+median"` -> Aggregation("median", clip=2.0); AggregationError naming the fix."""
+        rule, trim, clip = None, 0.0, None
+        for part in (p.strip() for p in text.split("+")):
+            name, _, arg = part.partition(":")
+            try:
+                if name == "norm-clip" and clip is None:
+                    clip = float(arg) if arg else DEFAULT_CLIP_FACTOR
+                    if not (math.isfinite(clip) and clip > 0):
+                        raise ValueError("the clip factor must be a finite number > 0")
+                elif name in RULES and rule is None:
+                    if (name == "trimmed-mean") != bool(arg):
+                        raise ValueError("trimmed-mean takes a fraction (trimmed-mean:0.1); the others take none")
+                    trim = float(arg) if arg else 0.0
+                    if not 0 <= trim < 0.5:
+                        raise ValueError("the trimmed fraction must be in [0, 0.5)")
+                    rule = name
+                else:
+                    raise ValueError(f"{part!r} is not a rule, or repeats one")
+            except ValueError as exc:
+                raise AggregationError(f"aggregation = {text!r}: {exc}; valid: mean, median, trimmed-mean:<f>, "
+                                       "norm-clip[:<factor>], or norm-clip joined to a rule by '+' "
+                                       "(e.g. norm-clip:2+median)") from exc
+        return Aggregation(rule or "mean", trim, clip)
+
+    def clip_scales(self, distances: torch.Tensor) -> torch.Tensor:
+        """[n] distances (float64, >= 0) -> [n] factors in (0, 1] that bring each to at most `clip` x their
+        median (all ones without clipping). A zero median (nothing moved) clips nothing."""
+        ones = torch.ones_like(distances)
+        if self.clip is None or len(distances) == 0:
+            return ones
+        bound = self.clip * distances.quantile(0.5)  # an even count: the mean of the two middle ones
+        if bound <= 0:
+            return ones
+        return torch.where(distances > bound, bound / distances, ones)
+
+    def fold(self, values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """[n, *shape] float64 values, NaN where client i does not hold a coordinate, and [n] weights
+        -> [*shape] float64: per coordinate, the rule over the clients holding it (NaN where none does;
+        a mean's weights must be > 0 for at least one holder)."""
+        held = ~values.isnan()
+        if self.rule == "mean":
+            w = weights.view(-1, *[1] * (values.dim() - 1)) * held
+            total = (values.nan_to_num(0.0) * w).sum(0)
+            return torch.where(w.sum(0) > 0, total / w.sum(0), torch.full_like(total, math.nan))
+        # Order statistics: sort (NaN sorts last), then average the ranks in a window of each coordinate's
+        # k holders: [t, k - t) for trimmed-mean, the one or two middle ranks for the median.
+        ranked = values.sort(0).values
+        k = held.sum(0)
+        if self.rule == "median":
+            low, high = (k - 1).div(2, rounding_mode="floor"), k.div(2, rounding_mode="floor") + 1
+        else:
+            low = (self.trim * k).floor().long()
+            high = k - low
+        rank = torch.arange(len(values)).view(-1, *[1] * (values.dim() - 1))
+        window = (rank >= low) & (rank < high) & (rank < k)
+        count = window.sum(0)
+        total = torch.where(window, ranked.nan_to_num(0.0), 0.0).sum(0)
+        return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, math.nan))
+
+    def describe(self) -> str:
+        rule = f"trimmed-mean:{self.trim:g}" if self.rule == "trimmed-mean" else self.rule
+        return rule if self.clip is None else f"norm-clip:{self.clip:g}+{rule}"
+
+
+def fold_states(reference: Mapping[str, torch.Tensor], updates: Sequence[Mapping[str, torch.Tensor]],
+                weights: Sequence[float], aggregation: Aggregation,
+                index: Sequence[Mapping[str, Index]] | None = None) -> dict[str, torch.Tensor]:
+    """`reference` (the current global state) with each tensor some update holds replaced by the fold of
+    the updates holding it; what no update holds keeps its value. Returns every name of `reference`.
+
+    updates[i][name] is client i's tensor for `name`: the whole global tensor, or, when `index` gives
+    index[i][name], the coordinates that index places into it (a width-scaled submodel; kept channel
+    indices are unique). Clipping measures each update's distance over all the float coordinates it
+    holds. Integer tensors (BatchNorm's batch counter) take the maximum over holders. Float results
+    are cast back to the reference's dtype. Shapes: those of `reference`."""
+    index = index or [{} for _ in updates]
+
+    def held_reference(i: int, name: str) -> torch.Tensor:
+        ref = reference[name].double()
+        return ref[index[i][name]] if name in index[i] else ref
+
+    distances = torch.tensor([
+        math.sqrt(sum(float((t.double() - held_reference(i, name)).square().sum())
+                      for name, t in u.items() if t.is_floating_point() and name in reference))
+        for i, u in enumerate(updates)], dtype=torch.float64)
+    scales = aggregation.clip_scales(distances)
+    out = dict(reference)
+    for name, ref in reference.items():
+        holders = [i for i, u in enumerate(updates) if name in u]
+        if not holders:
+            continue
+        if not ref.is_floating_point():
+            out[name] = torch.stack([updates[i][name].to(ref.dtype).expand_as(ref) for i in holders]).max(0).values
+            continue
+        stack = torch.full((len(holders), *ref.shape), math.nan, dtype=torch.float64)
+        for row, i in enumerate(holders):
+            base = held_reference(i, name)
+            moved = base + scales[i] * (updates[i][name].double() - base)
+            if name in index[i]:
+                stack[row][index[i][name]] = moved
+            else:
+                stack[row] = moved
+        folded = aggregation.fold(stack, torch.tensor([float(weights[i]) for i in holders], dtype=torch.float64))
+        out[name] = torch.where(folded.isnan(), ref.double(), folded).to(ref.dtype)
+    return out
+
+
+def fold_logits(logits: Sequence[torch.Tensor], weights: Sequence[float], aggregation: Aggregation) -> torch.Tensor:
+    """Clients' [P, C] logits on the public slice -> the ensemble's [P, C] float32 logits.
+
+    The mean is REFT's example-weighted average of logits. Per public example, each client's logit row
+    is first centred (softmax ignores a shift) and, with clipping, scaled to at most `clip` x the
+    median over clients of that example's centred row norms; median and trimmed mean then fold each
+    coordinate over clients. A client can move an example's teacher by a bounded amount only."""
+    stack = torch.stack([t.double() for t in logits])  # [n, P, C]
+    stack = stack - stack.mean(-1, keepdim=True)
+    if aggregation.clip is not None:
+        norms = stack.norm(dim=-1)  # [n, P]
+        bound = aggregation.clip * norms.quantile(0.5, dim=0)  # [P]
+        stack = stack * torch.where(norms > bound, bound / norms.clamp_min(1e-300), 1.0).unsqueeze(-1)
+    return aggregation.fold(stack, torch.tensor([float(w) for w in weights], dtype=torch.float64)).float()
