@@ -270,10 +270,13 @@ def _read_npz(path: Path) -> tuple:
             if missing:
                 raise DataError(f"{path}: missing arrays {sorted(missing)}; it has {sorted(z.files)}")
             arrays = [z[k] for k in ("x_train", "y_train", "x_test", "y_test")]
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, DataError):
-            raise
-        raise DataError(f"{path}: not a readable .npz file ({exc})") from exc
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a cut zip raises BadZipFile, an empty file EOFError, ...
+        with open(path, "rb") as f:
+            head = f.read(64)
+        raise DataError(f"{path}: not a readable .npz file ({_describe(head)}; {type(exc).__name__}: {exc}); "
+                        "write it again with np.savez (arrays x_train, y_train, x_test, y_test)") from None
     return (*arrays, str(path))
 
 

@@ -249,6 +249,20 @@ def test_a_short_uncompressed_idx_file_is_refused_naming_it(tmp_path):
         load_dataset("mnist", str(tmp_path))
 
 
+BROKEN_NPZ = {"truncated": lambda blob: blob[: len(blob) // 2], "empty": lambda blob: b"",
+              "an HTML page": lambda blob: b"<!doctype html><html>Sign in</html>"}
+
+
+@pytest.mark.parametrize("broken", BROKEN_NPZ)
+def test_a_broken_npz_is_refused_naming_the_file(tmp_path, broken):
+    u = _images(30)
+    name = _npz(tmp_path / "x.npz", u, u[:9])
+    (tmp_path / "x.npz").write_bytes(BROKEN_NPZ[broken]((tmp_path / "x.npz").read_bytes()))
+    with pytest.raises(DataError, match=r"x\.npz: not a readable \.npz file") as info:
+        load_dataset(name)
+    assert "\n" not in str(info.value)
+
+
 def test_read_cifar_batch_names_a_missing_label_key(tmp_path):
     path = tmp_path / "train"
     path.write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]}))
