@@ -10,7 +10,7 @@ import torch
 from server_app.checkpoint import CHECKPOINT, load_checkpoint
 from server_app.server_app import RoundFailed
 from tests.test_federation import run
-from fl_app.results import load_results
+from fl_app.results import OutputWriteError, load_results
 
 FAST = {"memory-pool": "", "num-server-rounds": 3, "max-client-examples": 64, "public-size": 64, "test-size": 200}
 
@@ -174,7 +174,7 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_readable(tmp
             raise OSError("power cut")
         real_replace(src, dst)
     monkeypatch.setattr(os, "replace", power_cut)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputWriteError, match="power cut"):  # one line naming the file and what to do
         run(tmp_path, **FAST, resume=True)
     monkeypatch.setattr(os, "replace", real_replace)
     from fl_app.config import RunConfig
