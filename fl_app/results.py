@@ -48,7 +48,7 @@ class ResultsError(ValueError):
     """A run folder whose results cannot be read; the message names the file and what is wrong."""
 
 
-class OutputWriteError(RuntimeError):
+class OutputWriteError(OSError):
     """A run folder that cannot be written (read-only, full, missing permissions); the message names
     the folder or file, the system's reason and what to do."""
 
