@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import re
+import statistics
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -453,7 +454,7 @@ def outlier(updates: list[ClientUpdate]) -> tuple[int | None, float]:
     norms = [math.sqrt(sum(float(t.double().square().sum()) for t in u.tensors.values() if t.is_floating_point()))
              for u in updates]
     largest = max(range(len(updates)), key=norms.__getitem__)
-    median = float(np.median(norms))
+    median = statistics.median(norms)
     return updates[largest].node_id, norms[largest] / median if median > 0 else math.inf
 
 

@@ -1,0 +1,278 @@
+"""Hostile participants (issue 22): robust aggregation, the fail safe, server-side truth and the attack
+faults. Fast: small synthetic federations in-process; the MNIST attack grid is benchmarks/attacks.py."""
+
+import gc
+import math
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
+
+from client_app.faults import HUGE, Fault, FaultConfigError
+from experiments.inprocess import InProcessGrid
+from fl_app.aggregation import Aggregation, fold_logits, fold_states
+from fl_app.config import ConfigError, RunConfig
+from fl_app.job import Job
+from fl_app.models import ModelSpec
+from fl_app.training import TrainConfig
+from server_app.rounds import run_train_tasks
+from server_app.strategies import STRATEGIES
+from server_app.strategies.base import TrainTask
+from server_app.verify import node_text, payload_bytes
+from tests.test_federation import run
+
+NAN = math.nan
+FAST = {"num-server-rounds": 2, "max-client-examples": 64, "public-size": 64, "test-size": 200}
+
+
+def f64(rows):
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+# --- 1. robust aggregation -------------------------------------------------------------------------------
+
+def test_aggregation_forms_parse_and_a_wrong_one_is_refused_with_the_valid_forms():
+    assert Aggregation.parse("mean") == Aggregation()
+    assert Aggregation.parse("norm-clip") == Aggregation("mean", clip=2.0)
+    assert Aggregation.parse("median+norm-clip:3") == Aggregation("median", clip=3.0)
+    assert Aggregation.parse("trimmed-mean:0.2") == Aggregation("trimmed-mean", 0.2)
+    for bad in ("avg", "trimmed-mean", "trimmed-mean:0.5", "median+mean", "norm-clip:0", "norm-clip:nan"):
+        with pytest.raises(ConfigError, match="valid: mean, median, trimmed-mean:<f>, norm-clip"):
+            RunConfig.from_mapping({"aggregation": bad})
+
+
+def test_median_and_trimmed_mean_fold_each_coordinate_over_the_clients_that_hold_it():
+    values = f64([[1, NAN, NAN], [2, 5, NAN], [100, 6, NAN], [3, NAN, NAN]])  # NaN: not held
+    weights = f64([1, 1, 1, 1])
+    median = Aggregation.parse("median").fold(values, weights)
+    assert median[:2].tolist() == [2.5, 5.5] and median[2].isnan()
+    assert Aggregation.parse("trimmed-mean:0.25").fold(values, weights)[:2].tolist() == [2.5, 5.5]
+    assert Aggregation.parse("median").fold(f64([[1], [7], [3]]), f64([1, 1, 1])).tolist() == [3]
+    mean = Aggregation.parse("mean").fold(values, f64([1, 1, 2, 0]))
+    assert mean[:2].tolist() == pytest.approx([(1 + 2 + 200) / 4, (5 + 12) / 3])
+
+
+def test_mean_is_the_example_weighted_average_it_always_was():
+    torch.manual_seed(0)
+    reference = {"w": torch.randn(3, 4), "n": torch.tensor(3)}
+    states = [{"w": torch.randn(3, 4), "n": torch.tensor(i)} for i in range(3)]
+    folded = fold_states(reference, states, [10, 20, 30], Aggregation())
+    expected = sum(w * s["w"] for s, w in zip(states, [10, 20, 30])) / 60
+    assert torch.allclose(folded["w"], expected, atol=1e-6) and folded["n"] == 2  # counters: the maximum
+
+
+def test_norm_clip_bounds_each_update_to_factor_times_the_median_distance_from_the_global_model():
+    reference = {"w": torch.zeros(4)}
+    honest = [{"w": torch.full((4,), v)} for v in (1.0, 1.1, 0.9)]
+    attacker = {"w": torch.full((4,), -1000.0)}  # a sign-flipped, boosted update
+    folded = fold_states(reference, honest + [attacker], [1, 1, 1, 1], Aggregation.parse("norm-clip:2"))
+    # The median distance is 2 x 1.05 = 2.1 (norm of [1.05]*4); the attacker is clipped to 2 x that.
+    assert folded["w"][0].item() == pytest.approx((1 + 1.1 + 0.9 - 2 * 1.05) / 4, rel=1e-6)
+    plain = fold_states(reference, honest + [attacker], [1, 1, 1, 1], Aggregation())
+    assert plain["w"][0] < -200  # without the defence one attacker decides the model
+
+
+def test_a_width_scaled_fold_takes_each_channel_over_the_clients_whose_submodel_held_it():
+    reference = {"w": torch.zeros(4)}
+    updates = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 5.0, 7.0])}, {"w": torch.tensor([9.0])}]
+    index = [{"w": (torch.tensor([0, 1]),)}, {"w": (torch.tensor([0, 1, 2]),)}, {"w": (torch.tensor([0]),)}]
+    folded = fold_states(reference, updates, [1, 1, 1], Aggregation.parse("median"), index)
+    assert folded["w"].tolist() == [3.0, 3.5, 7.0, 0.0]  # channel 3: nobody held it, it keeps its value
+
+
+def test_reft_ensemble_with_the_defence_keeps_the_honest_teacher_against_adversarial_logits():
+    torch.manual_seed(0)
+    labels = torch.arange(20) % 5
+    honest = [torch.nn.functional.one_hot(labels, 5).float() * 6 + torch.randn(20, 5) for _ in range(9)]
+    adversarial = torch.nn.functional.one_hot((labels + 1) % 5, 5).float() * 1e4
+    for rule in ("norm-clip", "median", "trimmed-mean:0.1"):
+        teacher = fold_logits(honest + [adversarial], [1] * 10, Aggregation.parse(rule))
+        assert (teacher.argmax(1) == labels).all(), rule
+    assert (fold_logits(honest + [adversarial], [1] * 10, Aggregation()).argmax(1) != labels).all()
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_every_strategy_bounds_one_boosted_attacker_with_norm_clipping(tmp_path, strategy):
+    """The attacker (node 4 of 4, a workstation) sends G + 10 (W - G); with aggregation = norm-clip each
+    strategy's final model stays within 10 points of its clean run (4 nodes, 3 rounds, synthetic data)."""
+    overrides = {**FAST, "strategy": strategy, "num-server-rounds": 3, "aggregation": "norm-clip"}
+    clean, _ = run(tmp_path / "clean", **overrides)
+    attacked, _ = run(tmp_path / "attacked", node_config={4: {"fault": "boost:10"}}, **overrides)
+    assert attacked["status"] == "completed"
+    assert attacked["rounds"][-1]["accuracy"] >= clean["rounds"][-1]["accuracy"] - 0.10
+
+
+# --- 2. fail safe ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_a_huge_reply_never_corrupts_the_model_nor_gets_an_honest_node_rejected(tmp_path, strategy):
+    """Node 4 sends 3e38 everywhere (finite in float32; its float32 sum overflows), under a plain mean."""
+    results, _ = run(tmp_path, node_config={4: {"fault": "huge"}}, strategy=strategy, aggregation="mean", **FAST)
+    assert results["status"] == "completed"
+    for r in results["rounds"]:
+        assert r["accuracy"] is not None and math.isfinite(r["loss"])
+        honest = [c for c in r["clients"] if c["node_id"] != 4 and c["participated"] is not None]
+        assert not any(c["error"] for c in honest), [c["error"] for c in honest]
+        if r["aggregate_refused"]:
+            assert r["aggregate_refused"]["outlier_node"] == 4 and r["aggregate_refused"]["reason"]
+
+
+def test_a_refused_aggregate_keeps_the_previous_model_and_names_the_outlier(tmp_path):
+    results, _ = run(tmp_path, node_config={4: {"fault": "huge@2"}}, aggregation="mean", **FAST)
+    first, second = results["rounds"]
+    assert first["aggregate_refused"] is None
+    refused = second["aggregate_refused"]
+    assert refused["outlier_node"] == 4 and "overflow" in refused["reason"] and refused["outlier_norm_ratio"] > 1e30
+    assert second["accuracy"] == first["accuracy"] and second["loss"] == first["loss"]  # the model of round 1
+
+
+# --- 3. server-side truth --------------------------------------------------------------------------------
+
+def test_an_inflated_example_count_is_refused_at_the_device_query(tmp_path, caplog):
+    results, grid = run(tmp_path, node_config={4: {"fault": "inflate-examples"}}, **FAST)
+    assert results["status"] == "completed"
+    assert [d["node_id"] for d in results["devices"]] == [1, 2, 3]
+    assert "node 4: reports 640000 training examples; partition 3 of 4 holds 64" in caplog.text
+    assert not any(m.metadata.dst_node_id == 4 for m in grid.sent if m.metadata.message_type == "train")
+
+
+def test_a_duplicate_partition_and_another_num_partitions_are_left_out_with_the_reason(tmp_path, caplog):
+    results, _ = run(tmp_path, num_nodes=5, node_config={4: {"partition-id": 0}, 5: {"num-partitions": 3,
+                                                                                       "partition-id": 1}},
+                     **{**FAST, "min-nodes": 2})
+    assert [d["node_id"] for d in results["devices"]] == [2, 3]
+    assert "claims partition 0, which nodes [4] claim too" in caplog.text
+    assert "reports num-partitions = 3, the federation uses 5" in caplog.text
+
+
+def test_node_strings_are_bounded_and_sanitised_before_they_reach_logs_or_results(tmp_path, caplog):
+    def forged_name(node, reply):
+        if reply.metadata.message_type == "query" and node == 2:
+            reply.content["device"]["profile"] = "laptop\nINFO :      round 9/9  accuracy 1.0" + "x" * 5000
+        if reply.metadata.message_type == "train" and node == 3:
+            reply = Message(Error(code=0, reason="bad\n" * 10000), reply_to=reply)
+        return reply
+
+    results, _ = run(tmp_path, tamper=forged_name, **FAST)
+    name = results["devices"][1]["profile"]
+    assert "\n" not in name and len(name) < 120 and name.startswith("laptop?INFO")
+    error = results["rounds"][0]["clients"][2]["error"]
+    assert "\n" not in error and len(error) < 600
+    assert "round 9/9" not in caplog.text.replace(name, "")
+
+
+def test_node_text_keeps_printable_ascii_and_says_what_was_cut():
+    assert node_text("pi-4 (lab)") == "pi-4 (lab)"
+    assert node_text("a\nb\x1b[31m\u202e") == "a?b?[31m?"
+    assert node_text("x" * 100, 8) == "xxxxxxxx...(100 characters)"
+
+
+def test_a_device_query_reply_is_size_checked_before_it_is_read(tmp_path, caplog):
+    results, _ = run(tmp_path, node_config={4: {"fault": "spoof-profile"}}, **FAST)
+    assert [d["node_id"] for d in results["devices"]] == [1, 2, 3]
+    assert "node 4: device report of" in caplog.text and "exceeds the 65536 a report can take" in caplog.text
+
+
+def test_a_spoofed_profile_within_the_size_bound_is_refused_by_its_physical_ranges(tmp_path, caplog):
+    """spoof-profile's numbers with a short name: fl_app.profiles' physical ranges refuse the report
+    (the compute reference is then never set by it)."""
+    def spoof(node, reply):
+        if reply.metadata.message_type == "query" and node == 4:
+            reply.content["device"]["gflops"] = 1e300
+        return reply
+
+    results, _ = run(tmp_path, tamper=spoof, **FAST)
+    assert [d["node_id"] for d in results["devices"]] == [1, 2, 3]
+    assert "node 4: malformed device report" in caplog.text and "gflops" in caplog.text
+
+
+class _OneReplyGrid(InProcessGrid):
+    """Answers every train message with `content`, as a node that sends what it likes."""
+
+    def __init__(self, content):
+        super().__init__({}, 1)
+        self.content = content
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id
+            replies.append(Message(self.content, reply_to=msg))
+        return replies
+
+
+def _rss():
+    gc.collect()
+    return psutil.Process().memory_info().rss
+
+
+def _oversized_reply_costs(payload_bytes_: int):
+    """(payload, the server's RSS growth while it handles one train reply of that size, the outcome)."""
+    data = np.ones(payload_bytes_ // 4, dtype=np.float32)
+    content = RecordDict({"weights": ArrayRecord({"w": Array(data)}),
+                          "report": MetricRecord({"num-examples": 10})})
+    del data
+    spec = ModelSpec("cnn", 10, 1)
+    job = Job(round=1, model=spec, train=TrainConfig(1, 32, 0.1, 0.0, 0.0, False, False))
+    task = TrainTask(1, job, {})
+    before = _rss()
+    [outcome] = run_train_tasks(_OneReplyGrid(content), [task], public_size=10)
+    return payload_bytes(content), _rss() - before, outcome
+
+
+def test_an_oversized_reply_is_refused_from_its_metadata_with_memory_growing_less_than_the_payload():
+    payload, growth, outcome = _oversized_reply_costs(256 * 2**20)
+    assert outcome.rejected and "exceeds the" in outcome.error
+    assert growth < payload / 4, f"server memory grew by {growth / 2**20:.0f} MiB for a {payload / 2**20:.0f} MiB reply"
+
+
+@pytest.mark.slow
+def test_a_1_gib_reply_is_refused_with_server_memory_growing_less_than_the_payload():
+    payload, growth, outcome = _oversized_reply_costs(2**30)
+    assert outcome.rejected and growth < payload / 4
+
+
+# --- 4. attack faults --------------------------------------------------------------------------------------
+
+def _reply(values, record="weights"):
+    return RecordDict({record: ArrayRecord({"w": Array(np.asarray(values, dtype=np.float32))}),
+                       "report": MetricRecord({"num-examples": 30})})
+
+
+def test_attack_faults_damage_an_honest_reply_as_documented():
+    start = {"w": np.array([1.0, 1.0], dtype=np.float32)}
+
+    def sent(fault, values=(2.0, 3.0), record="weights"):
+        return Fault.parse(fault).damage(_reply(values, record), record, start)[record]["w"].numpy().tolist()
+
+    assert sent("boost:10") == [11.0, 21.0]  # G + 10 (W - G)
+    assert sent("signflip:2") == [-1.0, -3.0]  # G - 2 (W - G)
+    assert sent("huge") == [np.float32(HUGE)] * 2
+    assert sent("adversarial-logits", [[0.0, 5.0, 1.0]], "logits") == [[0.0, 0.0, 1e4]]  # argmax + 1
+    assert sent("adversarial-logits") == [2.0, 3.0]  # weight replies go out honestly
+    assert Fault.parse("inflate-examples").damage(_reply([1.0]), "weights")["report"]["num-examples"] == 300000
+    assert Fault.parse("labelflip").flip_labels(torch.tensor([0, 3, 9]), 10).tolist() == [9, 6, 0]
+
+
+def test_query_faults_lie_about_the_data_and_the_device():
+    report = {"profile": "laptop", "gflops": 20.0, "memory_mb": 4000.0, "uplink_mbps": 50.0,
+              "downlink_mbps": 100.0, "partition_id": 0, "num_partitions": 4, "num_examples": 64}
+    assert Fault.parse("inflate-examples").damage_query(report)["num_examples"] == 640000
+    spoofed = Fault.parse("spoof-profile").damage_query(report)
+    assert spoofed["gflops"] == 1e300 and spoofed["memory_mb"] == 1e12 and "\n" in spoofed["profile"]
+    assert Fault.parse("boost:3").damage_query(report) == report
+
+
+def test_attack_faults_take_rounds_and_a_wrong_form_is_refused():
+    assert Fault.parse("signflip:5@2,3") == Fault("signflip", 5.0, frozenset({2, 3}))
+    for bad in ("boost", "labelflip:2", "sneaky"):
+        with pytest.raises(FaultConfigError, match="boost:K"):
+            Fault.parse(bad)
+
+
+def test_a_label_flipper_trains_on_flipped_labels_and_is_accepted(tmp_path):
+    """labelflip sends an honest-looking update: it passes every check (only aggregation can bound it)."""
+    results, _ = run(tmp_path, node_config={4: {"fault": "labelflip"}}, **FAST)
+    assert all(c["participated"] for r in results["rounds"] for c in r["clients"])
