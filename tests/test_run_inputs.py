@@ -23,7 +23,8 @@ from server_app.server_app import main
 def _run(output_dir, seed=0, nodes=2, **overrides):
     config = {"num-server-rounds": 1, "device-mix": "laptop:1,workstation:1", "output-dir": str(output_dir),
               "run-name": "run", "public-size": 8, "max-client-examples": 16, "min-nodes": nodes, "model": "cnn",
-              "test-size": 64, "seed": seed, **overrides}
+              "test-size": 64, "seed": seed, "strategy": "fedavg", "memory-pool": "", **overrides}
+    # fedavg on the profiles' own memory: every node trains whatever the seed draws
     main(InProcessGrid(config, nodes), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                                                run_config=config))
     return load_results(output_dir / "run")
