@@ -406,6 +406,11 @@ def run_round(grid: Grid, strategy: Strategy, federation: Federation, writer: Re
     record = round_record(federation, strategy, server_round, accuracy, loss, outcomes, spent, failed, extras,
                           time.perf_counter() - started, unavailable)
     record["aggregate_refused"] = refused
+    if refused and not refused["outlier_norm_ratio"] > STANDS_OUT:  # no attacker to blame: the training itself
+        raise RoundFailed(f"round {server_round}: the aggregate of the valid replies is unsound ({refused['reason']}) "
+                          f"and no update stands out (the largest norm is {refused['outlier_norm_ratio']:.3g} x the "
+                          f"median): training diverged; lower lr (it is {federation.config.lr:g}). Rounds "
+                          f"1-{server_round - 1} are saved in {writer.folder}; continue with resume = true")
     record.update(emulated_round_s=clock.now_s - round_start_s, emulated_clock_s=clock.now_s,
                   left_out_by_kind=left_out_by_kind(left_out.values()),
                   server_rss_mb=psutil.Process().memory_info().rss / MIB,  # the ServerApp's memory now
@@ -413,6 +418,9 @@ def run_round(grid: Grid, strategy: Strategy, federation: Federation, writer: Re
                   # runs in the same process, and `seconds` (wall) includes it and the clients' training.
                   server_cpu_s=time.thread_time() - started_cpu)
     return record
+
+
+STANDS_OUT = 100.0  # an update whose norm is this many times the median's is an outlier, not a diverging lr
 
 
 def aggregate_safely(strategy: Strategy, server_round: int, updates: list[ClientUpdate], test: Batches

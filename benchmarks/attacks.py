@@ -1,0 +1,139 @@
+"""Hostile participants: final accuracy of every strategy, clean / attacked / attacked with the defence.
+
+    nice -n 10 python benchmarks/attacks.py run      # the grid, resumable: finished cells are skipped
+    python benchmarks/attacks.py table               # the table of what finished
+
+Real MNIST (/work/shared/data), cnn, 10 in-process nodes x 300 training images, 8 rounds, seed 0, the
+default device mix; every cell is a full run of the ServerApp's round loop against the real ClientApp
+(benchmarks/run_inprocess.py) with node-config `fault` (client_app/faults.py) on the attackers. The
+attacker is node 10 (a workstation: every strategy gives it work); the two label flippers nodes 9-10.
+Each cell runs with `aggregation = mean` (no defence) and with the defence (`--defence`, default: the
+run config's default `aggregation`). Results: one small JSON per cell under benchmarks/results/attacks/,
+the table in benchmarks/results/attacks.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flwr.app import Context, RecordDict  # noqa: E402
+
+from benchmarks.run_inprocess import REPO  # noqa: E402
+from experiments.inprocess import InProcessGrid  # noqa: E402
+from fl_app.config import default_run_config  # noqa: E402
+from fl_app.results import load_results  # noqa: E402
+from server_app.server_app import main as server_main  # noqa: E402
+from server_app.strategies import STRATEGIES  # noqa: E402
+
+DATA = str(REPO.parent / "shared" / "data")
+CELLS = REPO / "benchmarks" / "results" / "attacks"
+NODES = 10
+BASE = {"dataset": "mnist", "data-dir": DATA, "model": "cnn", "max-client-examples": 300, "num-server-rounds": 8,
+        "test-size": 2000, "seed": 0, "min-nodes": NODES}
+# scenario -> node id -> node-config fault
+SCENARIOS = {
+    "clean": {},
+    "replacement": {10: "boost:10"},
+    "signflip": {10: "signflip:10"},
+    "inflated+labelflip": {10: "inflate-examples;labelflip"},
+    "adversarial-logits": {10: "adversarial-logits"},  # REFT only: the others send weights
+    "2 labelflippers": {9: "labelflip", 10: "labelflip"},
+}
+
+
+def scenarios_of(strategy: str) -> list[str]:
+    return [s for s in SCENARIOS if s != "adversarial-logits" or strategy == "reft"]
+
+
+def run_cell(strategy: str, scenario: str, aggregation: str) -> dict:
+    """One full in-process run; its final accuracy, rounds refused and replies rejected."""
+    with tempfile.TemporaryDirectory() as out:
+        config = {**BASE, "strategy": strategy, "aggregation": aggregation, "output-dir": out, "run-name": "run"}
+        grid = InProcessGrid(config, NODES, node_config={n: {"fault": f} for n, f in SCENARIOS[scenario].items()})
+        started = time.perf_counter()
+        error = None
+        try:
+            server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
+        except Exception as exc:  # a run the attack stopped is a result too
+            error = f"{type(exc).__name__}: {str(exc)[:200]}"
+        results = load_results(Path(out) / "run")
+    rounds = results.get("rounds", [])
+    return {"strategy": strategy, "scenario": scenario, "aggregation": aggregation,
+            "final_accuracy": rounds[-1]["accuracy"] if rounds else None, "rounds": len(rounds),
+            "refused_rounds": sum(1 for r in rounds if r.get("aggregate_refused")),
+            "rejected_replies": sum(r.get("rejected", 0) for r in rounds),
+            "status": results.get("status"), "error": error, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def cell_path(strategy: str, scenario: str, aggregation: str) -> Path:
+    return CELLS / f"{strategy}__{scenario.replace(' ', '_').replace('+', '_')}__{aggregation.replace(':', '_')}.json"
+
+
+def grid(defence: str, strategies: list[str]) -> list[tuple[str, str, str]]:
+    """Every cell, the clean pairs first (they decide the default), then attacked with the defence, then without."""
+    cells = [(s, "clean", a) for s in strategies for a in ("mean", defence)]
+    cells += [(s, sc, defence) for s in strategies for sc in scenarios_of(s) if sc != "clean"]
+    cells += [(s, sc, "mean") for s in strategies for sc in scenarios_of(s) if sc != "clean"]
+    return cells
+
+
+def run(defence: str, strategies: list[str], scenarios: list[str]) -> None:
+    CELLS.mkdir(parents=True, exist_ok=True)
+    for strategy, scenario, aggregation in grid(defence, strategies):
+        path = cell_path(strategy, scenario, aggregation)
+        if path.exists() or scenario not in scenarios:
+            continue
+        result = run_cell(strategy, scenario, aggregation)
+        path.write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result), flush=True)
+
+
+def table(defence: str, strategies: list[str]) -> None:
+    def cell(strategy: str, scenario: str, aggregation: str) -> str:
+        path = cell_path(strategy, scenario, aggregation)
+        if not path.exists():
+            return "--"
+        r = json.loads(path.read_text())
+        if r["final_accuracy"] is None:
+            return "failed"
+        mark = "*" if r["refused_rounds"] else ""
+        return f"{r['final_accuracy']:.3f}{mark}" + ("!" if r["error"] else "")
+
+    print(f"final accuracy after {BASE['num-server-rounds']} rounds: real MNIST, cnn, {NODES} nodes x "
+          f"{BASE['max-client-examples']} images, test-size {BASE['test-size']}, seed {BASE['seed']}, "
+          "default device mix;")
+    print(f"each cell 'mean / {defence}' (aggregation without / with the defence); attacker node 10, flippers 9-10")
+    print("* some round's aggregate was refused as unsound (previous model kept); ! the run stopped early; -- not run")
+    header = ["strategy"] + [s for s in SCENARIOS]
+    rows = [header]
+    for strategy in strategies:
+        rows.append([strategy] + [f"{cell(strategy, sc, 'mean')} / {cell(strategy, sc, defence)}"
+                                  if sc in scenarios_of(strategy) else "n/a" for sc in SCENARIOS])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", choices=("run", "table"))
+    parser.add_argument("--defence", default=default_run_config()["aggregation"])
+    parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="run only these (comma-separated)")
+    args = parser.parse_args()
+    strategies = args.strategies.split(",")
+    if args.part == "run":
+        run(args.defence, strategies, args.scenarios.split(","))
+    else:
+        table(args.defence, strategies)
+
+
+if __name__ == "__main__":
+    main()
