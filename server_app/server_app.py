@@ -431,8 +431,9 @@ def aggregate_safely(strategy: Strategy, server_round: int, updates: list[Client
     or None). The honest nodes are never blamed: the next round starts from the last sound model."""
     before = copy.deepcopy(strategy.state_dict())  # deep: strategies load new values into the same tensors
     extras = strategy.aggregate_train(server_round, updates)
-    accuracy, loss, _ = evaluate(strategy.global_model(), test)
-    problem = unsound_model(strategy.global_model(), loss)
+    model = strategy.global_model()  # built once: evaluated, then checked
+    accuracy, loss, _ = evaluate(model, test)
+    problem = unsound_model(model, loss)
     if problem is None:
         return extras, accuracy, loss, None
     strategy.load_state_dict(before)

@@ -185,8 +185,7 @@ class Federation:
     def job_workload(self, job: Job, device: Device) -> Workload:
         """`job`'s round on `device`: what it trains, distills and predicts, and what travels (the whole
         model down, as to a node that holds nothing yet; the teacher's state too for a mimic job)."""
-        public, classes = self.config.public_size, self.num_classes
-        logits = 4.0 * public * classes
+        public, logits = self.config.public_size, self.public_logits_bytes
         teacher = self.cost(job.mimic).state_bytes if job.mimic else 0.0
         return self.workload(device, trained_examples=device.num_examples * job.train.epochs,
                              distilled_examples=job.distill_epochs * public,
@@ -194,6 +193,11 @@ class Federation:
                              weights_up=job.returns == "weights",
                              extra_down_bytes=teacher + (logits if job.distill_epochs else 0.0),
                              extra_up_bytes=logits if job.returns == "logits" else 0.0, encoding=job.encoding)
+
+    @property
+    def public_logits_bytes(self) -> float:
+        """Bytes of fp32 logits on the public slice: what REFT sends up, and down as soft labels."""
+        return 4.0 * self.config.public_size * self.num_classes
 
     def job_shortfall(self, job: Job, device: Device) -> str | None:
         """`shortfall` of a planned job: its model and trainable blocks, plus the teacher it mimics."""
@@ -207,15 +211,16 @@ class Federation:
         (REFT's global pruning, whose levels start at 0: every group at its floor). None: not even the
         `min-keep-ratio` floor fits."""
         work = workload or self.workload(device)
-        floor = 0.0 if widths_at is not None else self.config.min_keep_ratio
+
+        def fit(levels: Widths | None, floor: float) -> float | None:
+            return fit_ratio(self.full_spec(), self.image_shape, lambda c: self.fits(c, device, work), floor, levels)
+
+        if widths_at is not None:  # ranked from the current weights: nothing to reuse
+            return fit(widths_at, 0.0)
         p = device.profile
-        key = (p.gflops, p.memory_mb, p.uplink_mbps, p.downlink_mbps, work, floor)
-        if widths_at is not None or key not in self._ratios:  # uniform levels: price each budget once
-            ratio = fit_ratio(self.full_spec(), self.image_shape, lambda c: self.fits(c, device, work), floor,
-                              widths_at)
-            if widths_at is not None:
-                return ratio
-            self._ratios[key] = ratio
+        key = (p.gflops, p.memory_mb, p.uplink_mbps, p.downlink_mbps, work)  # uniform levels: each budget once
+        if key not in self._ratios:
+            self._ratios[key] = fit(None, self.config.min_keep_ratio)
         return self._ratios[key]
 
     def smallest_submodel_shortfall(self, device: Device, workload: Workload | None = None) -> str:

@@ -13,7 +13,7 @@ from fl_app.job import Job
 from fl_app.models import ModelSpec
 from fl_app.training import distill
 from fl_app.units import MIB
-from fl_app.width import RESOURCES, Widths, extract, pruning_widths
+from fl_app.width import Widths, extract, pruning_widths
 from server_app.strategies.base import (ClientUpdate, Device, Federation, GlobalModelStrategy, StrategySetupError,
                                         TrainTask, nobody_fits)
 
@@ -26,8 +26,9 @@ class REFT(GlobalModelStrategy):
     device's budget and, with `emulated-deadline`, whose round (compute at the device's GFLOPS,
     its weights down and logits up at its link rates) fits the deadline: pruning adapted to each
     client's FLOPS, as the paper's, falls out of sizing to one deadline. `pruning = global` ranks
-    every channel of the model in one list by importance per parameter (`fl_app.width.global_widths`:
-    parameter-heavy layers lose width first); `uniform` keeps one share of every layer's channels.
+    every channel of the model in one list by importance per unit of cost in the resource that binds
+    the device (`fl_app.width.global_widths`; parameters, or training memory when the full model does
+    not fit its memory: `binding_resource`); `uniform` keeps one share of every layer's channels.
     The submodel's weights travel down. Every round: each client distills
     the ensemble logits of the last round into its submodel on the public slice,
     trains on its private data, and sends up only its logits on the public slice; the
@@ -43,17 +44,12 @@ class REFT(GlobalModelStrategy):
         self.specs: dict[int, ModelSpec] = {}  # the submodel each client holds
         self.ensemble: torch.Tensor | None = None  # last round's teacher logits on the public slice
         self.ratios: dict[int, float] = {}  # node -> its pruning level at the last cut
-        self.levels = self._pruning_levels()
+        # Resource -> widths at every pruning level, ranked from the current weights when a device first
+        # needs that resource (`levels_for`); cleared at each re-cut.
+        self.levels: dict[str, Widths] = {}
         sized = self._size(federation.devices)
         if not sized:
             raise StrategySetupError(nobody_fits(self.name, "even the smallest submodel", self.left_out))
-
-    def _pruning_levels(self) -> dict[str, Widths]:
-        """Per resource a channel can be costed in (`fl_app.width.RESOURCES`), the submodel widths at every
-        pruning level, ranked from the global model's current weights."""
-        config, fed = self.federation.config, self.federation
-        return {r: pruning_widths(self.model, config.pruning, config.min_keep_ratio, fed.image_shape,
-                                  config.batch_size, r) for r in RESOURCES}
 
     def binding_resource(self, device: Device) -> str:
         """What `device`'s channels are costed in: training memory when the full model does not fit its
@@ -63,16 +59,21 @@ class REFT(GlobalModelStrategy):
             else "parameters"
 
     def levels_for(self, device: Device) -> Widths:
-        return self.levels[self.binding_resource(device)]
+        """The pruning levels `device`'s submodel is cut at: ranked in its binding resource."""
+        resource = self.binding_resource(device)
+        if resource not in self.levels:
+            config, fed = self.federation.config, self.federation
+            self.levels[resource] = pruning_widths(self.model, config.pruning, config.min_keep_ratio,
+                                                   fed.image_shape, config.batch_size, resource)
+        return self.levels[resource]
 
     def workload(self, device: Device) -> Workload:
         """A refresh round of `device`, the costliest: its submodel's weights and the soft labels down,
         distilling them on the public slice, training on its data, its public logits up."""
         config, fed = self.federation.config, self.federation
-        logits = 4.0 * config.public_size * fed.num_classes
         return fed.workload(device, distilled_examples=config.client_distill_epochs * config.public_size,
-                            predicted_examples=config.public_size, weights_up=False, extra_down_bytes=logits,
-                            extra_up_bytes=logits)
+                            predicted_examples=config.public_size, weights_up=False,
+                            extra_down_bytes=fed.public_logits_bytes, extra_up_bytes=fed.public_logits_bytes)
 
     def _size(self, devices: list[Device]) -> dict[int, float]:
         """Each device's pruning level under the current ranking (`self.levels`), into `ratios`; a device
@@ -105,7 +106,7 @@ class REFT(GlobalModelStrategy):
     def configure_train(self, server_round: int) -> list[TrainTask]:
         config = self.federation.config
         if self._refresh_due(server_round) and server_round > 1:  # re-rank the channels of the distilled model
-            self.levels = self._pruning_levels()
+            self.levels = {}
             self._size([d for d in self.federation.devices if d.node_id in self.ratios])
         members = [d for d in self.federation.devices if d.node_id in self.ratios]
         soft_labels = {"soft-labels": {"logits": self.ensemble}} if self.ensemble is not None else {}
@@ -152,5 +153,5 @@ class REFT(GlobalModelStrategy):
         super().load_state_dict(state)
         self.ensemble = state["ensemble"]
         self.specs = {}
-        self.levels = self._pruning_levels()  # ranked from the resumed weights, as a refresh would
+        self.levels = {}  # ranked again from the resumed weights, as a refresh would
         self._size([d for d in self.federation.devices if d.node_id in self.ratios])
