@@ -478,7 +478,8 @@ def run_compose_federation(tls: bool = False, rounds: int = 2, compose: list[str
         if undersized and not tls:
             files.append(UNDERSIZED)
             nodes += 1
-        env = {**daemon.env, "FL_DATA_DIR": str(data)}
+        # Every node states the same num-partitions, or the server leaves the odd one out (verify.py).
+        env = {**daemon.env, "FL_DATA_DIR": str(data), "FL_NUM_PARTITIONS": str(nodes)}
         stack = Stack(compose, env, files, connection, home)
         home.mkdir(exist_ok=True)
         write_flower_config(home, PORT, certs / "ca.crt" if certs else None)
