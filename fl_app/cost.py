@@ -14,7 +14,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
@@ -49,6 +49,10 @@ class ModelCost:
     # (The default layout makes one; not priced, as before.)
     weight_grad_temporary_bytes: int = 0
     state_tensors: int = 0  # entries of the state dict: each costs a message some framing bytes
+    # model_cost's (spec, image shape, trainable blocks): lets `with_checkpointing` price the same
+    # model again, e.g. to tell whether `checkpoint = true` would make a refused job fit.
+    priced_as: tuple[ModelSpec, tuple[int, ...], tuple[int, ...] | None] | None = \
+        field(default=None, repr=False, compare=False)
 
     @property
     def size_mb(self) -> float:
@@ -72,6 +76,26 @@ class ModelCost:
         backward = self.activation_bytes_per_sample * batch_size + layer + grads
         step = grads + optim + self.largest_trainable_bytes
         return int(self.state_bytes + batch + max(backward, step))
+
+    def with_checkpointing(self) -> ModelCost:
+        """The same model priced with activation checkpointing in its trained blocks, as training with
+        run-config `checkpoint = true` runs it (itself for a model with exits, which trains without)."""
+        if self.priced_as is None:
+            raise ValueError("this ModelCost was not made by model_cost: nothing to price again")
+        spec, image_shape, trainable = self.priced_as
+        return model_cost(spec, image_shape, trainable, checkpoint=True)
+
+    def largest_batch_within(self, budget_bytes: float, image_shape: tuple[int, ...]) -> int:
+        """The largest batch size (>= 1) whose `peak_train_bytes` fits `budget_bytes`; 0 if not even 1.
+        The peak grows with the batch, so this is a bisection over 1..2**20."""
+        low, high = 0, 1 << 20
+        while low < high:
+            mid = (low + high + 1) // 2
+            if self.peak_train_bytes(mid, image_shape) <= budget_bytes:
+                low = mid
+            else:
+                high = mid - 1
+        return low
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -106,7 +130,8 @@ def _widths_spelled_out(spec_json: str) -> str:
 @lru_cache(maxsize=4096)
 def _model_cost(spec_json: str, image_shape: tuple[int, ...], trainable: tuple[int, ...] | None,
                 checkpoint: bool) -> ModelCost:
-    return _price(ModelSpec.from_json(spec_json), image_shape, trainable, checkpoint)
+    spec = ModelSpec.from_json(spec_json)
+    return replace(_price(spec, image_shape, trainable, checkpoint), priced_as=(spec, image_shape, trainable))
 
 
 def _price(spec: ModelSpec, image_shape: tuple[int, ...], trainable: tuple[int, ...] | None,

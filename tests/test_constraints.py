@@ -142,6 +142,44 @@ def test_lowering_min_keep_ratio_is_advised_only_when_it_helps():
     assert "lower min-keep-ratio" not in str(error.value)  # one channel per layer would not fit either
 
 
+def advised_changes(error: str) -> list[dict]:
+    """The run-config changes a memory refusal advises, each as a config override."""
+    changes = [{"batch-size": int(b)} for b in re.findall(r"lower batch-size to (\d+)", error)]
+    changes += [{"checkpoint": True}] if "set checkpoint = true" in error else []
+    changes += [{"memory-pool": p} for p in re.findall(r"memory-pool = '([^']+)'", error)]
+    return changes
+
+
+@pytest.mark.parametrize("pool", ["uniform:1-1.5", "uniform-fraction:0.02-0.05", "uniform:20-30"])
+@pytest.mark.parametrize("name", BOUNDED)
+def test_every_memory_advice_lets_the_run_start(name, pool):
+    """A memory refusal offers only changes priced to work (a smaller batch-size, checkpointing, a
+    fraction pool's lower bound); applying any one of them starts the strategy's plan."""
+    config = {**PLAN, "memory-pool": pool, "batch-size": 64}
+    [refused] = make_plan(config, strategies=[name]).strategies
+    if refused.error is None:
+        return  # this pool fits the strategy: nothing to advise
+    assert "memory: needs" in refused.error
+    changes = advised_changes(refused.error)
+    if not changes:  # only when nothing would: not even batch 1 fits the closest device
+        assert "no batch-size or checkpointing fits it" in refused.error
+        assert not pool.startswith("uniform-fraction")  # a fraction pool's lower bound always can
+    for change in changes:
+        [started] = make_plan({**config, **change}, strategies=[name]).strategies
+        assert started.error is None, (change, started.error)
+
+
+def test_checkpointing_is_advised_where_it_is_what_fits():
+    """ResNet-18 at batch 96 on a 300 MB Pi (564 MB predicted): checkpointing brings the full model
+    within budget (280 MB), and planning with checkpoint = true then prices the jobs as they train."""
+    fed = federation(["raspberry-pi-3b-plus"], model="resnet18", **{"batch-size": 96})
+    full = fed.cost(fed.full_spec())
+    reason = fed.shortfall(full, fed.devices[0])
+    assert "set checkpoint = true" in reason, reason
+    checkpointed = federation(["raspberry-pi-3b-plus"], model="resnet18", **{"batch-size": 96, "checkpoint": True})
+    assert checkpointed.shortfall(checkpointed.cost(checkpointed.full_spec()), checkpointed.devices[0]) is None
+
+
 @pytest.mark.parametrize("key", ["constraints", "compute-slack", "profl-shrink-rounds"])
 def test_a_removed_key_says_what_replaced_it(key):
     with pytest.raises(ConfigError, match=f"{key} was removed: "):

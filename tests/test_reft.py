@@ -25,7 +25,8 @@ PROFILES = ["raspberry-pi-4", "jetson-nano", "laptop", "workstation"]
 
 
 def federation(profiles=PROFILES, **overrides) -> Federation:
-    config = RunConfig.from_mapping({"strategy": "reft", **overrides})
+    # The devices keep their profiles' own memory, so no pool is drawn from (the default pool is one).
+    config = RunConfig.from_mapping({"strategy": "reft", "memory-pool": "", **overrides})
     devices = [Device(i + 1, i, load_profile(p), 100) for i, p in enumerate(profiles)]
     return Federation(config, devices, make_synthetic(train_size=600, test_size=50), np.random.default_rng(0))
 

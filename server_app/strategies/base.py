@@ -23,7 +23,7 @@ from fl_app.cost import ModelCost, Workload, model_cost
 from fl_app.data import Batches, Dataset, split_public
 from fl_app.job import Job
 from fl_app.models import BlockNet, ModelSpec, build_model
-from fl_app.profiles import DeviceProfile, profile_report
+from fl_app.profiles import DeviceProfile, parse_memory_pool, profile_report
 from fl_app.training import TrainConfig
 from fl_app.units import MIB
 from fl_app.width import Widths, fit_ratio, widths_at_ratio
@@ -128,8 +128,11 @@ class Federation:
         c = self.config
         return TrainConfig(c.local_epochs, c.batch_size, c.lr, c.momentum, c.weight_decay, c.augment, c.checkpoint)
 
-    def cost(self, spec: ModelSpec, trainable: list[int] | None = None, checkpoint: bool = False) -> ModelCost:
-        return model_cost(spec, self.image_shape, trainable, checkpoint)
+    def cost(self, spec: ModelSpec, trainable: list[int] | None = None, checkpoint: bool | None = None) -> ModelCost:
+        """The price of training `spec` (only `trainable` blocks, if given) on this run's inputs; with
+        activation checkpointing as run-config `checkpoint` says, as the jobs train, unless `checkpoint`."""
+        return model_cost(spec, self.image_shape, trainable,
+                          self.config.checkpoint if checkpoint is None else checkpoint)
 
     def peak_memory_mb(self, cost: ModelCost) -> float:
         return cost.peak_train_bytes(self.config.batch_size, self.image_shape) / MIB
@@ -164,23 +167,62 @@ class Federation:
           rates, the virtual clock's price) within the deadline.
         The text starts with the resource ("memory: " or "deadline: ") and names the key that relaxes it.
         """
+        over = self._exceeded(cost, device, extra_bytes, workload)
+        if over is None:
+            return None
+        if over[0] == "memory":
+            return (f"memory: needs {over[1] / MIB:.1f} MB at batch {self.config.batch_size}, has "
+                    f"{device.profile.memory_mb:.1f} MB ({self.memory_advice(cost, device, extra_bytes)})")
+        compute, transfer, deadline = over[1], over[2], self.config.emulated_deadline
+        return (f"deadline: needs {compute + transfer:.3g} s of device time (compute {compute:.3g} s at "
+                f"{device.profile.gflops:g} GFLOPS, transfers {transfer:.3g} s), emulated-deadline = "
+                f"{deadline:g} s (raise emulated-deadline, or lower local-epochs or max-client-examples)")
+
+    def _exceeded(self, cost: ModelCost, device: Device, extra_bytes: float,
+                  workload: Workload | None) -> tuple[str, float, float] | None:
+        """The first limit a job of `cost` breaks on `device`: ("memory", peak bytes, budget bytes),
+        ("deadline", compute s, transfer s), or None. `shortfall` words it; `fits` needs only this."""
         peak = cost.peak_train_bytes(self.config.batch_size, self.image_shape) + extra_bytes
         if peak > self.memory_budget_bytes(device):
-            return (f"memory: needs {peak / MIB:.1f} MB at batch {self.config.batch_size}, has "
-                    f"{device.profile.memory_mb:.1f} MB (lower batch-size, or set checkpoint = true)")
-        deadline = self.config.emulated_deadline
-        if deadline > 0:
+            return "memory", peak, self.memory_budget_bytes(device)
+        if self.config.emulated_deadline > 0:
             work = workload or self.workload(device)
             compute, transfer = work.compute_s(device.profile, cost), work.transfer_s(device.profile, cost)
-            if compute + transfer > deadline:
-                return (f"deadline: needs {compute + transfer:.3g} s of device time (compute {compute:.3g} s at "
-                        f"{device.profile.gflops:g} GFLOPS, transfers {transfer:.3g} s), emulated-deadline = "
-                        f"{deadline:g} s (raise emulated-deadline, or lower local-epochs or max-client-examples)")
+            if compute + transfer > self.config.emulated_deadline:
+                return "deadline", compute, transfer
         return None
 
+    def memory_advice(self, cost: ModelCost, device: Device, extra_bytes: float = 0.0) -> str:
+        """What would let `device` hold a job of `cost` (+ `extra_bytes`), each change priced by the same
+        rule before it is offered: the largest batch-size that fits (not under a "uniform-fraction" pool,
+        whose budgets scale with the batch), `checkpoint = true`, or a fraction pool whose lower bound
+        covers the need; otherwise that none of these would."""
+        c, budget = self.config, self.memory_budget_bytes(device) - extra_bytes
+        pool = parse_memory_pool(c.memory_pool)
+        fixes = []
+        if pool is None or pool.unit == "MB":
+            batch = cost.largest_batch_within(budget, self.image_shape)
+            if 0 < batch < c.batch_size:
+                fixes.append(f"lower batch-size to {batch}")
+        if not c.checkpoint and cost.with_checkpointing().peak_train_bytes(c.batch_size, self.image_shape) <= budget:
+            fixes.append("set checkpoint = true")
+        if pool is not None and pool.unit == "fraction":
+            need = (cost.peak_train_bytes(c.batch_size, self.image_shape) + extra_bytes) / self.full_peak_bytes
+            low = math.ceil(need * 100) / 100
+            fixes.append(f"memory-pool = 'uniform-fraction:{low:g}-{max(low, pool.high):g}'")
+        return ", or ".join(fixes) or "no batch-size or checkpointing fits it: a device with more memory"
+
+    @property
+    def full_peak_bytes(self) -> float:
+        """Predicted peak bytes of training the full model at `batch-size` without checkpointing: the
+        reference of a "uniform-fraction" memory pool (fl_app.cost.full_training_peak_mb)."""
+        cost = self.cost(self.full_spec(), checkpoint=False)
+        return float(cost.peak_train_bytes(self.config.batch_size, self.image_shape))
+
     def fits(self, cost: ModelCost, device: Device, workload: Workload | None = None) -> bool:
-        """Whether `device` can afford training a model of `cost` in a round (`shortfall` is None)."""
-        return self.shortfall(cost, device, workload=workload) is None
+        """Whether `device` can afford training a model of `cost` in a round (`shortfall` would be None;
+        checked without wording or pricing advice, as the planner's searches call this often)."""
+        return self._exceeded(cost, device, 0.0, workload) is None
 
     def job_workload(self, job: Job, device: Device) -> Workload:
         """`job`'s round on `device`: what it trains, distills and predicts, and what travels (the whole
