@@ -17,6 +17,7 @@ import math
 import re
 import statistics
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterable
 from datetime import datetime
@@ -66,7 +67,7 @@ def main(grid: Grid, context: Context) -> None:
         check_writable(folder)  # a read-only or full output-dir stops here, not after the device query
         remove_stale_temporaries(folder, (*RUN_FILES, CHECKPOINT))  # of writes killed mid-way; the run owns the folder
         clock = VirtualClock.for_run(config, now_s=resumed_clock_s(checkpoint))
-        dataset = load_dataset(config.dataset, config.data_dir, config.seed)
+        dataset, data_warnings = load_dataset_noting_warnings(config)
         check_input_size(ModelSpec(config.model, dataset.num_classes, dataset.image_shape[0]), dataset.image_shape,
                          config.batch_size)  # a model and input size that cannot train together: refused here
         node_ids = wait_for_min_nodes(grid, config)
@@ -95,6 +96,9 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "resuming %s after round %d from %s", folder.name, checkpoint["round"], folder / CHECKPOINT)
     else:
         writer = ResultsWriter(folder, config.__dict__, device_list)
+    if data_warnings:  # what the loader read differently from the file (e.g. float labels as classes)
+        writer.doc["warnings"] = data_warnings
+        writer.write()
     log(INFO, "%s on %d devices (%s); results in %s", strategy.name, len(devices),
         ", ".join(sorted({d.profile.name for d in devices})), writer.folder)
     for line in device_table(federation, left_out_reasons(strategy, federation, first_round), strategy.name):
@@ -183,6 +187,18 @@ def _continue_hint(folder: Path, saved: int) -> str:
     kept = f"rounds 1-{saved} are saved" if saved else "no round was saved"
     return (f"{kept}; free space or fix {folder.parent}, then continue with resume = true and "
             f"run-name = {folder.name!r}")
+
+
+def load_dataset_noting_warnings(config: RunConfig) -> tuple[Dataset, list[str]]:
+    """The run's dataset and what its loader warned about (labels read as classes, files skipped,
+    classes missing from a split): each warning logged once and returned for results.json."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dataset = load_dataset(config.dataset, config.data_dir, config.seed)
+    notes = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)))
+    for note in notes:
+        log(WARNING, "data: %s", note)
+    return dataset, notes
 
 
 def finish_results(writer: ResultsWriter, error: str) -> None:

@@ -323,3 +323,22 @@ def test_clean_integer_labels_raise_no_warning(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", DataWarning)
         load_dataset(_npz(tmp_path / "x.npz", u, u[:9]))
+
+
+def test_what_the_loader_read_differently_is_recorded_in_the_runs_results(tmp_path):
+    """Warnings are not only printed: results.json keeps them beside the accuracy they qualify."""
+    from flwr.app import Context, RecordDict
+
+    from experiments.inprocess import InProcessGrid
+    from fl_app.results import load_results
+    from server_app.server_app import main
+
+    u = _images(80, side=32)
+    dataset = _npz(tmp_path / "x.npz", u, u[:30], y_train=(np.arange(80) % 3).astype(np.float64))
+    config = {"dataset": dataset, "num-server-rounds": 1, "device-mix": "laptop:2", "output-dir": str(tmp_path),
+              "run-name": "run", "public-size": 8, "max-client-examples": 16, "min-nodes": 2, "model": "cnn",
+              "test-size": 30, "strategy": "fedavg", "memory-pool": ""}
+    main(InProcessGrid(config, 2), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
+    results = load_results(tmp_path / "run")
+    assert results["status"] == "completed"
+    assert any("labels are float64 whole numbers" in w for w in results["warnings"]), results.get("warnings")
