@@ -68,10 +68,20 @@ def test_norm_clip_bounds_each_update_to_factor_times_the_median_distance_from_t
     honest = [{"w": torch.full((4,), v)} for v in (1.0, 1.1, 0.9)]
     attacker = {"w": torch.full((4,), -1000.0)}  # a sign-flipped, boosted update
     folded = fold_states(reference, honest + [attacker], [1, 1, 1, 1], Aggregation.parse("norm-clip:2"))
-    # The median distance is 2 x 1.05 = 2.1 (norm of [1.05]*4); the attacker is clipped to 2 x that.
+    # The median movement is 1.05 per coordinate; the attacker is clipped to 2 x that.
     assert folded["w"][0].item() == pytest.approx((1 + 1.1 + 0.9 - 2 * 1.05) / 4, rel=1e-6)
     plain = fold_states(reference, honest + [attacker], [1, 1, 1, 1], Aggregation())
     assert plain["w"][0] < -200  # without the defence one attacker decides the model
+
+
+def test_a_client_holding_more_of_the_model_is_not_clipped_for_holding_more():
+    """DepthFL/HeteroFL: a deep client holds many tensors, a shallow one few. Moving each coordinate as
+    far as the others, it keeps its whole update (movement is measured per held coordinate)."""
+    reference = {f"b{k}": torch.zeros(100) for k in range(8)}
+    shallow = [{"b0": torch.full((100,), 0.1)} for _ in range(3)]
+    deep = {name: torch.full((100,), 0.1) for name in reference}  # 8x the tensors, same movement each
+    folded = fold_states(reference, shallow + [deep], [1, 1, 1, 1], Aggregation.parse("norm-clip:2"))
+    assert torch.allclose(folded["b7"], torch.full((100,), 0.1))  # unclipped (by distance: 2.8 x the median)
 
 
 def test_a_width_scaled_fold_takes_each_channel_over_the_clients_whose_submodel_held_it():
@@ -91,6 +101,16 @@ def test_reft_ensemble_with_the_defence_keeps_the_honest_teacher_against_adversa
         teacher = fold_logits(honest + [adversarial], [1] * 10, Aggregation.parse(rule))
         assert (teacher.argmax(1) == labels).all(), rule
     assert (fold_logits(honest + [adversarial], [1] * 10, Aggregation()).argmax(1) != labels).all()
+
+
+def test_reft_ensemble_with_the_defence_keeps_a_confident_honest_teacher():
+    """Under norm-clip REFT folds probabilities: one sharp client (a large submodel) among unsure ones is
+    not clipped toward them, and with equal weights the teacher is the average of their distributions."""
+    sharp = torch.tensor([[8.0, 0.0, 0.0]])
+    unsure = [torch.tensor([[0.2, 0.0, 0.0]]) for _ in range(3)]
+    teacher = fold_logits([sharp, *unsure], [1, 1, 1, 1], Aggregation.parse("norm-clip"))
+    expected = torch.stack([t.softmax(-1) for t in [sharp, *unsure]]).mean(0)
+    assert torch.allclose(teacher.softmax(-1), expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
