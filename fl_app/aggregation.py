@@ -157,7 +157,10 @@ def fold_states(reference: Mapping[str, torch.Tensor], updates: Sequence[Mapping
             else:
                 stack[row] = moved
         folded = aggregation.fold(stack, torch.tensor([float(weights[i]) for i in holders], dtype=torch.float64))
-        out[name] = torch.where(folded.isnan(), ref.double(), folded).to(ref.dtype)
+        folded = torch.where(folded.isnan(), ref.double(), folded)
+        if name.endswith("running_var"):  # a variance is >= 0; a negative one (only an attacker's update
+            folded = folded.clamp_min(0.0)  # makes one) turns every output of its BatchNorm NaN
+        out[name] = folded.to(ref.dtype)
     return out
 
 

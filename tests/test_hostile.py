@@ -84,6 +84,15 @@ def test_a_client_holding_more_of_the_model_is_not_clipped_for_holding_more():
     assert torch.allclose(folded["b7"], torch.full((100,), 0.1))  # unclipped (by distance: 2.8 x the median)
 
 
+def test_a_folded_batchnorm_variance_is_never_negative():
+    """A sign-flipped update can drag the mean of running variances below zero, which makes every output
+    of that BatchNorm NaN (ExclusiveFL, 1 attacker of 3 eligible: the run failed at round 4)."""
+    reference = {"bn.running_var": torch.ones(3)}
+    honest = [{"bn.running_var": torch.full((3,), 1.2)} for _ in range(2)]
+    flipped = {"bn.running_var": torch.full((3,), -9.0)}
+    assert (fold_states(reference, honest + [flipped], [1, 1, 1], Aggregation())["bn.running_var"] >= 0).all()
+
+
 def test_a_width_scaled_fold_takes_each_channel_over_the_clients_whose_submodel_held_it():
     reference = {"w": torch.zeros(4)}
     updates = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 5.0, 7.0])}, {"w": torch.tensor([9.0])}]
