@@ -311,8 +311,10 @@ def _check_command(executable: str, args: list[str]) -> list[str]:
     return problems
 
 
-def _compose(name: str) -> dict:
-    return yaml.safe_load((REPO / name).read_text())
+def _compose(name: str, env: dict[str, str] | None = None) -> dict:
+    """A compose file as Compose reads it: `${VAR:-default}` from `env`, else the default."""
+    text = re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: (env or {}).get(m[1], m[2]), (REPO / name).read_text())
+    return yaml.safe_load(text)
 
 
 def _dockerfile() -> str:
@@ -408,6 +410,18 @@ def test_node_configs_parse_and_name_existing_profiles():
         for name, config in configs.items():
             assert config["profile"] in profiles, f"{name}: unknown profile {config['profile']!r}"
         assert len({c["profile"] for c in configs.values()}) >= 3, "a heterogeneous federation"
+
+
+def test_the_undersized_fifth_node_and_the_four_state_one_num_partitions():
+    """CI's compose run adds scripts/compose/undersized-node.yml with FL_NUM_PARTITIONS=5, as
+    scripts/compose_federation.py sets it: the server leaves out a node stating another split."""
+    env = {"FL_NUM_PARTITIONS": "5"}
+    services = {**_compose("docker-compose.yml", env)["services"],
+                **_compose("scripts/compose/undersized-node.yml", env)["services"]}
+    nodes = [svc for svc in services.values() if str(svc.get("image", "")).startswith("flwr/supernode")]
+    configs = [parse_config_args([_option(svc["command"], "--node-config")]) for svc in nodes]
+    assert sorted(c["partition-id"] for c in configs) == list(range(5))
+    assert {c["num-partitions"] for c in configs} == {5}
 
 
 def _mib(text: str) -> float:
