@@ -95,7 +95,8 @@ def run(defence: str, strategies: list[str], scenarios: list[str]) -> None:
         print(json.dumps(result), flush=True)
 
 
-def table(defence: str, strategies: list[str]) -> None:
+def table(defences: list[str], strategies: list[str]) -> None:
+    """One row per strategy, one column per scenario; each cell 'mean / defence 1 / defence 2 ...'."""
     def cell(strategy: str, scenario: str, aggregation: str) -> str:
         path = cell_path(strategy, scenario, aggregation)
         if not path.exists():
@@ -106,25 +107,27 @@ def table(defence: str, strategies: list[str]) -> None:
         mark = "*" if r["refused_rounds"] else ""
         return f"{r['final_accuracy']:.3f}{mark}" + ("!" if r["error"] else "")
 
+    columns = ["mean", *defences]
     print(f"final accuracy after {BASE['num-server-rounds']} rounds: real MNIST, cnn, {NODES} nodes x "
           f"{BASE['max-client-examples']} images, test-size {BASE['test-size']}, seed {BASE['seed']}, "
           "default device mix;")
-    print(f"each cell 'mean / {defence}' (aggregation without / with the defence); attacker node 10, flippers 9-10")
+    print(f"each cell '{' / '.join(columns)}' (aggregation); attacker node 10, flippers 9-10")
     print("* some round's aggregate was refused as unsound (previous model kept); ! the run stopped early; -- not run")
     header = ["strategy"] + [s for s in SCENARIOS]
     rows = [header]
     for strategy in strategies:
-        rows.append([strategy] + [f"{cell(strategy, sc, 'mean')} / {cell(strategy, sc, defence)}"
+        rows.append([strategy] + [" / ".join(cell(strategy, sc, a) for a in columns)
                                   if sc in scenarios_of(strategy) else "n/a" for sc in SCENARIOS])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for r in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=("run", "table"))
-    parser.add_argument("--defence", default=default_run_config()["aggregation"])
+    parser.add_argument("--defence", default=default_run_config()["aggregation"],
+                        help="run: the defence's aggregation; table: one or more, comma-separated")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="run only these (comma-separated)")
     args = parser.parse_args()
@@ -132,7 +135,7 @@ def main() -> None:
     if args.part == "run":
         run(args.defence, strategies, args.scenarios.split(","))
     else:
-        table(args.defence, strategies)
+        table(args.defence.split(","), strategies)
 
 
 if __name__ == "__main__":
