@@ -50,7 +50,6 @@ from server_app.pricing import TaskPrice, planned_examples, price_task
 from server_app.rounds import expected_tensors, task_content
 from server_app.strategies import STRATEGIES
 from server_app.strategies.base import ClientUpdate, Device, Federation, Strategy, StrategySetupError, TrainTask
-from server_app.strategies.depthfl import DepthFL
 from server_app.strategies.profl import ProFL, Step
 
 # Shapes and sizes of the named datasets (torchvision's splits): planned without reading images.
@@ -313,9 +312,7 @@ def _label(task: TrainTask) -> str:
 def _absent_reason(strategy: Strategy, federation: Federation, device: Device, server_round: int) -> str:
     """Why `device` has no task this round, in the strategy's own words where it has them, with the
     resource that falls short and the run-config key that would change it (Federation.shortfall)."""
-    reason = strategy.left_out.get(device.node_id)
-    if isinstance(strategy, DepthFL) and reason is not None:
-        reason += f": {federation.shortfall(strategy.sizing_cost(1), device)}"
+    reason = strategy.left_out.get(device.node_id)  # DepthFL's already names the shortfall (DepthFL.admit)
     if reason is None and isinstance(strategy, ProFL) and device not in strategy.eligible:
         reason = (f"does not fit step {step_label(strategy.step)}: "
                   f"{federation.job_shortfall(strategy.job(server_round, strategy.step), device)}")

@@ -113,3 +113,12 @@ def test_strategies_planned_without_folding_plan_the_same_with_it(name):
         return [[t.to_dict() for t in tasks] for tasks in plan.rounds]
 
     assert rounds(True) == rounds(False)
+
+
+def test_a_left_out_reason_names_its_shortfall_once():
+    """DepthFL's reason already names the memory that falls short; the plan does not repeat it."""
+    plan = make_plan({"model": "cnn", "dataset": "synthetic", "num-server-rounds": 1, "max-client-examples": 64,
+                      "memory-pool": "uniform-fraction:0.4-1.2"}, strategies=["depthfl"])
+    [strategy] = plan.strategies
+    reasons = [r for absent in strategy.absent for r in absent.values()]
+    assert reasons and all(r.count("memory: needs") == 1 for r in reasons), reasons
