@@ -41,6 +41,32 @@ def test_predicted_peak_memory_is_close_to_a_measured_step(name, batch):
     assert 0.75 < predicted / measured < 1.35, (predicted / 2**20, measured / 2**20)
 
 
+# REFT's global pruning at the memory wall (experiments/specs/memory_wall.toml, seed 0, round 1, node 17 with a
+# 4.77 MB budget) gave resnet18-w0.25 these widths: one channel in the stem and stage 1, wide stage-4 blocks.
+# Predicted 4.76 MB, measured 5.86 MB at batch 32: the node refused every round. Why, measured with the
+# profiler: PyTorch's CPU convolution (oneDNN) works on channel-blocked copies padded to 16 channels, so a
+# 1 -> 1 channel 3x3 conv on 32 x 32 images at batch 32 allocates two 2048 KB buffers for 128 KB of logical
+# output; pricing on the meta device sees the logical tensors only. Not yet modelled (it needs the backward's
+# timeline: the stem's buffers coexist with few saved activations, so padding the largest-layer term over-predicts).
+NARROW_STEM_WIDTHS = {"stage1": 1, "stage2": 2, "stage3": 4, "stage4": 7, "stage1.block0.mid": 1,
+                      "stage1.block1.mid": 1, "stage2.block0.mid": 2, "stage2.block1.mid": 2, "stage3.block0.mid": 16,
+                      "stage3.block1.mid": 4, "stage4.block0.mid": 128, "stage4.block1.mid": 112}
+
+
+@pytest.mark.xfail(strict=True, reason="oneDNN's 16-channel blocked copies are not priced: "
+                   "a one-channel-stem REFT submodel is under-predicted by 19 %")
+def test_a_globally_pruned_submodel_with_a_one_channel_stem_is_not_under_predicted():
+    spec = ModelSpec("resnet18-w0.25").with_widths(NARROW_STEM_WIDTHS)
+    torch.manual_seed(0)
+    model = build_model(spec)
+    freeze_except(model, None)
+    optimizer = make_optimizer(model, TrainConfig())
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    _, measured = measure_step(model, optimizer, x, y)
+    predicted = model_cost(spec, (3, 32, 32)).peak_train_bytes(32, (3, 32, 32))
+    assert predicted >= measured, (predicted / 2**20, measured / 2**20)
+
+
 @pytest.mark.parametrize("batch", [8, 32])
 def test_checkpointed_prediction_is_close_to_a_measured_step_and_not_below(batch):
     """ResNet-18's largest ProFL step, grow block 1 (stem and layer1 with its output module).
