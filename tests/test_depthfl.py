@@ -103,7 +103,7 @@ def test_mutual_distillation_brings_the_heads_predictions_together(one_thread):
 
 
 def test_every_tensor_is_averaged_over_the_clients_that_held_it_only():
-    fed = federation(["workstation", "workstation"], strategy="depthfl")
+    fed = federation(["workstation", "workstation"], strategy="depthfl", aggregation="mean")  # the paper's weighted mean
     strategy = DepthFL(fed)
     strategy.depths = {1: 1, 2: 3}  # node 1: block 1 and its head; node 2: the whole model
     tasks = {t.node_id: t for t in strategy.configure_train(1)}
