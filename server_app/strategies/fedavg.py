@@ -11,7 +11,9 @@ class FedAvg(SingleModelStrategy):
 
     Device limits are ignored: every sampled client trains the full model, and an
     emulated device is allowed past its memory budget. It is the accuracy upper
-    bound that a federation of real weak devices could not actually run.
+    bound that a federation of real weak devices could not actually run. Updates are
+    folded by run-config `aggregation`: `mean` is McMahan et al.'s example-weighted
+    average; the default, `norm-clip+median`, bounds a hostile client (fl_app/aggregation.py).
     """
 
     name = "fedavg"
