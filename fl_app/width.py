@@ -4,8 +4,8 @@ A `ChannelMap` says, for every width group, which channels of the global model a
 submodel keeps (sorted indices). From it:
 
 - `slice_state` cuts the global state dict down to the submodel's shapes;
-- `scatter_sum` adds a submodel's tensors back at the right global positions
-  (HeteroFL's channel-wise averaging divides the sums by per-coordinate counts);
+- `global_index` places a submodel's tensors back at their global positions (HeteroFL's and
+  FedRolex's channel-wise folds, `fl_app.aggregation.fold_states`);
 - `select_channels` builds the map, by weight magnitude (REFT's structured pruning)
   or by taking the first k channels (HeteroFL's static width scaling);
 - `fit_ratio` finds the largest submodel that fits a device's budgets (memory, device time),
@@ -101,9 +101,10 @@ def slice_state(state: dict[str, torch.Tensor], axes: dict[str, tuple[Axis, ...]
     return out
 
 
-def _global_index(axes: tuple[Axis, ...], keep: ChannelMap,
-                  shape: torch.Size) -> tuple[torch.Tensor, ...]:
-    """An advanced index (an open mesh) placing a submodel tensor into its global tensor."""
+def global_index(axes: tuple[Axis, ...], keep: ChannelMap,
+                 shape: torch.Size) -> tuple[torch.Tensor, ...]:
+    """An advanced index (an open mesh) placing a submodel tensor into its global tensor of `shape`:
+    `global_tensor[global_index(...)]` has the submodel tensor's shape. Kept indices are unique."""
     index = []
     for dim, size in enumerate(shape):
         axis = axes[dim] if dim < len(axes) else None
@@ -112,19 +113,6 @@ def _global_index(axes: tuple[Axis, ...], keep: ChannelMap,
         view[dim] = -1
         index.append(positions.view(view))
     return tuple(index)
-
-
-def scatter_sum(total: dict[str, torch.Tensor], count: dict[str, torch.Tensor],
-                sub_state: dict[str, torch.Tensor], axes: dict[str, tuple[Axis, ...]],
-                keep: ChannelMap, weight: float) -> None:
-    """Add `weight * sub_state` into `total` at the kept channels, and `weight` into `count`."""
-    for name, value in sub_state.items():
-        if not total[name].is_floating_point():
-            continue  # integer counters (num_batches_tracked) are not averaged
-        # Kept indices are unique, so a gather-add-assign is an exact scatter-add.
-        idx = _global_index(axes[name], keep, total[name].shape)
-        total[name][idx] = total[name][idx] + weight * value.to(total[name].dtype)
-        count[name][idx] = count[name][idx] + weight
 
 
 def full_map(spec: ModelSpec) -> ChannelMap:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fl_app.models import MODEL_NAMES, ModelSpec, build_model
-from fl_app.width import (channel_importance, full_map, param_axes, scatter_sum, select_channels,
+from fl_app.width import (channel_importance, full_map, param_axes, global_index, select_channels,
                           slice_state, widths_at_ratio)
 
 
@@ -61,20 +61,20 @@ def test_first_k_selection_is_heterofl_width_scaling():
     assert keep == {"stage1.conv1": [0, 1, 2]}
 
 
-def test_scatter_sum_puts_every_value_back_where_it_was_sliced_from():
+def test_global_index_puts_every_value_back_where_it_was_sliced_from():
     model = build_model(ModelSpec("resnet18"))
     axes = param_axes(model)
     spec = model.spec
     keep = select_channels(model, widths_at_ratio(spec, 0.25))
     sub = slice_state(model.state_dict(), axes, keep)
     total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in model.state_dict().items()}
-    count = {k: torch.zeros_like(v) for k, v in total.items()}
-    scatter_sum(total, count, sub, axes, keep, weight=2.0)
+    for name, value in sub.items():
+        total[name][global_index(axes[name], keep, total[name].shape)] = 2.0 * value.float()
     for name, value in slice_state(total, axes, keep).items():
         if value.is_floating_point() and value.dim():
             assert torch.allclose(value, 2.0 * sub[name].float())
     conv = "blocks.1.0.conv1.weight"
-    assert count[conv].sum() == 2.0 * sub[conv].numel()  # nothing outside the kept channels
+    assert torch.count_nonzero(total[conv]) == torch.count_nonzero(sub[conv])  # nothing outside the kept channels
 
 
 def test_full_map_keeps_everything():

@@ -5,11 +5,9 @@ from __future__ import annotations
 from abc import abstractmethod
 from typing import Any
 
-import torch
-
-from fl_app.job import Job
 from fl_app.aggregation import Aggregation, fold_states
-from fl_app.width import ChannelMap, _global_index, cut, param_axes, widths_at_ratio
+from fl_app.job import Job
+from fl_app.width import ChannelMap, cut, global_index, param_axes, widths_at_ratio
 from server_app.strategies.base import ClientUpdate, Device, Federation, GlobalModelStrategy, TrainTask
 
 
@@ -46,7 +44,7 @@ class WidthScaledStrategy(GlobalModelStrategy):
 
     def aggregate_train(self, server_round: int, updates: list[ClientUpdate]) -> dict[str, Any]:
         state = self.model.state_dict()
-        index = [{k: _global_index(self.axes[k], self.keep[u.node_id], state[k].shape) for k in u.tensors}
+        index = [{k: global_index(self.axes[k], self.keep[u.node_id], state[k].shape) for k in u.tensors}
                  for u in updates]
         self.model.load_state_dict(fold_states(state, [u.tensors for u in updates],
                                                [float(u.num_examples) for u in updates],
