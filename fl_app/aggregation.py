@@ -125,12 +125,16 @@ def fold_states(reference: Mapping[str, torch.Tensor], updates: Sequence[Mapping
     index[i][name], the coordinates that index places into it (a width-scaled submodel; kept channel
     indices are unique). Clipping measures each update's root-mean-square movement over the float
     coordinates it holds, so a client holding a deeper or wider submodel (DepthFL, HeteroFL) is not
-    clipped for holding more; where all hold the whole model this is the distance up to one factor. Integer tensors (BatchNorm's batch counter) take the maximum over holders. Float results
-    are cast back to the reference's dtype. Shapes: those of `reference`."""
+    clipped for holding more; where all hold the whole model this is the distance up to one factor.
+    Integer tensors (BatchNorm's batch counter) take the maximum over holders. Float results are cast
+    back to the reference's dtype. Shapes: those of `reference`."""
     index = index or [{} for _ in updates]
+    reference64: dict[str, torch.Tensor] = {}  # each reference tensor in float64, made once
 
     def held_reference(i: int, name: str) -> torch.Tensor:
-        ref = reference[name].double()
+        if name not in reference64:
+            reference64[name] = reference[name].double()
+        ref = reference64[name]
         return ref[index[i][name]] if name in index[i] else ref
 
     def rms_movement(i: int) -> float:  # per held coordinate: clients holding more of the model compare fairly
@@ -139,8 +143,10 @@ def fold_states(reference: Mapping[str, torch.Tensor], updates: Sequence[Mapping
         count = sum(m.numel() for m in moved)
         return math.sqrt(sum(float(m.square().sum()) for m in moved) / count) if count else 0.0
 
-    scales = aggregation.clip_scales(torch.tensor([rms_movement(i) for i in range(len(updates))],
-                                                  dtype=torch.float64))
+    # Movements are measured only when they are clipped: a plain rule folds the updates as sent.
+    scales = (aggregation.clip_scales(torch.tensor([rms_movement(i) for i in range(len(updates))],
+                                                   dtype=torch.float64))
+              if aggregation.clip is not None else torch.ones(len(updates), dtype=torch.float64))
     out = dict(reference)
     for name, ref in reference.items():
         holders = [i for i, u in enumerate(updates) if name in u]
@@ -151,8 +157,10 @@ def fold_states(reference: Mapping[str, torch.Tensor], updates: Sequence[Mapping
             continue
         stack = torch.full((len(holders), *ref.shape), math.nan, dtype=torch.float64)
         for row, i in enumerate(holders):
-            base = held_reference(i, name)
-            moved = base + scales[i] * (updates[i][name].double() - base)
+            moved = updates[i][name].double()
+            if scales[i] < 1:
+                base = held_reference(i, name)
+                moved = base + scales[i] * (moved - base)
             if name in index[i]:
                 stack[row][index[i][name]] = moved
             else:
