@@ -10,13 +10,22 @@
                            Learning?", 2019); relative to the round's own updates, so it needs no tuning per
                            model or learning rate. REFT's ensemble instead floors each client's log
                            probabilities (`fold_logits`)
-    norm-clip:2+median     clipping combined with any of the rules ('+' joins them, in either order)
+    fltrust                before folding, the server trains each update's own job on its root dataset
+                           (the public slice, labelled, held out of every client's data) and scores the
+                           update by ReLU(cosine) between its movement and the server's; the movement is
+                           rescaled to the server's norm and the score becomes the update's fold weight
+                           (FLTrust: Cao, Fang, Liu and Gong, "FLTrust: Byzantine-robust Federated
+                           Learning via Trust Bootstrapping", NDSS 2021; `trust_normalised`). It bounds
+                           attackers however few honest clients hold a part of the model, which the
+                           statistics of the round alone cannot. It applies to weight replies; REFT's
+                           logits are folded by the rule
+    norm-clip:2+median     clipping and fltrust combined with any of the rules ('+' joins them, in any order)
 
-Median and trimmed mean count every client once (order statistics are unweighted): a client cannot buy
-more influence by claiming more examples. Every fold accumulates in float64, so a huge but finite value
+Median and trimmed mean count every client of weight > 0 once (order statistics are unweighted): a client
+cannot buy more influence by claiming more examples; under fltrust an update of trust 0 is left out. Every fold accumulates in float64, so a huge but finite value
 cannot overflow the sum, and is cast back to the global model's dtype only at the end.
 
-Strategies call one of three folds, each over the clients that hold a coordinate:
+Strategies call one of two folds, each over the clients that hold a coordinate:
 `fold_states` (whole or width-scaled model states: FedAvg's family, ProFL's active block, HeteroFL and
 FedRolex's channels, DepthFL's held tensors) and `fold_logits` (REFT's ensemble, per public example).
 """
@@ -32,6 +41,7 @@ import torch
 
 RULES = ("mean", "median", "trimmed-mean")
 DEFAULT_CLIP_FACTOR = 2.0
+STATISTICS = ("running_mean", "running_var")  # BatchNorm's running statistics: measured, not learned
 LOG_ODDS_FLOOR = math.log(1e-4)  # REFT's ensemble under clipping: log probabilities below this are raised to it
 Index = tuple[torch.Tensor, ...]  # an advanced index placing a submodel tensor into its global tensor
 
@@ -42,17 +52,19 @@ class AggregationError(ValueError):
 
 @dataclass(frozen=True)
 class Aggregation:
-    """A fold rule (`rule`, with `trim` for trimmed-mean) and optional clipping at `clip` x the median norm."""
+    """A fold rule (`rule`, with `trim` for trimmed-mean), optional clipping at `clip` x the median norm,
+    and whether updates are first scored against the server's root update (`trust`, FLTrust)."""
 
     rule: str = "mean"
     trim: float = 0.0
     clip: float | None = None
+    trust: bool = False
 
     @staticmethod
     @lru_cache(maxsize=32)
     def parse(text: str) -> Aggregation:
         """`"norm-clip:2+median"` -> Aggregation("median", clip=2.0); AggregationError naming the fix."""
-        rule, trim, clip = None, 0.0, None
+        rule, trim, clip, trust = None, 0.0, None, False
         for part in (p.strip() for p in text.split("+")):
             name, _, arg = part.partition(":")
             try:
@@ -60,6 +72,8 @@ class Aggregation:
                     clip = float(arg) if arg else DEFAULT_CLIP_FACTOR
                     if not (math.isfinite(clip) and clip > 0):
                         raise ValueError("the clip factor must be a finite number > 0")
+                elif name == "fltrust" and not trust and not arg:
+                    trust = True
                 elif name in RULES and rule is None:
                     if (name == "trimmed-mean") != bool(arg):
                         raise ValueError("trimmed-mean takes a fraction (trimmed-mean:0.1); the others take none")
@@ -71,9 +85,9 @@ class Aggregation:
                     raise ValueError(f"{part!r} is not a rule, or repeats one")
             except ValueError as exc:
                 raise AggregationError(f"aggregation = {text!r}: {exc}; valid: mean, median, trimmed-mean:<f>, "
-                                       "norm-clip[:<factor>], or norm-clip joined to a rule by '+' "
-                                       "(e.g. norm-clip:2+median)") from exc
-        return Aggregation(rule or "mean", trim, clip)
+                                       "norm-clip[:<factor>], fltrust, or norm-clip and fltrust joined to a rule "
+                                       "by '+' (e.g. norm-clip:2+median, fltrust+median)") from exc
+        return Aggregation(rule or "mean", trim, clip, trust)
 
     def clip_scales(self, distances: torch.Tensor) -> torch.Tensor:
         """[n] distances (float64, >= 0) -> [n] factors in (0, 1] that bring each to at most `clip` x their
@@ -112,7 +126,8 @@ class Aggregation:
 
     def describe(self) -> str:
         rule = f"trimmed-mean:{self.trim:g}" if self.rule == "trimmed-mean" else self.rule
-        return rule if self.clip is None else f"norm-clip:{self.clip:g}+{rule}"
+        clip = [] if self.clip is None else [f"norm-clip:{self.clip:g}"]
+        return "+".join([*clip, *(["fltrust"] if self.trust else []), rule])
 
 
 def fold_states(reference: Mapping[str, torch.Tensor], updates: Sequence[Mapping[str, torch.Tensor]],
@@ -127,7 +142,8 @@ def fold_states(reference: Mapping[str, torch.Tensor], updates: Sequence[Mapping
     coordinates it holds, so a client holding a deeper or wider submodel (DepthFL, HeteroFL) is not
     clipped for holding more; where all hold the whole model this is the distance up to one factor.
     Integer tensors (BatchNorm's batch counter) take the maximum over holders. Float results are cast
-    back to the reference's dtype. Shapes: those of `reference`."""
+    back to the reference's dtype. An update of weight 0 (fltrust's untrusted ones) holds nothing.
+    Shapes: those of `reference`."""
     index = index or [{} for _ in updates]
     reference64: dict[str, torch.Tensor] = {}  # each reference tensor in float64, made once
 
@@ -149,7 +165,7 @@ def fold_states(reference: Mapping[str, torch.Tensor], updates: Sequence[Mapping
               if aggregation.clip is not None else torch.ones(len(updates), dtype=torch.float64))
     out = dict(reference)
     for name, ref in reference.items():
-        holders = [i for i, u in enumerate(updates) if name in u]
+        holders = [i for i, u in enumerate(updates) if name in u and weights[i] > 0]
         if not holders:
             continue
         if not ref.is_floating_point():
@@ -188,3 +204,36 @@ def fold_logits(logits: Sequence[torch.Tensor], weights: Sequence[float], aggreg
     if aggregation.clip is not None:
         stack = stack.clamp_min(LOG_ODDS_FLOOR)
     return aggregation.fold(stack, torch.tensor([float(w) for w in weights], dtype=torch.float64)).float()
+
+
+def trust_normalised(start: Mapping[str, torch.Tensor], update: Mapping[str, torch.Tensor],
+                     root: Mapping[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
+    """FLTrust's score and normalisation of one update (Cao et al., NDSS 2021, Alg. 1, lines 8-10).
+
+    `start`: the weights the client's job started from; `update`: what it sent; `root`: what the
+    server's run of the same job on its root dataset ended at (all keyed as `update`; integer tensors
+    are kept as sent). With movements g = update - start and g0 = root - start over the learned float
+    tensors: trust = max(0, cos(g, g0)), and the update returned is start + (|g0| / |g|) g, so no client
+    moves the model further than the server's own step did. BatchNorm statistics (`running_mean`,
+    `running_var`) are left out of the cosine — every client moves them from their initial values the
+    same way, which would make any update look aligned — and are normalised to the root's movement on
+    their own. A movement or root movement of zero gives trust 0. Returns (trust in [0, 1], the
+    normalised update, each tensor in its own dtype)."""
+    floats = [k for k, t in update.items() if t.is_floating_point()]
+    groups = ([k for k in floats if not k.endswith(STATISTICS)], [k for k in floats if k.endswith(STATISTICS)])
+    g = {k: update[k].double() - start[k].double() for k in floats}
+    g0 = {k: root[k].double() - start[k].double() for k in floats}
+
+    def norm(moves: dict[str, torch.Tensor], names: list[str]) -> float:
+        return math.sqrt(sum(float(moves[k].square().sum()) for k in names))
+
+    learned, learned0 = norm(g, groups[0]), norm(g0, groups[0])
+    if learned == 0 or learned0 == 0 or not math.isfinite(learned):
+        return 0.0, dict(update)
+    cosine = sum(float((g[k] * g0[k]).sum()) for k in groups[0]) / (learned * learned0)
+    scaled = dict(update)
+    for names in groups:
+        moved, moved0 = norm(g, names), norm(g0, names)
+        ratio = moved0 / moved if moved > 0 and math.isfinite(moved) else 0.0
+        scaled |= {k: (start[k].double() + ratio * g[k]).to(update[k].dtype) for k in names}
+    return max(0.0, min(1.0, cosine)), scaled

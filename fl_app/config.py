@@ -180,7 +180,9 @@ class RunConfig:
             p.append(f"min-successful-clients = {self.min_successful_clients}: must be <= min-nodes "
                      f"({self.min_nodes}), or no round could ever succeed with the nodes the run waits for")
         try:
-            Aggregation.parse(self.aggregation)
+            if Aggregation.parse(self.aggregation).trust and self.public_size < 1:
+                p.append(f"aggregation = {self.aggregation!r} with public-size = 0: fltrust's root dataset is the "
+                         "public slice; give it examples (FLTrust used 100) or drop fltrust")
         except AggregationError as exc:
             p.append(str(exc))
         if self.resume and not self.run_name:

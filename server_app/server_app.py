@@ -31,6 +31,7 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from fl_app.aggregation import Aggregation
 from fl_app.config import ConfigError, RunConfig, default_run_config
 from fl_app.data import Batches, DataError, Dataset, evaluation_indices, federated_split, load_dataset
 from fl_app.job import ERROR_MISSING_WEIGHTS
@@ -49,6 +50,7 @@ from server_app.verify import agreed_partitions, check_partitions
 from server_app.strategies import STRATEGIES
 from server_app.strategies.base import ClientUpdate, Device, Federation, Strategy, StrategySetupError, TrainTask
 from server_app.strategies.profl import ProFL
+from server_app.trust import scored_updates
 
 app = ServerApp()
 
@@ -417,11 +419,14 @@ def run_round(grid: Grid, strategy: Strategy, federation: Federation, writer: Re
     outcomes, spent, failed, unavailable = collect_valid_replies(grid, strategy, federation, writer, server_round,
                                                                  clock)
     left_out = left_out_reasons(strategy, federation, server_round) | unavailable  # before ProFL moves on
-    extras, accuracy, loss, refused = aggregate_safely(strategy, server_round,
-                                                       [o.update for o in outcomes if o.update], test)
+    updates, trust = [o.update for o in outcomes if o.update], None
+    if Aggregation.parse(federation.config.aggregation).trust:  # FLTrust: scored against the server's own step
+        updates, trust = scored_updates(strategy, federation, {o.task.node_id: o.task for o in outcomes}, updates)
+    extras, accuracy, loss, refused = aggregate_safely(strategy, server_round, updates, test)
     record = round_record(federation, strategy, server_round, accuracy, loss, outcomes, spent, failed, extras,
                           time.perf_counter() - started, unavailable)
     record["aggregate_refused"] = refused
+    record["trust"] = trust  # node id -> FLTrust score in [0, 1]; None without fltrust
     if refused and not refused["outlier_norm_ratio"] > STANDS_OUT:  # no attacker to blame: the training itself
         raise RoundFailed(f"round {server_round}: the aggregate of the valid replies is unsound ({refused['reason']}) "
                           f"and no update stands out (the largest norm is {refused['outlier_norm_ratio']:.3g} x the "

@@ -69,6 +69,12 @@ class ClientUpdate:
     tensors: dict[str, torch.Tensor]
     num_examples: int
     metrics: dict[str, float]
+    trust: float | None = None  # FLTrust's score in [0, 1] (`server_app.trust`), when aggregation scores updates
+
+    @property
+    def fold_weight(self) -> float:
+        """This update's weight in the fold: its FLTrust score when scored, else its example count."""
+        return float(self.num_examples) if self.trust is None else self.trust
 
 
 @dataclass
@@ -110,11 +116,13 @@ class Federation:
     def num_classes(self) -> int:
         return self.dataset.num_classes
 
-    def public_batches(self, targets: torch.Tensor) -> Batches:
-        """The public slice (derived, never shipped) paired with `targets`, e.g. teacher logits."""
+    def public_batches(self, targets: torch.Tensor, batch_size: int | None = None, seed: int | None = None) -> Batches:
+        """The public slice (derived, never shipped) paired with `targets`, e.g. teacher logits, in batches of
+        `batch_size` (default: the run's) shuffled by `seed` (default: the run's)."""
         public, _ = split_public(len(self.dataset.y_train), self.config.public_size, self.config.seed)
         x = self.dataset.x_train[torch.from_numpy(public)]
-        return Batches(x, targets, self.dataset, self.config.batch_size, seed=self.config.seed)
+        return Batches(x, targets, self.dataset, batch_size or self.config.batch_size,
+                       seed=self.config.seed if seed is None else seed)
 
     def public_labels(self) -> torch.Tensor:
         """The true labels of the public slice, (public_size,): what REFT's ensemble is scored against."""
@@ -320,6 +328,13 @@ class Strategy(ABC):
     def resend(self, task: TrainTask) -> TrainTask | None:
         """The task again with every weight it needs, for a node that lost what it kept (None: cannot)."""
         return None
+
+    def start_weights(self, task: TrainTask, spec: ModelSpec) -> dict[str, torch.Tensor]:
+        """Every weight `spec` (the task's model, or the teacher it mimics) starts from on the node: what
+        the task sends, plus what the node keeps from earlier rounds at the server's version. The
+        server re-runs a job from these (FLTrust's root update, `server_app.trust`). The default suits
+        strategies that send every weight a job needs."""
+        return {**task.weights, **task.extra.get("teacher-weights", {})}
 
     def admit(self, device: Device) -> None:
         """A node joined mid-run (already in `federation.devices`): decide whether and how it takes part.

@@ -100,7 +100,7 @@ class DepthFL(GlobalModelStrategy):
 
     def aggregate_train(self, server_round: int, updates: list[ClientUpdate]) -> dict[str, Any]:
         self.model.load_state_dict(average_held(self.model.state_dict(), [u.tensors for u in updates],
-                                                [float(u.num_examples) for u in updates],
+                                                [u.fold_weight for u in updates],
                                                 self.federation.config.aggregation))
         return {}
 

@@ -186,6 +186,11 @@ class ProFL(Strategy):
         return {k: self.weights[k] for k in keys if k not in skip
                 and (part_of(k) in always or held.get(part_of(k)) != self.version.get(part_of(k), 0))}
 
+    def start_weights(self, task: TrainTask, spec: ModelSpec) -> dict[str, torch.Tensor]:
+        """A node holds every part it is not sent at the server's version (`_missing`), so the job starts
+        from the server's weights for all of `spec`."""
+        return {k: self.weights[k] for k in build_model_keys(spec)}
+
     def resend(self, task: TrainTask) -> TrainTask:
         """The node lost what it kept: forget our record of it and send everything the job needs."""
         self.held.pop(task.node_id, None)
@@ -200,7 +205,7 @@ class ProFL(Strategy):
             for k in u.tensors:
                 held[part_of(k)] = -1
         if updates:
-            averaged = weighted_average([u.tensors for u in updates], [u.num_examples for u in updates],
+            averaged = weighted_average([u.tensors for u in updates], [u.fold_weight for u in updates],
                                         self.weights, self.federation.config.aggregation)
             self.weights.update(averaged)
             for part in {part_of(k) for k in averaged}:

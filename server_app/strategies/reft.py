@@ -132,7 +132,7 @@ class REFT(GlobalModelStrategy):
     def aggregate_train(self, server_round: int, updates: list[ClientUpdate]) -> dict[str, Any]:
         if not updates:
             return {"ensemble_size": 0}
-        self.ensemble = fold_logits([u.tensors["logits"] for u in updates], [u.num_examples for u in updates],
+        self.ensemble = fold_logits([u.tensors["logits"] for u in updates], [u.fold_weight for u in updates],
                                     Aggregation.parse(self.federation.config.aggregation))
         config = self.federation.config
         loss = distill(self.model, self.federation.public_batches(self.ensemble), self.federation.train_config(),

@@ -37,6 +37,6 @@ class SingleModelStrategy(GlobalModelStrategy):
 
     def aggregate_train(self, server_round: int, updates: list[ClientUpdate]) -> dict[str, Any]:
         if updates:
-            self.model.load_state_dict(weighted_average([u.tensors for u in updates], [u.num_examples for u in updates],
+            self.model.load_state_dict(weighted_average([u.tensors for u in updates], [u.fold_weight for u in updates],
                                                         self.model.state_dict(), self.federation.config.aggregation))
         return {}

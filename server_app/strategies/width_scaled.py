@@ -47,7 +47,7 @@ class WidthScaledStrategy(GlobalModelStrategy):
         index = [{k: global_index(self.axes[k], self.keep[u.node_id], state[k].shape) for k in u.tensors}
                  for u in updates]
         self.model.load_state_dict(fold_states(state, [u.tensors for u in updates],
-                                               [float(u.num_examples) for u in updates],
+                                               [u.fold_weight for u in updates],
                                                Aggregation.parse(self.federation.config.aggregation), index))
         return {}
 

@@ -1,0 +1,62 @@
+"""FLTrust's root updates: the server runs each weight job itself on its root dataset and scores the replies.
+
+FLTrust (Cao, Fang, Liu and Gong, "FLTrust: Byzantine-robust Federated Learning via Trust Bootstrapping",
+NDSS 2021) gives the server a small clean dataset and trusts a client's update as far as it points where
+the server's own update on that data points. Here the root dataset is the public slice (held out of every
+client's data; its labels are the server's) and the server's update is the client's own job — the same
+submodel, trainable blocks, teacher and start weights — so a width-scaled, depth-scaled or block-wise
+client is compared with exactly the step it was asked to take. The score and normalisation are
+`fl_app.aggregation.trust_normalised`; strategies then fold with the score as the update's weight.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fl_app.aggregation import trust_normalised
+from fl_app.job import Job, reply_state
+from fl_app.models import ModelSpec, build_model
+from fl_app.training import train
+from server_app.strategies.base import ClientUpdate, Federation, Strategy, TrainTask
+
+
+def scored_updates(strategy: Strategy, federation: Federation, tasks: dict[int, TrainTask],
+                   updates: list[ClientUpdate]) -> tuple[list[ClientUpdate], dict[str, float]]:
+    """Each weight update scored and normalised against the root update of its own task (`tasks`: node
+    id -> the task it answered); logit updates (REFT) pass unscored. Tasks with the same job and start
+    weights share one root run. Returns (the updates, node id as text -> trust in [0, 1])."""
+    roots: dict[Any, dict[str, torch.Tensor]] = {}
+    scored, scores = [], {}
+    for update in updates:
+        task = tasks[update.node_id]
+        if task.job.returns != "weights":
+            scored.append(update)
+            continue
+        start = strategy.start_weights(task, task.job.model)
+        key = (task.job.to_json(), tuple(sorted((k, v.data_ptr()) for k, v in start.items())))
+        if key not in roots:
+            roots[key] = root_update(strategy, federation, task, start)
+        trust, tensors = trust_normalised(start, update.tensors, roots[key])
+        scores[str(update.node_id)] = round(trust, 4)
+        scored.append(ClientUpdate(update.node_id, update.job, tensors, update.num_examples, update.metrics, trust))
+    return scored, scores
+
+
+def root_update(strategy: Strategy, federation: Federation, task: TrainTask,
+                start: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`task`'s job run by the server on the public slice with its labels, from `start` (the weights the
+    node started from): the reply an honest client holding the root dataset would send."""
+    job: Job = task.job
+    model = _built(job.model, start)
+    teacher = _built(job.mimic, strategy.start_weights(task, job.mimic)) if job.mimic else None
+    batches = federation.public_batches(federation.public_labels(), job.train.batch_size, seed=job.round)
+    train(model, batches, job.train, job.trainable, None, teacher, job.mutual_distillation)
+    return reply_state(job, model.state_dict())
+
+
+def _built(spec: ModelSpec, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    model = build_model(spec)
+    model.load_state_dict({k: weights[k] for k in model.state_dict()}, strict=True)
+    return model
