@@ -17,8 +17,9 @@
                            (FLTrust: Cao, Fang, Liu and Gong, "FLTrust: Byzantine-robust Federated
                            Learning via Trust Bootstrapping", NDSS 2021; `trust_normalised`). It bounds
                            attackers however few honest clients hold a part of the model, which the
-                           statistics of the round alone cannot. It applies to weight replies; REFT's
-                           logits are folded by the rule
+                           statistics of the round alone cannot. It is the fold of the weight replies
+                           it scores (their trust-weighted mean; clipping is moot, every update has the
+                           server's norm); the rule and clipping fold what it cannot score, REFT's logits
     norm-clip:2+median     clipping and fltrust combined with any of the rules ('+' joins them, in any order)
 
 Median and trimmed mean count every client of weight > 0 once (order statistics are unweighted): a client
@@ -142,7 +143,8 @@ def fold_states(reference: Mapping[str, torch.Tensor], updates: Sequence[Mapping
     coordinates it holds, so a client holding a deeper or wider submodel (DepthFL, HeteroFL) is not
     clipped for holding more; where all hold the whole model this is the distance up to one factor.
     Integer tensors (BatchNorm's batch counter) take the maximum over holders. Float results are cast
-    back to the reference's dtype. An update of weight 0 (fltrust's untrusted ones) holds nothing.
+    back to the reference's dtype. An update of weight 0 holds nothing. With fltrust the weights are
+    trust scores and the fold is their weighted mean, whatever the rule (`server_app.trust`).
     Shapes: those of `reference`."""
     index = index or [{} for _ in updates]
     reference64: dict[str, torch.Tensor] = {}  # each reference tensor in float64, made once
@@ -159,6 +161,8 @@ def fold_states(reference: Mapping[str, torch.Tensor], updates: Sequence[Mapping
         count = sum(m.numel() for m in moved)
         return math.sqrt(sum(float(m.square().sum()) for m in moved) / count) if count else 0.0
 
+    if aggregation.trust:  # FLTrust's own fold: the trust-weighted mean of updates it already normalised
+        aggregation = Aggregation("mean")
     # Movements are measured only when they are clipped: a plain rule folds the updates as sent.
     scales = (aggregation.clip_scales(torch.tensor([rms_movement(i) for i in range(len(updates))],
                                                    dtype=torch.float64))

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 
 from fl_app.aggregation import trust_normalised
+from fl_app.data import Batches
+from fl_app.seeds import torch_generator
 from fl_app.job import Job, reply_state
 from fl_app.models import ModelSpec, build_model
 from fl_app.training import train
@@ -35,7 +37,9 @@ def scored_updates(strategy: Strategy, federation: Federation, tasks: dict[int, 
             scored.append(update)
             continue
         start = strategy.start_weights(task, task.job.model)
-        key = (task.job.to_json(), tuple(sorted((k, v.data_ptr()) for k, v in start.items())))
+        device = federation.device(task.node_id)
+        key = (task.job.to_json(), device.num_examples if device else None,
+               tuple(sorted((k, v.data_ptr()) for k, v in start.items())))
         if key not in roots:
             roots[key] = root_update(strategy, federation, task, start)
         trust, tensors = trust_normalised(start, update.tensors, roots[key])
@@ -47,13 +51,27 @@ def scored_updates(strategy: Strategy, federation: Federation, tasks: dict[int, 
 def root_update(strategy: Strategy, federation: Federation, task: TrainTask,
                 start: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`task`'s job run by the server on the public slice with its labels, from `start` (the weights the
-    node started from): the reply an honest client holding the root dataset would send."""
+    node started from): the reply an honest client holding the root dataset would send. It trains on as
+    many examples per epoch as the node holds (the public slice cycled or cut to that count; the count is
+    the server's own, `Device.num_examples`), so the root step is as long as the client's: FLTrust gives
+    every update the root step's norm, and a root trained for more steps than the clients makes every
+    round's step larger (public-size 500 against 300-image clients: ExclusiveFL fell from 0.88 to 0.43)."""
     job: Job = task.job
     model = _built(job.model, start)
     teacher = _built(job.mimic, strategy.start_weights(task, job.mimic)) if job.mimic else None
-    batches = federation.public_batches(federation.public_labels(), job.train.batch_size, seed=job.round)
-    train(model, batches, job.train, job.trainable, None, teacher, job.mutual_distillation)
+    train(model, root_batches(federation, task), job.train, job.trainable, None, teacher, job.mutual_distillation)
     return reply_state(job, model.state_dict())
+
+
+def root_batches(federation: Federation, task: TrainTask) -> Batches:
+    """The public slice with its labels, cycled or cut to the examples per epoch `task`'s node holds
+    (a fresh draw each round, so the whole slice serves over the rounds)."""
+    public = federation.public_batches(federation.public_labels(), task.job.train.batch_size, seed=task.job.round)
+    device = federation.device(task.node_id)
+    count = device.num_examples if device else len(public)
+    order = torch.randperm(len(public), generator=torch_generator(task.job.round))
+    index = order[torch.arange(count) % len(public)]
+    return Batches(public.x[index], public.y[index], public.dataset, public.batch_size, seed=public.seed)
 
 
 def _built(spec: ModelSpec, weights: dict[str, torch.Tensor]) -> torch.nn.Module:

@@ -12,7 +12,7 @@ from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDic
 
 from client_app.faults import HUGE, Fault, FaultConfigError
 from experiments.inprocess import InProcessGrid
-from fl_app.aggregation import Aggregation, fold_logits, fold_states
+from fl_app.aggregation import Aggregation, fold_logits, fold_states, trust_normalised
 from fl_app.config import ConfigError, RunConfig
 from fl_app.job import Job
 from fl_app.models import ModelSpec
@@ -38,7 +38,11 @@ def test_aggregation_forms_parse_and_a_wrong_one_is_refused_with_the_valid_forms
     assert Aggregation.parse("norm-clip") == Aggregation("mean", clip=2.0)
     assert Aggregation.parse("median+norm-clip:3") == Aggregation("median", clip=3.0)
     assert Aggregation.parse("trimmed-mean:0.2") == Aggregation("trimmed-mean", 0.2)
-    for bad in ("avg", "trimmed-mean", "trimmed-mean:0.5", "median+mean", "norm-clip:0", "norm-clip:nan"):
+    assert Aggregation.parse("fltrust") == Aggregation(trust=True)
+    both = Aggregation.parse("median+fltrust+norm-clip")
+    assert both == Aggregation("median", clip=2.0, trust=True) and Aggregation.parse(both.describe()) == both
+    for bad in ("avg", "trimmed-mean", "trimmed-mean:0.5", "median+mean", "norm-clip:0", "norm-clip:nan",
+                "fltrust:2", "fltrust+fltrust"):
         with pytest.raises(ConfigError, match="valid: mean, median, trimmed-mean:<f>, norm-clip"):
             RunConfig.from_mapping({"aggregation": bad})
 
@@ -99,6 +103,75 @@ def test_a_width_scaled_fold_takes_each_channel_over_the_clients_whose_submodel_
     index = [{"w": (torch.tensor([0, 1]),)}, {"w": (torch.tensor([0, 1, 2]),)}, {"w": (torch.tensor([0]),)}]
     folded = fold_states(reference, updates, [1, 1, 1], Aggregation.parse("median"), index)
     assert folded["w"].tolist() == [3.0, 3.5, 7.0, 0.0]  # channel 3: nobody held it, it keeps its value
+
+
+def test_fltrust_weights_an_update_by_its_alignment_with_the_servers_step_and_gives_it_that_steps_norm():
+    start = {"w": torch.zeros(4), "bn.running_var": torch.ones(2), "bn.num_batches_tracked": torch.tensor(0)}
+    root = {"w": torch.tensor([1.0, 1.0, 0.0, 0.0]), "bn.running_var": torch.full((2,), 2.0),
+            "bn.num_batches_tracked": torch.tensor(5)}
+    honest = {"w": torch.tensor([3.0, 3.0, 3.0, -3.0]), "bn.running_var": torch.full((2,), 5.0),
+              "bn.num_batches_tracked": torch.tensor(5)}
+    trust, scaled = trust_normalised(start, honest, root)
+    assert trust == pytest.approx(6 / (6 * math.sqrt(2)))  # cos between (3, 3, 3, -3) and (1, 1, 0, 0)
+    assert scaled["w"].norm().item() == pytest.approx(math.sqrt(2))  # the server's step, not the client's
+    assert torch.allclose(scaled["bn.running_var"], torch.full((2,), 2.0))  # statistics: to the root's movement
+    assert scaled["bn.num_batches_tracked"] == 5  # counters as sent
+    boosted = {**honest, "w": 100 * honest["w"]}
+    assert trust_normalised(start, boosted, root)[0] == pytest.approx(trust)  # boosting buys nothing
+    assert torch.allclose(trust_normalised(start, boosted, root)[1]["w"], scaled["w"])
+    flipped = {**honest, "w": -honest["w"]}
+    assert trust_normalised(start, flipped, root)[0] == 0.0
+
+
+def test_fltrust_leaves_batchnorm_statistics_out_of_the_cosine():
+    """Every client moves its statistics from their initial values alike; counted, they would make a
+    sign-flipped update look aligned."""
+    start = {"w": torch.zeros(2), "bn.running_mean": torch.zeros(100)}
+    root = {"w": torch.tensor([1.0, 0.0]), "bn.running_mean": torch.ones(100)}
+    flipped = {"w": torch.tensor([-1.0, 0.0]), "bn.running_mean": torch.ones(100)}
+    assert trust_normalised(start, flipped, root)[0] == 0.0
+
+
+def test_an_update_of_weight_zero_holds_nothing_under_any_rule():
+    reference = {"w": torch.zeros(1)}
+    updates = [{"w": torch.ones(1)}, {"w": torch.full((1,), 3.0)}, {"w": torch.full((1,), -50.0)}]
+    for rule in ("median", "mean", "trimmed-mean:0.1"):
+        assert fold_states(reference, updates, [1, 1, 0], Aggregation.parse(rule))["w"].item() == 2.0
+
+
+def test_under_fltrust_the_fold_is_the_trust_weighted_mean_and_the_rule_folds_only_reft_logits():
+    reference = {"w": torch.zeros(1)}
+    updates = [{"w": torch.ones(1)}, {"w": torch.full((1,), 3.0)}, {"w": torch.full((1,), 5.0)}]
+    assert fold_states(reference, updates, [1, 1, 2], Aggregation.parse("fltrust+median"))["w"].item() == 3.5
+    logits = [torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0, 2.0]]), torch.tensor([[0.0, 9.0]])]
+    assert torch.allclose(fold_logits(logits, [1, 1, 1], Aggregation.parse("fltrust+median")),
+                          fold_logits(logits, [1, 1, 1], Aggregation.parse("median")))
+
+
+def test_fltrust_needs_a_root_dataset():
+    with pytest.raises(ConfigError, match="fltrust's root dataset is the public slice"):
+        RunConfig.from_mapping({"aggregation": "fltrust", "public-size": 0})
+
+
+@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "reft"])
+def test_under_fltrust_a_sign_flipping_attacker_moves_the_model_no_more_than_a_node_whose_replies_are_refused(
+        tmp_path, strategy):
+    """The attacker (node 4 of 4, a workstation) sends G - 10 (W - G). Under aggregation = fltrust the
+    server re-runs each job on the public slice: the attacker's trust is 0 in every round, some honest
+    node's > 0, and the run ends where it ends when node 4's every reply is refused (NaN weights) — the
+    attack is worth nothing (4 nodes, 3 rounds, synthetic data; ProFL 5 rounds, two of them shrinking,
+    so its mimic jobs are re-run too)."""
+    overrides = {**FAST, "strategy": strategy, "num-server-rounds": 5 if strategy == "profl" else 3,
+                 "aggregation": "fltrust", "profl-shrink-share": 0.4}
+    attacked, _ = run(tmp_path / "attacked", node_config={4: {"fault": "signflip:10"}}, **overrides)
+    silent, _ = run(tmp_path / "silent", node_config={4: {"fault": "nan"}}, **overrides)
+    assert attacked["status"] == silent["status"] == "completed"
+    trust = [r["trust"] for r in attacked["rounds"]]
+    assert all(t["4"] == 0.0 for t in trust) and all(max(v for n, v in t.items() if n != "4") > 0 for t in trust)
+    assert [r["accuracy"] for r in attacked["rounds"]] == pytest.approx([r["accuracy"] for r in silent["rounds"]],
+                                                                        abs=0.006)
+    if strategy == "profl":
+        assert any(r["step"] == "mimic" for r in attacked["rounds"])
 
 
 def test_reft_ensemble_with_the_defence_keeps_the_honest_teacher_against_adversarial_logits():
