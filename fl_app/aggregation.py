@@ -17,9 +17,11 @@
                            (FLTrust: Cao, Fang, Liu and Gong, "FLTrust: Byzantine-robust Federated
                            Learning via Trust Bootstrapping", NDSS 2021; `trust_normalised`). It bounds
                            attackers however few honest clients hold a part of the model, which the
-                           statistics of the round alone cannot. It is the fold of the weight replies
-                           it scores (their trust-weighted mean; clipping is moot, every update has the
-                           server's norm); the rule and clipping fold what it cannot score, REFT's logits
+                           statistics of the round alone cannot. It replaces the rule: the fold is the
+                           trust-weighted mean (clipping is moot, every update has the server's norm).
+                           REFT's replies are predictions on the root dataset itself, so their trust is
+                           the cosine between their log probabilities and the labels (`label_trust`),
+                           each row floored at LOG_ODDS_FLOOR as under clipping
     norm-clip:2+median     clipping and fltrust combined with any of the rules ('+' joins them, in any order)
 
 Median and trimmed mean count every client of weight > 0 once (order statistics are unweighted): a client
@@ -203,10 +205,13 @@ def fold_logits(logits: Sequence[torch.Tensor], weights: Sequence[float], aggreg
     example's teacher logit by at most its weight share x 9.2 nats, while an honest client, whose log
     probabilities stay above the floor, is folded exactly as the mean folds it (clipping logit norms to
     the median client's instead cost REFT 5 points of clean accuracy, and folding probabilities 6: weak
-    submodels' near-uniform rows diluted the confident ones; benchmarks/results/attacks.txt)."""
+    submodels' near-uniform rows diluted the confident ones; benchmarks/results/attacks.txt). With
+    fltrust, `weights` are `label_trust` scores and the floored rows fold by their weighted mean."""
     stack = torch.stack([t.double() for t in logits]).log_softmax(-1)  # [n, P, C]
-    if aggregation.clip is not None:
+    if aggregation.clip is not None or aggregation.trust:
         stack = stack.clamp_min(LOG_ODDS_FLOOR)
+    if aggregation.trust:  # the weights are trust scores (`label_trust`): their weighted mean
+        aggregation = Aggregation("mean")
     return aggregation.fold(stack, torch.tensor([float(w) for w in weights], dtype=torch.float64)).float()
 
 
@@ -241,3 +246,17 @@ def trust_normalised(start: Mapping[str, torch.Tensor], update: Mapping[str, tor
         ratio = moved0 / moved if moved > 0 and math.isfinite(moved) else 0.0
         scaled |= {k: (start[k].double() + ratio * g[k]).to(update[k].dtype) for k in names}
     return max(0.0, min(1.0, cosine)), scaled
+
+
+def label_trust(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """FLTrust's score for a reply of predictions on the root dataset itself (REFT's [P, C] logits on
+    the public slice, whose [P] labels the server holds): max(0, cos) between the client's log
+    probabilities, floored at LOG_ODDS_FLOOR, and the one-hot labels, both centred per row (a shift
+    softmax ignores). Better than chance on the labels scores > 0; a client that puts its mass on
+    wrong classes (flipped labels, adversarial logits) scores 0. Returns a trust in [0, 1]."""
+    log_p = logits.double().log_softmax(-1).clamp_min(LOG_ODDS_FLOOR)
+    log_p = log_p - log_p.mean(-1, keepdim=True)
+    target = torch.nn.functional.one_hot(labels.long(), logits.shape[-1]).double()
+    target = target - target.mean(-1, keepdim=True)
+    norm = float(log_p.norm() * target.norm())
+    return max(0.0, min(1.0, float((log_p * target).sum()) / norm)) if norm > 0 else 0.0

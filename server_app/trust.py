@@ -6,16 +6,18 @@ the server's own update on that data points. Here the root dataset is the public
 client's data; its labels are the server's) and the server's update is the client's own job — the same
 submodel, trainable blocks, teacher and start weights — so a width-scaled, depth-scaled or block-wise
 client is compared with exactly the step it was asked to take. The score and normalisation are
-`fl_app.aggregation.trust_normalised`; strategies then fold with the score as the update's weight.
+`fl_app.aggregation.trust_normalised`; strategies then fold with the score as the update's weight. REFT's
+clients send predictions on the root dataset itself, scored against its labels (`label_trust`).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from fl_app.aggregation import trust_normalised
+from fl_app.aggregation import label_trust, trust_normalised
 from fl_app.data import Batches
 from fl_app.seeds import torch_generator
 from fl_app.job import Job, reply_state
@@ -27,14 +29,17 @@ from server_app.strategies.base import ClientUpdate, Federation, Strategy, Train
 def scored_updates(strategy: Strategy, federation: Federation, tasks: dict[int, TrainTask],
                    updates: list[ClientUpdate]) -> tuple[list[ClientUpdate], dict[str, float]]:
     """Each weight update scored and normalised against the root update of its own task (`tasks`: node
-    id -> the task it answered); logit updates (REFT) pass unscored. Tasks with the same job and start
-    weights share one root run. Returns (the updates, node id as text -> trust in [0, 1])."""
+    id -> the task it answered); logit updates (REFT's predictions on the public slice) are scored by
+    `label_trust`. Tasks with the same job, start weights and node example count share one root run.
+    Returns (the updates, node id as text -> trust in [0, 1])."""
     roots: dict[Any, dict[str, torch.Tensor]] = {}
     scored, scores = [], {}
     for update in updates:
         task = tasks[update.node_id]
-        if task.job.returns != "weights":
-            scored.append(update)
+        if task.job.returns == "logits":  # predictions on the root dataset itself: scored by its labels
+            trust = label_trust(update.tensors["logits"], federation.public_labels())
+            scores[str(update.node_id)] = round(trust, 4)
+            scored.append(replace(update, trust=trust))
             continue
         start = strategy.start_weights(task, task.job.model)
         device = federation.device(task.node_id)
@@ -44,7 +49,7 @@ def scored_updates(strategy: Strategy, federation: Federation, tasks: dict[int, 
             roots[key] = root_update(strategy, federation, task, start)
         trust, tensors = trust_normalised(start, update.tensors, roots[key])
         scores[str(update.node_id)] = round(trust, 4)
-        scored.append(ClientUpdate(update.node_id, update.job, tensors, update.num_examples, update.metrics, trust))
+        scored.append(replace(update, tensors=tensors, trust=trust))
     return scored, scores
 
 

@@ -12,7 +12,7 @@ from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDic
 
 from client_app.faults import HUGE, Fault, FaultConfigError
 from experiments.inprocess import InProcessGrid
-from fl_app.aggregation import Aggregation, fold_logits, fold_states, trust_normalised
+from fl_app.aggregation import Aggregation, fold_logits, fold_states, label_trust, trust_normalised
 from fl_app.config import ConfigError, RunConfig
 from fl_app.job import Job
 from fl_app.models import ModelSpec
@@ -139,13 +139,26 @@ def test_an_update_of_weight_zero_holds_nothing_under_any_rule():
         assert fold_states(reference, updates, [1, 1, 0], Aggregation.parse(rule))["w"].item() == 2.0
 
 
-def test_under_fltrust_the_fold_is_the_trust_weighted_mean_and_the_rule_folds_only_reft_logits():
+def test_under_fltrust_the_fold_is_the_trust_weighted_mean_whatever_the_rule():
     reference = {"w": torch.zeros(1)}
     updates = [{"w": torch.ones(1)}, {"w": torch.full((1,), 3.0)}, {"w": torch.full((1,), 5.0)}]
     assert fold_states(reference, updates, [1, 1, 2], Aggregation.parse("fltrust+median"))["w"].item() == 3.5
-    logits = [torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0, 2.0]]), torch.tensor([[0.0, 9.0]])]
-    assert torch.allclose(fold_logits(logits, [1, 1, 1], Aggregation.parse("fltrust+median")),
-                          fold_logits(logits, [1, 1, 1], Aggregation.parse("median")))
+    logits = [torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0, 2.0]]), torch.tensor([[0.0, 90.0]])]
+    folded = fold_logits(logits, [1, 1, 0], Aggregation.parse("fltrust+median"))
+    assert torch.allclose(folded, torch.stack(logits[:2]).log_softmax(-1).mean(0).float())
+
+
+def test_reft_predictions_are_trusted_by_their_agreement_with_the_root_labels():
+    """REFT's replies are logits on the public slice itself, whose labels the server holds: a client better
+    than chance scores > 0, one that favours wrong classes (flipped labels, adversarial logits) 0."""
+    labels = torch.tensor([0, 1, 2, 2])
+    right = torch.nn.functional.one_hot(labels, 3).float() * 2
+    assert label_trust(right, labels) > 0.9
+    weak = right * 0.1 + torch.randn(4, 3, generator=torch.Generator().manual_seed(0)) * 0.05
+    assert 0 < label_trust(weak, labels) < label_trust(right, labels)
+    flipped = torch.nn.functional.one_hot(2 - labels, 3).float() * 1e4
+    assert label_trust(flipped, labels) == 0.0
+    assert label_trust(torch.zeros(4, 3), labels) == 0.0  # says nothing: no weight
 
 
 def test_fltrust_needs_a_root_dataset():
@@ -160,7 +173,8 @@ def test_under_fltrust_a_sign_flipping_attacker_moves_the_model_no_more_than_a_n
     server re-runs each job on the public slice: the attacker's trust is 0 in every round, some honest
     node's > 0, and the run ends where it ends when node 4's every reply is refused (NaN weights) — the
     attack is worth nothing (4 nodes, 3 rounds, synthetic data; ProFL 5 rounds, two of them shrinking,
-    so its mimic jobs are re-run too)."""
+    so its mimic jobs are re-run too). REFT, whose clients stay at chance on this data, is scored on real
+    MNIST by benchmarks/attacks.py and its rule by test_reft_predictions_are_trusted_by_their_agreement_with_the_root_labels."""
     overrides = {**FAST, "strategy": strategy, "num-server-rounds": 5 if strategy == "profl" else 3,
                  "aggregation": "fltrust", "profl-shrink-share": 0.4}
     attacked, _ = run(tmp_path / "attacked", node_config={4: {"fault": "signflip:10"}}, **overrides)
