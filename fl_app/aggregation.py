@@ -17,16 +17,17 @@
                            (FLTrust: Cao, Fang, Liu and Gong, "FLTrust: Byzantine-robust Federated
                            Learning via Trust Bootstrapping", NDSS 2021; `trust_normalised`). It bounds
                            attackers however few honest clients hold a part of the model, which the
-                           statistics of the round alone cannot. It replaces the rule: the fold is the
-                           trust-weighted mean (clipping is moot, every update has the server's norm).
+                           statistics of the round alone cannot. It is a rule of its own, taken alone:
+                           the fold is the trust-weighted mean (clipping would be moot, every update has
+                           the server's norm).
                            REFT's replies are predictions on the root dataset itself, so their trust is
                            the cosine between their log probabilities and the labels (`label_trust`),
                            each row floored at LOG_ODDS_FLOOR as under clipping
-    norm-clip:2+median     clipping and fltrust combined with any of the rules ('+' joins them, in any order)
+    norm-clip:2+median     clipping combined with mean, median or trimmed mean ('+' joins them, in either order)
 
 Median and trimmed mean count every client of weight > 0 once (order statistics are unweighted): a client
-cannot buy more influence by claiming more examples; under fltrust an update of trust 0 is left out. Every fold accumulates in float64, so a huge but finite value
-cannot overflow the sum, and is cast back to the global model's dtype only at the end.
+cannot buy more influence by claiming more examples. Every fold accumulates in float64, so a huge but
+finite value cannot overflow the sum, and is cast back to the global model's dtype only at the end.
 
 Strategies call one of two folds, each over the clients that hold a coordinate:
 `fold_states` (whole or width-scaled model states: FedAvg's family, ProFL's active block, HeteroFL and
@@ -88,8 +89,11 @@ class Aggregation:
                     raise ValueError(f"{part!r} is not a rule, or repeats one")
             except ValueError as exc:
                 raise AggregationError(f"aggregation = {text!r}: {exc}; valid: mean, median, trimmed-mean:<f>, "
-                                       "norm-clip[:<factor>], fltrust, or norm-clip and fltrust joined to a rule "
-                                       "by '+' (e.g. norm-clip:2+median, fltrust+median)") from exc
+                                       "norm-clip[:<factor>], norm-clip joined to a rule by '+' (e.g. "
+                                       "norm-clip:2+median), or fltrust") from exc
+        if trust and (rule or clip):
+            raise AggregationError(f"aggregation = {text!r}: fltrust is a rule of its own (its fold is the "
+                                   "trust-weighted mean of normalised updates); write aggregation = 'fltrust'")
         return Aggregation(rule or "mean", trim, clip, trust)
 
     def clip_scales(self, distances: torch.Tensor) -> torch.Tensor:
@@ -128,9 +132,10 @@ class Aggregation:
         return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, math.nan))
 
     def describe(self) -> str:
+        if self.trust:
+            return "fltrust"
         rule = f"trimmed-mean:{self.trim:g}" if self.rule == "trimmed-mean" else self.rule
-        clip = [] if self.clip is None else [f"norm-clip:{self.clip:g}"]
-        return "+".join([*clip, *(["fltrust"] if self.trust else []), rule])
+        return rule if self.clip is None else f"norm-clip:{self.clip:g}+{rule}"
 
 
 def fold_states(reference: Mapping[str, torch.Tensor], updates: Sequence[Mapping[str, torch.Tensor]],
@@ -146,7 +151,7 @@ def fold_states(reference: Mapping[str, torch.Tensor], updates: Sequence[Mapping
     clipped for holding more; where all hold the whole model this is the distance up to one factor.
     Integer tensors (BatchNorm's batch counter) take the maximum over holders. Float results are cast
     back to the reference's dtype. An update of weight 0 holds nothing. With fltrust the weights are
-    trust scores and the fold is their weighted mean, whatever the rule (`server_app.trust`).
+    trust scores and the rule is the mean: their weighted mean (`server_app.trust`).
     Shapes: those of `reference`."""
     index = index or [{} for _ in updates]
     reference64: dict[str, torch.Tensor] = {}  # each reference tensor in float64, made once
@@ -163,8 +168,6 @@ def fold_states(reference: Mapping[str, torch.Tensor], updates: Sequence[Mapping
         count = sum(m.numel() for m in moved)
         return math.sqrt(sum(float(m.square().sum()) for m in moved) / count) if count else 0.0
 
-    if aggregation.trust:  # FLTrust's own fold: the trust-weighted mean of updates it already normalised
-        aggregation = Aggregation("mean")
     # Movements are measured only when they are clipped: a plain rule folds the updates as sent.
     scales = (aggregation.clip_scales(torch.tensor([rms_movement(i) for i in range(len(updates))],
                                                    dtype=torch.float64))
@@ -210,8 +213,6 @@ def fold_logits(logits: Sequence[torch.Tensor], weights: Sequence[float], aggreg
     stack = torch.stack([t.double() for t in logits]).log_softmax(-1)  # [n, P, C]
     if aggregation.clip is not None or aggregation.trust:
         stack = stack.clamp_min(LOG_ODDS_FLOOR)
-    if aggregation.trust:  # the weights are trust scores (`label_trust`): their weighted mean
-        aggregation = Aggregation("mean")
     return aggregation.fold(stack, torch.tensor([float(w) for w in weights], dtype=torch.float64)).float()
 
 

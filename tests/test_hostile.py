@@ -39,12 +39,15 @@ def test_aggregation_forms_parse_and_a_wrong_one_is_refused_with_the_valid_forms
     assert Aggregation.parse("median+norm-clip:3") == Aggregation("median", clip=3.0)
     assert Aggregation.parse("trimmed-mean:0.2") == Aggregation("trimmed-mean", 0.2)
     assert Aggregation.parse("fltrust") == Aggregation(trust=True)
-    both = Aggregation.parse("median+fltrust+norm-clip")
-    assert both == Aggregation("median", clip=2.0, trust=True) and Aggregation.parse(both.describe()) == both
+    both = Aggregation.parse("median+norm-clip")
+    assert Aggregation.parse(both.describe()) == both and Aggregation.parse("fltrust").describe() == "fltrust"
     for bad in ("avg", "trimmed-mean", "trimmed-mean:0.5", "median+mean", "norm-clip:0", "norm-clip:nan",
                 "fltrust:2", "fltrust+fltrust"):
         with pytest.raises(ConfigError, match="valid: mean, median, trimmed-mean:<f>, norm-clip"):
             RunConfig.from_mapping({"aggregation": bad})
+    for combined in ("fltrust+median", "norm-clip+fltrust"):
+        with pytest.raises(ConfigError, match="fltrust is a rule of its own.*write aggregation = 'fltrust'"):
+            RunConfig.from_mapping({"aggregation": combined})
 
 
 def test_median_and_trimmed_mean_fold_each_coordinate_over_the_clients_that_hold_it():
@@ -139,12 +142,12 @@ def test_an_update_of_weight_zero_holds_nothing_under_any_rule():
         assert fold_states(reference, updates, [1, 1, 0], Aggregation.parse(rule))["w"].item() == 2.0
 
 
-def test_under_fltrust_the_fold_is_the_trust_weighted_mean_whatever_the_rule():
+def test_under_fltrust_the_fold_is_the_trust_weighted_mean_of_states_and_of_floored_log_probabilities():
     reference = {"w": torch.zeros(1)}
     updates = [{"w": torch.ones(1)}, {"w": torch.full((1,), 3.0)}, {"w": torch.full((1,), 5.0)}]
-    assert fold_states(reference, updates, [1, 1, 2], Aggregation.parse("fltrust+median"))["w"].item() == 3.5
+    assert fold_states(reference, updates, [1, 1, 2], Aggregation.parse("fltrust"))["w"].item() == 3.5
     logits = [torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0, 2.0]]), torch.tensor([[0.0, 90.0]])]
-    folded = fold_logits(logits, [1, 1, 0], Aggregation.parse("fltrust+median"))
+    folded = fold_logits(logits, [1, 1, 0], Aggregation.parse("fltrust"))
     assert torch.allclose(folded, torch.stack(logits[:2]).log_softmax(-1).mean(0).float())
 
 
@@ -173,8 +176,9 @@ def test_under_fltrust_a_sign_flipping_attacker_moves_the_model_no_more_than_a_n
     server re-runs each job on the public slice: the attacker's trust is 0 in every round, some honest
     node's > 0, and the run ends where it ends when node 4's every reply is refused (NaN weights) — the
     attack is worth nothing (4 nodes, 3 rounds, synthetic data; ProFL 5 rounds, two of them shrinking,
-    so its mimic jobs are re-run too). REFT, whose clients stay at chance on this data, is scored on real
-    MNIST by benchmarks/attacks.py and its rule by test_reft_predictions_are_trusted_by_their_agreement_with_the_root_labels."""
+    so its mimic jobs are re-run too). REFT's clients stay at chance on this data: its scoring is tested
+    by test_reft_predictions_are_trusted_by_their_agreement_with_the_root_labels, its runs on real MNIST
+    by benchmarks/attacks.py."""
     overrides = {**FAST, "strategy": strategy, "num-server-rounds": 5 if strategy == "profl" else 3,
                  "aggregation": "fltrust", "profl-shrink-share": 0.4}
     attacked, _ = run(tmp_path / "attacked", node_config={4: {"fault": "signflip:10"}}, **overrides)
