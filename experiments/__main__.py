@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, StaleRun, GridError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the runs stop where they are, and say how to go on (no Ray traceback)
+        print(f"\ninterrupted: finished runs are kept and interrupted ones resume from their last saved round; "
+              f"run `python -m experiments {args.spec}` again to continue", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -139,6 +139,16 @@ def test_gpus_per_run_is_refused_in_one_line_where_no_gpu_exists(tmp_path, capsy
     assert not (tmp_path / "out").exists()  # refused before any run started
 
 
+def test_ctrl_c_stops_the_grid_with_one_line_saying_how_to_continue(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # where Ray's wait raises it on Ctrl-C
+    monkeypatch.setattr("experiments.__main__.run_grid", interrupted)
+    spec = write(tmp_path)
+    assert main([str(spec)]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "interrupted" in err and f"python -m experiments {spec}` again" in err
+
+
 def test_an_address_where_no_ray_cluster_listens_is_refused_in_one_line(tmp_path, capsys):
     assert main([str(write(tmp_path)), "--address", f"127.0.0.1:{free_port()}"]) == 2
     err = capsys.readouterr().err
