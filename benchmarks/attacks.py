@@ -7,6 +7,9 @@ Real MNIST (/work/shared/data), cnn, 10 in-process nodes x 300 training images, 
 default device mix; every cell is a full run of the ServerApp's round loop against the real ClientApp
 (benchmarks/run_inprocess.py) with node-config `fault` (client_app/faults.py) on the attackers. The
 attacker is node 10 (a workstation: every strategy gives it work); the two label flippers nodes 9-10.
+Two reference columns give the run with those nodes' every reply refused (what a defence that gives the
+attackers no weight at best leaves: where they are a large part of the devices holding a part of the
+model, that is below the clean run).
 Each cell runs with `aggregation = mean` (no defence) and with the defence (`--defence`, default: the
 run config's default `aggregation`). Results: one small JSON per cell under benchmarks/results/attacks/,
 the table in benchmarks/results/attacks.txt.
@@ -45,7 +48,13 @@ SCENARIOS = {
     "inflated+labelflip": {10: "inflate-examples;labelflip"},
     "adversarial-logits": {10: "adversarial-logits"},  # REFT only: the others send weights
     "2 labelflippers": {9: "labelflip", 10: "labelflip"},
+    # References, not attacks: the run without what the attackers contribute (their every reply is refused as
+    # NaN). A defence that gives an attacker no weight can do no better than this; where the attacker is one of
+    # few devices that hold a part of the model, it is below the clean run.
+    "node 10 refused": {10: "nan"},
+    "nodes 9-10 refused": {9: "nan", 10: "nan"},
 }
+REFERENCES = ("node 10 refused", "nodes 9-10 refused")
 
 
 def scenarios_of(strategy: str) -> list[str]:
@@ -80,7 +89,7 @@ def grid(defence: str, strategies: list[str]) -> list[tuple[str, str, str]]:
     """Every cell, the clean pairs first (they decide the default), then attacked with the defence, then without."""
     cells = [(s, "clean", a) for s in strategies for a in ("mean", defence)]
     cells += [(s, sc, defence) for s in strategies for sc in scenarios_of(s) if sc != "clean"]
-    cells += [(s, sc, "mean") for s in strategies for sc in scenarios_of(s) if sc != "clean"]
+    cells += [(s, sc, "mean") for s in strategies for sc in scenarios_of(s) if sc != "clean" and sc not in REFERENCES]
     return cells
 
 
