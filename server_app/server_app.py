@@ -50,7 +50,7 @@ from server_app.verify import agreed_partitions, check_partitions
 from server_app.strategies import STRATEGIES
 from server_app.strategies.base import ClientUpdate, Device, Federation, Strategy, StrategySetupError, TrainTask
 from server_app.strategies.profl import ProFL
-from server_app.trust import scored_updates
+from server_app.trust import RootStepDiverged, scored_updates
 
 app = ServerApp()
 
@@ -421,7 +421,12 @@ def run_round(grid: Grid, strategy: Strategy, federation: Federation, writer: Re
     left_out = left_out_reasons(strategy, federation, server_round) | unavailable  # before ProFL moves on
     updates, trust = [o.update for o in outcomes if o.update], None
     if Aggregation.parse(federation.config.aggregation).trust:  # FLTrust: scored against the server's own step
-        updates, trust = scored_updates(strategy, federation, {o.task.node_id: o.task for o in outcomes}, updates)
+        try:
+            updates, trust = scored_updates(strategy, federation, {o.task.node_id: o.task for o in outcomes},
+                                            updates)
+        except RootStepDiverged as exc:
+            raise RoundFailed(f"{exc}. Rounds 1-{server_round - 1} are saved in {writer.folder}; lower lr, then "
+                              "continue with resume = true") from None
     extras, accuracy, loss, refused = aggregate_safely(strategy, server_round, updates, test)
     record = round_record(federation, strategy, server_round, accuracy, loss, outcomes, spent, failed, extras,
                           time.perf_counter() - started, unavailable)

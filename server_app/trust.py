@@ -19,11 +19,15 @@ import torch
 
 from fl_app.aggregation import label_trust, trust_normalised
 from fl_app.data import Batches
-from fl_app.seeds import torch_generator
 from fl_app.job import Job, reply_state
 from fl_app.models import ModelSpec, build_model
-from fl_app.training import train
+from fl_app.seeds import torch_generator
+from fl_app.training import TrainingDiverged, train
 from server_app.strategies.base import ClientUpdate, Federation, Strategy, TrainTask
+
+
+class RootStepDiverged(RuntimeError):
+    """The server's own training on the public slice diverged: the run's learning rate is too high."""
 
 
 def scored_updates(strategy: Strategy, federation: Federation, tasks: dict[int, TrainTask],
@@ -34,10 +38,11 @@ def scored_updates(strategy: Strategy, federation: Federation, tasks: dict[int, 
     Returns (the updates, node id as text -> trust in [0, 1])."""
     roots: dict[Any, dict[str, torch.Tensor]] = {}
     scored, scores = [], {}
+    labels = federation.public_labels()
     for update in updates:
         task = tasks[update.node_id]
         if task.job.returns == "logits":  # predictions on the root dataset itself: scored by its labels
-            trust = label_trust(update.tensors["logits"], federation.public_labels())
+            trust = label_trust(update.tensors["logits"], labels)
             scores[str(update.node_id)] = round(trust, 4)
             scored.append(replace(update, trust=trust))
             continue
@@ -60,11 +65,17 @@ def root_update(strategy: Strategy, federation: Federation, task: TrainTask,
     many examples per epoch as the node holds (the public slice cycled or cut to that count; the count is
     the server's own, `Device.num_examples`), so the root step is as long as the client's: FLTrust gives
     every update the root step's norm, and a root trained for more steps than the clients makes every
-    round's step larger (public-size 500 against 300-image clients: ExclusiveFL fell from 0.88 to 0.43)."""
+    round's step larger (public-size 500 against 300-image clients: ExclusiveFL fell from 0.88 to 0.43).
+    Raises RootStepDiverged (one line) when the server's own training diverges."""
     job: Job = task.job
     model = _built(job.model, start)
     teacher = _built(job.mimic, strategy.start_weights(task, job.mimic)) if job.mimic else None
-    train(model, root_batches(federation, task), job.train, job.trainable, None, teacher, job.mutual_distillation)
+    try:
+        train(model, root_batches(federation, task), job.train, job.trainable, None, teacher,
+              job.mutual_distillation)
+    except TrainingDiverged as exc:
+        raise RootStepDiverged(f"round {job.round}: fltrust's root step on the public slice diverged ({exc}); "
+                               f"the clients' steps will too at lr {job.train.lr:g}") from None
     return reply_state(job, model.state_dict())
 
 

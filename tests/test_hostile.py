@@ -16,8 +16,10 @@ from fl_app.aggregation import Aggregation, fold_logits, fold_states, label_trus
 from fl_app.config import ConfigError, RunConfig
 from fl_app.job import Job
 from fl_app.models import ModelSpec
-from fl_app.training import TrainConfig
+from fl_app.results import load_results
+from fl_app.training import TrainConfig, TrainingDiverged
 from server_app.rounds import run_train_tasks
+from server_app.server_app import RoundFailed
 from server_app.strategies import STRATEGIES
 from server_app.strategies.base import TrainTask
 from server_app.verify import node_text, payload_bytes
@@ -190,6 +192,16 @@ def test_under_fltrust_a_sign_flipping_attacker_moves_the_model_no_more_than_a_n
                                                                         abs=0.006)
     if strategy == "profl":
         assert any(r["step"] == "mimic" for r in attacked["rounds"])
+
+
+def test_a_diverging_root_step_fails_the_round_in_one_line_that_says_to_lower_lr(tmp_path, monkeypatch):
+    def diverges(*args, **kwargs):
+        raise TrainingDiverged("training diverged: loss nan after 32 examples at lr 0.05; lower lr")
+    monkeypatch.setattr("server_app.trust.train", diverges)
+    with pytest.raises(RoundFailed, match="fltrust's root step on the public slice diverged.*lower lr"):
+        run(tmp_path, aggregation="fltrust", **FAST)
+    results = load_results(tmp_path / "run")
+    assert results["status"] == "failed" and "fltrust's root step" in results["error"]
 
 
 def test_reft_ensemble_with_the_defence_keeps_the_honest_teacher_against_adversarial_logits():
