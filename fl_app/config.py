@@ -182,7 +182,8 @@ class RunConfig:
         try:
             if Aggregation.parse(self.aggregation).trust and self.public_size < 1:
                 p.append(f"aggregation = {self.aggregation!r} with public-size = 0: fltrust's root dataset is the "
-                         "public slice; give it examples (FLTrust used 100) or drop fltrust")
+                         "public slice; give it examples (FLTrust used 100) or set aggregation = 'mean' (or "
+                         "'norm-clip+median', which need no root data)")
         except AggregationError as exc:
             p.append(str(exc))
         if self.resume and not self.run_name:
