@@ -130,7 +130,8 @@ class REFT(GlobalModelStrategy):
                          {**task.info, "weights_sent": True})
 
     def aggregate_train(self, server_round: int, updates: list[ClientUpdate]) -> dict[str, Any]:
-        if not updates:
+        updates = [u for u in updates if u.fold_weight > 0]  # fltrust: predictions no better than chance teach nothing
+        if not updates:  # nothing to teach with: the teacher and the global model stay as they are
             return {"ensemble_size": 0}
         self.ensemble = fold_logits([u.tensors["logits"] for u in updates], [u.fold_weight for u in updates],
                                     Aggregation.parse(self.federation.config.aggregation))
