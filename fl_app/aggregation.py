@@ -228,8 +228,9 @@ def trust_normalised(start: Mapping[str, torch.Tensor], update: Mapping[str, tor
     `running_var`) are left out of the cosine — every client moves them from their initial values the
     same way, which would make any update look aligned — and their movement is bounded by the root's
     on its own, never scaled up: statistics a client measured close to the global ones, scaled up to a
-    root whose 100 images differ more, blew up a FedAvg run on MNIST (0.96 -> 0.18 in one round). A movement or root movement of zero gives trust 0. Returns (trust in [0, 1], the
-    normalised update, each tensor in its own dtype)."""
+    root whose 100 images differ more, blew up a FedAvg run on MNIST (0.96 -> 0.18 in one round).
+    A movement or root movement of zero gives trust 0. Returns (trust in [0, 1], the normalised update,
+    each tensor in its own dtype)."""
     floats = [k for k, t in update.items() if t.is_floating_point()]
     groups = ([k for k in floats if not k.endswith(STATISTICS)], [k for k in floats if k.endswith(STATISTICS)])
     g = {k: update[k].double() - start[k].double() for k in floats}
@@ -242,12 +243,11 @@ def trust_normalised(start: Mapping[str, torch.Tensor], update: Mapping[str, tor
     if learned == 0 or learned0 == 0 or not math.isfinite(learned):
         return 0.0, dict(update)
     cosine = sum(float((g[k] * g0[k]).sum()) for k in groups[0]) / (learned * learned0)
+    measured, measured0 = norm(g, groups[1]), norm(g0, groups[1])
+    # Statistics are measured, not stepped: bounded by the root's movement, never scaled up.
+    ratios = (learned0 / learned, min(1.0, measured0 / measured) if 0 < measured < math.inf else 0.0)
     scaled = dict(update)
-    for names, at_most in zip(groups, (False, True)):
-        moved, moved0 = norm(g, names), norm(g0, names)
-        ratio = moved0 / moved if moved > 0 and math.isfinite(moved) else 0.0
-        if at_most:  # statistics are measured, not stepped: bounded by the root's movement, never scaled up
-            ratio = min(ratio, 1.0)
+    for names, ratio in zip(groups, ratios):
         scaled |= {k: (start[k].double() + ratio * g[k]).to(update[k].dtype) for k in names}
     return max(0.0, min(1.0, cosine)), scaled
 

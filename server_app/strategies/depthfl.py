@@ -111,5 +111,4 @@ def average_held(state: dict[str, torch.Tensor], updates: list[dict[str, torch.T
     "mean": the `weights`-weighted average) of the updates that hold it (float tensors; integer
     counters such as BatchNorm's batch count take the maximum); a tensor that no update with examples
     holds keeps its value. Shapes are those of `state` (depth-scaled submodels hold whole tensors)."""
-    held = [(u, w) for u, w in zip(updates, weights) if w > 0]
-    return fold_states(state, [u for u, _ in held], [w for _, w in held], Aggregation.parse(aggregation))
+    return fold_states(state, updates, weights, Aggregation.parse(aggregation))
