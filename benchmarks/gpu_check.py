@@ -13,8 +13,9 @@ Writes, under --out:
   beside the cost model's prediction;
 - profl_paper/ (c): experiments/specs/profl_paper.toml restricted to profl, allsmall and exclusivefl,
   with num-server-rounds sized from a timed full-model local training so the three fit the minutes
-  (a) and (b) leave of --minutes (at most 8), run as Ray tasks sharing the GPU (--gpus-per-run 1/3);
-  its spec, the command's output, runs, table and figures;
+  (a) and (b) leave of --minutes (at most 8), run as Ray tasks sharing the GPU (--gpus-per-run 1/3),
+  or one after another (`--sequential`) where Ray is not installed; --nodes and --data-dir fit it to a
+  machine that carries only a slice of CIFAR-10; its spec, the command's output, runs, table and figures;
 - summary.txt: each part's command, exit status and seconds.
 
 With --tiny (no GPU needed): a few quick tests, the small CNN at batch 8, and the spec with the CNN on
@@ -25,6 +26,7 @@ runs it so this script does not rot.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import signal
@@ -51,9 +53,9 @@ TINY_CONFIG = {"dataset": "synthetic", "max-client-examples": 16, "public-size":
 def part(name: str, command: list[str], out: Path, log: str, timeout_s: float | None = None) -> tuple[int, float]:
     """Run `command` from the repository root, its output appended to `out/log`; (exit status, seconds).
 
-    A command past `timeout_s` is interrupted (SIGINT: the experiments command cancels its Ray tasks and
-    stops its Ray; a grid resumes where it stopped), then killed with its whole session 60 s later;
-    its status is then 124."""
+    A command past `timeout_s` is interrupted as Ctrl-C would (SIGINT to its process group: the
+    experiments command stops its runs, which resume where they stopped), then killed with its whole
+    session 60 s later; its status is then 124."""
     started = time.perf_counter()
     with open(out / log, "a") as f:
         f.write("$ " + " ".join(command) + "\n")
@@ -62,7 +64,7 @@ def part(name: str, command: list[str], out: Path, log: str, timeout_s: float | 
         try:
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGINT)
+            os.killpg(proc.pid, signal.SIGINT)
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -100,9 +102,12 @@ def seconds_per_round(config: dict, device: str) -> float:
     return 1.2 * per_step * steps_per_client * clients
 
 
-def paper_spec(out: Path, tiny: bool, minutes: float, data_dir: str | None, device: str) -> tuple[Path, str]:
-    """profl_paper.toml for profl, allsmall and exclusivefl, its rounds sized to `minutes`; (path, why)."""
+def paper_spec(out: Path, tiny: bool, minutes: float, data_dir: str | None, device: str,
+               nodes: int | None = None) -> tuple[Path, str]:
+    """profl_paper.toml for profl, allsmall and exclusivefl, its rounds sized to `minutes`; (path, why).
+    `nodes`: the federation's size instead of the spec's 100 (each still holds 500 images)."""
     raw = tomllib.loads(PAPER_SPEC.read_text())
+    raw["nodes"] = nodes or raw["nodes"]
     config = dict(raw["config"])
     config["data-dir"] = data_dir or str((PAPER_SPEC.parent / config["data-dir"]).resolve())
     strategies = STRATEGIES
@@ -112,11 +117,12 @@ def paper_spec(out: Path, tiny: bool, minutes: float, data_dir: str | None, devi
         why = "tiny: 1 round"
     else:
         per_round = seconds_per_round({**config, "nodes": raw["nodes"]}, device)
-        # The three run at once on one GPU (a third each): count their rounds as if one after another,
-        # since small models leave the GPU mostly idle but the three still contend for it.
-        config["num-server-rounds"] = max(1, int(minutes * 60 * 0.8 / (len(strategies) * per_round)))
+        # The three run at once on one GPU (a third each) or one after another: count their rounds as if
+        # one after another, since small models leave the GPU mostly idle but the three still contend for it.
+        # Half the minutes: a round's CPU work (each client's model serialised, the checkpoint) is not timed.
+        config["num-server-rounds"] = max(1, int(minutes * 60 * 0.5 / (len(strategies) * per_round)))
         why = (f"{per_round:.1f} s per round (timed full-model training, x1.2), x{len(strategies)} strategies, "
-               f"80 % of {minutes:g} min -> {config['num-server-rounds']} rounds")
+               f"50 % of {minutes:g} min -> {config['num-server-rounds']} rounds")
     raw |= {"name": "profl-paper-gpu-check", "output-dir": "profl_paper", "strategies": strategies, "seeds": [0],
             "config": config}
     raw["description"] = raw.get("description", "") + f"\nSized by benchmarks/gpu_check.py: {why}."
@@ -132,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=9.5,
                         help="wall minutes for the whole check; (c) gets what (a) and (b) leave, at most 8")
     parser.add_argument("--data-dir", help="(c): the folder holding cifar10/ (default: the spec's)")
+    parser.add_argument("--nodes", type=int, help="(c): nodes of 500 images each (default: the spec's 100)")
     args = parser.parse_args(argv)
     begin = time.perf_counter()
     cuda = torch.cuda.is_available()
@@ -148,17 +155,23 @@ def main(argv: list[str] | None = None) -> int:
     py = sys.executable
     results = []
     tests = TINY_TESTS if args.tiny else CUDA_TESTS
+    # (a) and (b) are bounded so that a hang in either still leaves (c) its minutes.
+    bound = None if args.tiny else args.minutes * 60 / 4
     results.append(("(a) tests", *part("(a) tests", [py, "-m", "pytest", "-q", "-m", "not slow", *tests], out,
-                                       "tests.txt")))
+                                       "tests.txt", timeout_s=bound)))
     model, batch = ("cnn", "8") if args.tiny else ("resnet18", "64")
     results.append(("(b) memory", *part("(b) memory", [py, "benchmarks/profl.py", "memory", "--models", model,
-                                                       "--batch", batch, "--device", device], out, "profl_memory.txt")))
+                                                       "--batch", batch, "--device", device], out, "profl_memory.txt",
+                                                  timeout_s=bound)))
     left = min(8.0, args.minutes - (time.perf_counter() - begin) / 60 - 1.0)  # 1 min: startup, report, slack
-    spec, why = paper_spec(out, args.tiny, left, args.data_dir, device)
+    spec, why = paper_spec(out, args.tiny, left, args.data_dir, device, args.nodes)
     print(f"(c) {why}", flush=True)
-    grid = [py, "-m", "experiments", str(spec), "--workers", str(len(STRATEGIES))]
-    if device == "cuda":
-        grid += ["--gpus-per-run", f"{1 / len(STRATEGIES):.3f}"]
+    if importlib.util.find_spec("ray") is None:  # e.g. a GPU machine's own Python image
+        grid = [py, "-m", "experiments", str(spec), "--sequential"]
+    else:
+        grid = [py, "-m", "experiments", str(spec), "--workers", str(len(STRATEGIES))]
+        if device == "cuda":
+            grid += ["--gpus-per-run", f"{1 / len(STRATEGIES):.3f}"]
     rc, seconds = part("(c) profl_paper", grid, out, "experiments.txt", timeout_s=None if args.tiny else left * 60)
     if rc == 124:  # the table and figures of the runs that finished
         part("(c) report", [py, "-m", "experiments", str(spec), "--report"], out, "experiments.txt")

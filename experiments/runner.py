@@ -133,6 +133,38 @@ def run_grid(spec: Spec, workers: int | None = None, out: TextIO = sys.stdout, a
     return outcomes
 
 
+def run_sequentially(spec: Spec, out: TextIO = sys.stdout) -> list[Outcome]:
+    """Run every run of `spec` not yet completed one after another, each in a fresh process of its own,
+    without Ray: for a machine that has no Ray (e.g. a GPU box with its own Python image), where the
+    runs then have the whole machine, its GPU included, to themselves in turn. Same results, logs,
+    skipping and resuming as `run_grid`; one progress line per finished run."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+    import multiprocessing
+
+    spec.runs_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = spec.output_dir / "logs"
+    log_dir.mkdir(exist_ok=True)
+    todo = [run for run in spec.runs if run_status(run) != COMPLETED]
+    outcomes = [Outcome(run.name, "skipped", 0.0, None) for run in spec.runs if run not in todo]
+    print(f"{spec.name}: {len(spec.runs)} runs, {len(outcomes)} already completed, {len(todo)} to run one after "
+          f"another without Ray; logs in {log_dir}", file=out, flush=True)
+    already, started = len(outcomes), time.perf_counter()
+    for done, run in enumerate(todo, start=1):
+        submitted = time.perf_counter()
+        # A fresh process per run, as under Ray (max_calls=1): no state carried from one run to the next.
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            try:
+                outcome = _landed(pool.submit(execute, run, spec.nodes, str(log_dir)).result(), run)
+            except BrokenProcessPool:  # the run's process died (killed, out of memory): the grid goes on
+                outcome = Outcome(run.name, "failed", time.perf_counter() - submitted, None,
+                                  "its process died (killed or out of memory); its log says more")
+        outcomes.append(outcome)
+        print(progress_line(outcome, already + done, 0, len(todo) - done, time.perf_counter() - started, done,
+                            already + len(todo)), file=out, flush=True)
+    return outcomes
+
+
 def check_cluster_request(address: str | None, gpus_per_run: float | None) -> None:
     """GridError (one line) for a GPU fraction out of (0, 1], --gpus-per-run without a GPU here (embedded
     Ray), or an --address where nothing listens (Ray itself would retry for minutes)."""

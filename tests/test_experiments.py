@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from experiments.__main__ import main
-from experiments.runner import Outcome, StaleRun, progress_line, run_grid, run_status
+from experiments.runner import Outcome, StaleRun, progress_line, run_grid, run_sequentially, run_status
 from experiments.spec import SpecError, load_spec
 from experiments.summary import write_report
 from fl_app.results import load_results
@@ -234,3 +234,23 @@ def test_a_ray_cluster_at_address_gives_the_same_results_as_the_embedded_ray(tmp
         made_here = comparable(tmp_path / "embedded" / "runs" / name)
         assert made_here["status"] == "completed"
         assert comparable(tmp_path / "cluster" / "runs" / name) == made_here
+
+
+def test_sequential_runs_each_run_in_a_fresh_process_without_ray_with_the_same_files_and_skipping(tmp_path):
+    spec = load_spec(one_run_spec(tmp_path, strategies='strategies = ["fedavg", "heterofl"]'))
+    out = io.StringIO()
+    outcomes = run_sequentially(spec, out=out)
+    assert [o.status for o in outcomes] == ["completed", "completed"]
+    for outcome in outcomes:
+        doc = load_results(tmp_path / "out" / "runs" / outcome.name)
+        assert doc["status"] == "completed" and doc["summary"]["final_accuracy"] == outcome.final_accuracy
+        assert (tmp_path / "out" / "logs" / f"{outcome.name}.log").stat().st_size > 0
+    assert "without Ray" in out.getvalue() and "[2/2 done, 0 running, 0 left]" in out.getvalue()
+    assert [o.status for o in run_sequentially(spec, out=io.StringIO())] == ["skipped", "skipped"]
+
+
+def test_sequential_refuses_ray_options_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main([str(write(tmp_path)), "--sequential", "--gpus-per-run", "0.5"])
+    err = capsys.readouterr().err
+    assert "--sequential runs one run at a time" in err and not (tmp_path / "out").exists()
