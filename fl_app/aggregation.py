@@ -23,6 +23,13 @@
                            REFT's replies are predictions on the root dataset itself, so their trust is
                            the cosine between their log probabilities and the labels (`label_trust`),
                            each row floored at LOG_ODDS_FLOOR as under clipping
+    fltrust:layer          fltrust with a score and a normalisation per layer (the tensors of one module,
+                           e.g. a convolution's weight, or a BatchNorm's weight, bias and statistics), each
+                           layer folded with its own score as its weight: our variant, not the paper's. A
+                           label flipper's body moves like the server's while its classifier opposes it;
+                           one score for the whole update lets the classifier in at the body's trust,
+                           per-layer scores keep the body and refuse the classifier. REFT's logits are
+                           scored as under fltrust
     norm-clip:2+median     clipping combined with mean, median or trimmed mean ('+' joins them, in either order)
 
 Median and trimmed mean count every client of weight > 0 once (order statistics are unweighted): a client
@@ -57,18 +64,20 @@ class AggregationError(ValueError):
 @dataclass(frozen=True)
 class Aggregation:
     """A fold rule (`rule`, with `trim` for trimmed-mean), optional clipping at `clip` x the median norm,
-    and whether updates are first scored against the server's root update (`trust`, FLTrust)."""
+    and whether updates are first scored against the server's root update (`trust`, FLTrust), per layer
+    (`by_layer`) or whole."""
 
     rule: str = "mean"
     trim: float = 0.0
     clip: float | None = None
     trust: bool = False
+    by_layer: bool = False
 
     @staticmethod
     @lru_cache(maxsize=32)
     def parse(text: str) -> Aggregation:
         """`"norm-clip:2+median"` -> Aggregation("median", clip=2.0); AggregationError naming the fix."""
-        rule, trim, clip, trust = None, 0.0, None, False
+        rule, trim, clip, trust, by_layer = None, 0.0, None, False, False
         for part in (p.strip() for p in text.split("+")):
             name, _, arg = part.partition(":")
             try:
@@ -76,8 +85,8 @@ class Aggregation:
                     clip = float(arg) if arg else DEFAULT_CLIP_FACTOR
                     if not (math.isfinite(clip) and clip > 0):
                         raise ValueError("the clip factor must be a finite number > 0")
-                elif name == "fltrust" and not trust and not arg:
-                    trust = True
+                elif name == "fltrust" and not trust and arg in ("", "layer"):
+                    trust, by_layer = True, arg == "layer"
                 elif name in RULES and rule is None:
                     if (name == "trimmed-mean") != bool(arg):
                         raise ValueError("trimmed-mean takes a fraction (trimmed-mean:0.1); the others take none")
@@ -90,11 +99,11 @@ class Aggregation:
             except ValueError as exc:
                 raise AggregationError(f"aggregation = {text!r}: {exc}; valid: mean, median, trimmed-mean:<f>, "
                                        "norm-clip[:<factor>], norm-clip joined to a rule by '+' (e.g. "
-                                       "norm-clip:2+median), or fltrust") from exc
+                                       "norm-clip:2+median), fltrust or fltrust:layer") from exc
         if trust and (rule or clip):
             raise AggregationError(f"aggregation = {text!r}: fltrust is a rule of its own (its fold is the "
                                    "trust-weighted mean of normalised updates); write aggregation = 'fltrust'")
-        return Aggregation(rule or "mean", trim, clip, trust)
+        return Aggregation(rule or "mean", trim, clip, trust, by_layer)
 
     def clip_scales(self, distances: torch.Tensor) -> torch.Tensor:
         """[n] distances (float64, >= 0) -> [n] factors in (0, 1] that bring each to at most `clip` x their
@@ -133,13 +142,16 @@ class Aggregation:
 
     def describe(self) -> str:
         if self.trust:
-            return "fltrust"
+            return "fltrust:layer" if self.by_layer else "fltrust"
         rule = f"trimmed-mean:{self.trim:g}" if self.rule == "trimmed-mean" else self.rule
         return rule if self.clip is None else f"norm-clip:{self.clip:g}+{rule}"
 
 
+Weight = float | Mapping[str, float]  # one fold weight for a whole update, or one per tensor name
+
+
 def fold_states(reference: Mapping[str, torch.Tensor], updates: Sequence[Mapping[str, torch.Tensor]],
-                weights: Sequence[float], aggregation: Aggregation,
+                weights: Sequence[Weight], aggregation: Aggregation,
                 index: Sequence[Mapping[str, Index]] | None = None) -> dict[str, torch.Tensor]:
     """`reference` (the current global state) with each tensor some update holds replaced by the fold of
     the updates holding it; what no update holds keeps its value. Returns every name of `reference`.
@@ -151,9 +163,15 @@ def fold_states(reference: Mapping[str, torch.Tensor], updates: Sequence[Mapping
     clipped for holding more; where all hold the whole model this is the distance up to one factor.
     Integer tensors (BatchNorm's batch counter) take the maximum over holders. Float results are cast
     back to the reference's dtype. An update of weight 0 holds nothing. With fltrust the weights are
-    trust scores and the rule is the mean: their weighted mean (`server_app.trust`).
+    trust scores and the rule is the mean: their weighted mean (`server_app.trust`); with fltrust:layer
+    weights[i] maps each tensor name to its layer's score.
     Shapes: those of `reference`."""
     index = index or [{} for _ in updates]
+
+    def weight(i: int, name: str) -> float:
+        w = weights[i]
+        return float(w.get(name, 0.0)) if isinstance(w, Mapping) else float(w)
+
     reference64: dict[str, torch.Tensor] = {}  # each reference tensor in float64, made once
 
     def held_reference(i: int, name: str) -> torch.Tensor:
@@ -174,7 +192,7 @@ def fold_states(reference: Mapping[str, torch.Tensor], updates: Sequence[Mapping
               if aggregation.clip is not None else torch.ones(len(updates), dtype=torch.float64))
     out = dict(reference)
     for name, ref in reference.items():
-        holders = [i for i, u in enumerate(updates) if name in u and weights[i] > 0]
+        holders = [i for i, u in enumerate(updates) if name in u and weight(i, name) > 0]
         if not holders:
             continue
         if not ref.is_floating_point():
@@ -190,7 +208,7 @@ def fold_states(reference: Mapping[str, torch.Tensor], updates: Sequence[Mapping
                 stack[row][index[i][name]] = moved
             else:
                 stack[row] = moved
-        folded = aggregation.fold(stack, torch.tensor([float(weights[i]) for i in holders], dtype=torch.float64))
+        folded = aggregation.fold(stack, torch.tensor([weight(i, name) for i in holders], dtype=torch.float64))
         folded = torch.where(folded.isnan(), ref.double(), folded)
         if name.endswith("running_var"):  # a variance is >= 0; a negative one (only an attacker's update
             folded = folded.clamp_min(0.0)  # makes one) turns every output of its BatchNorm NaN
@@ -217,7 +235,8 @@ def fold_logits(logits: Sequence[torch.Tensor], weights: Sequence[float], aggreg
 
 
 def trust_normalised(start: Mapping[str, torch.Tensor], update: Mapping[str, torch.Tensor],
-                     root: Mapping[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
+                     root: Mapping[str, torch.Tensor], by_layer: bool = False
+                     ) -> tuple[float, dict[str, torch.Tensor], dict[str, float] | None]:
     """FLTrust's score and normalisation of one update (Cao et al., NDSS 2021, Alg. 1, lines 8-10).
 
     `start`: the weights the client's job started from; `update`: what it sent; `root`: what the
@@ -229,27 +248,54 @@ def trust_normalised(start: Mapping[str, torch.Tensor], update: Mapping[str, tor
     same way, which would make any update look aligned — and their movement is bounded by the root's
     on its own, never scaled up: statistics a client measured close to the global ones, scaled up to a
     root whose 100 images differ more, blew up a FedAvg run on MNIST (0.96 -> 0.18 in one round).
-    A movement or root movement of zero gives trust 0. Returns (trust in [0, 1], the normalised update,
-    each tensor in its own dtype)."""
+    A movement or root movement of zero gives trust 0.
+
+    `by_layer` (aggregation `fltrust:layer`, our variant): the cosine and the rescaling are taken per
+    layer (the tensors of one module, `layer_of`) instead, and each tensor's fold weight is its layer's
+    score. Returns (trust in [0, 1] of the whole update, the normalised update, each tensor in its own
+    dtype, and with `by_layer` tensor name -> its layer's trust in [0, 1], else None)."""
     floats = [k for k, t in update.items() if t.is_floating_point()]
-    groups = ([k for k in floats if not k.endswith(STATISTICS)], [k for k in floats if k.endswith(STATISTICS)])
+    learned = [k for k in floats if not k.endswith(STATISTICS)]
+    measured = [k for k in floats if k.endswith(STATISTICS)]
     g = {k: update[k].double() - start[k].double() for k in floats}
     g0 = {k: root[k].double() - start[k].double() for k in floats}
-
-    def norm(moves: dict[str, torch.Tensor], names: list[str]) -> float:
-        return math.sqrt(sum(float(moves[k].square().sum()) for k in names))
-
-    learned, learned0 = norm(g, groups[0]), norm(g0, groups[0])
-    if learned == 0 or learned0 == 0 or not math.isfinite(learned):
-        return 0.0, dict(update)
-    cosine = sum(float((g[k] * g0[k]).sum()) for k in groups[0]) / (learned * learned0)
-    measured, measured0 = norm(g, groups[1]), norm(g0, groups[1])
-    # Statistics are measured, not stepped: bounded by the root's movement, never scaled up.
-    ratios = (learned0 / learned, min(1.0, measured0 / measured) if 0 < measured < math.inf else 0.0)
+    trust, ratio = _cosine_and_ratio(g, g0, learned)
+    if ratio is None:  # nothing learned moved (or the root did not): trusted with nothing
+        return 0.0, dict(update), ({k: 0.0 for k in update} if by_layer else None)
     scaled = dict(update)
-    for names, ratio in zip(groups, ratios):
-        scaled |= {k: (start[k].double() + ratio * g[k]).to(update[k].dtype) for k in names}
-    return max(0.0, min(1.0, cosine)), scaled
+    layers: dict[str, list[str]] = {}
+    for k in learned:
+        layers.setdefault(layer_of(k) if by_layer else "", []).append(k)
+    layer_trust: dict[str, float] = {}
+    for layer, names in layers.items():
+        layer_trust[layer], layer_ratio = _cosine_and_ratio(g, g0, names) if by_layer else (trust, ratio)
+        scaled |= {k: (start[k].double() + (layer_ratio or 0.0) * g[k]).to(update[k].dtype) for k in names}
+    # Statistics are measured, not stepped: bounded by the root's movement, never scaled up.
+    size, size0 = _norm(g, measured), _norm(g0, measured)
+    bound = min(1.0, size0 / size) if 0 < size < math.inf else 0.0
+    scaled |= {k: (start[k].double() + bound * g[k]).to(update[k].dtype) for k in measured}
+    weights = {k: layer_trust.get(layer_of(k), trust) for k in update} if by_layer else None
+    return trust, scaled, weights
+
+
+def layer_of(name: str) -> str:
+    """The layer (module) a state tensor belongs to: `blocks.2.0.conv.weight` -> `blocks.2.0.conv`."""
+    return name.rpartition(".")[0]
+
+
+def _norm(moves: Mapping[str, torch.Tensor], names: Sequence[str]) -> float:
+    return math.sqrt(sum(float(moves[k].square().sum()) for k in names))
+
+
+def _cosine_and_ratio(g: Mapping[str, torch.Tensor], g0: Mapping[str, torch.Tensor],
+                      names: Sequence[str]) -> tuple[float, float | None]:
+    """(max(0, cos(g, g0)) over `names`, |g0| / |g|); (0, None) when either movement is zero or |g| is
+    not finite."""
+    size, size0 = _norm(g, names), _norm(g0, names)
+    if size == 0 or size0 == 0 or not math.isfinite(size):
+        return 0.0, None
+    cosine = sum(float((g[k] * g0[k]).sum()) for k in names) / (size * size0)
+    return max(0.0, min(1.0, cosine)), size0 / size
 
 
 def label_trust(logits: torch.Tensor, labels: torch.Tensor) -> float:

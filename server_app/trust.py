@@ -6,8 +6,9 @@ the server's own update on that data points. Here the root dataset is the public
 client's data; its labels are the server's) and the server's update is the client's own job — the same
 submodel, trainable blocks, teacher and start weights — so a width-scaled, depth-scaled or block-wise
 client is compared with exactly the step it was asked to take. The score and normalisation are
-`fl_app.aggregation.trust_normalised`; strategies then fold with the score as the update's weight. REFT's
-clients send predictions on the root dataset itself, scored against its labels (`label_trust`).
+`fl_app.aggregation.trust_normalised` (per layer under `fltrust:layer`); strategies then fold with the
+score as the update's weight. REFT's clients send predictions on the root dataset itself, scored against
+its labels (`label_trust`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from fl_app.aggregation import label_trust, trust_normalised
+from fl_app.aggregation import Aggregation, label_trust, trust_normalised
 from fl_app.data import Batches
 from fl_app.job import Job, reply_state
 from fl_app.models import ModelSpec, build_model
@@ -39,6 +40,7 @@ def scored_updates(strategy: Strategy, federation: Federation, tasks: dict[int, 
     roots: dict[Any, dict[str, torch.Tensor]] = {}
     scored, scores = [], {}
     labels = federation.public_labels()
+    by_layer = Aggregation.parse(federation.config.aggregation).by_layer
     for update in updates:
         task = tasks[update.node_id]
         if task.job.returns == "logits":  # predictions on the root dataset itself: scored by its labels
@@ -52,9 +54,9 @@ def scored_updates(strategy: Strategy, federation: Federation, tasks: dict[int, 
                tuple(sorted((k, v.data_ptr()) for k, v in start.items())))
         if key not in roots:
             roots[key] = root_update(strategy, federation, task, start)
-        trust, tensors = trust_normalised(start, update.tensors, roots[key])
+        trust, tensors, layer_trust = trust_normalised(start, update.tensors, roots[key], by_layer)
         scores[str(update.node_id)] = round(trust, 4)
-        scored.append(replace(update, tensors=tensors, trust=trust))
+        scored.append(replace(update, tensors=tensors, trust=trust, layer_trust=layer_trust))
     return scored, scores
 
 

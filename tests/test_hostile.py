@@ -12,7 +12,7 @@ from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDic
 
 from client_app.faults import HUGE, Fault, FaultConfigError
 from experiments.inprocess import InProcessGrid
-from fl_app.aggregation import Aggregation, fold_logits, fold_states, label_trust, trust_normalised
+from fl_app.aggregation import Aggregation, AggregationError, fold_logits, fold_states, label_trust, trust_normalised
 from fl_app.config import ConfigError, RunConfig
 from fl_app.job import Job
 from fl_app.models import ModelSpec
@@ -116,7 +116,7 @@ def test_fltrust_weights_an_update_by_its_alignment_with_the_servers_step_and_gi
             "bn.num_batches_tracked": torch.tensor(5)}
     honest = {"w": torch.tensor([3.0, 3.0, 3.0, -3.0]), "bn.running_var": torch.full((2,), 5.0),
               "bn.num_batches_tracked": torch.tensor(5)}
-    trust, scaled = trust_normalised(start, honest, root)
+    trust, scaled, _ = trust_normalised(start, honest, root)
     assert trust == pytest.approx(6 / (6 * math.sqrt(2)))  # cos between (3, 3, 3, -3) and (1, 1, 0, 0)
     assert scaled["w"].norm().item() == pytest.approx(math.sqrt(2))  # the server's step, not the client's
     assert torch.allclose(scaled["bn.running_var"], torch.full((2,), 2.0))  # statistics: to the root's movement
@@ -144,6 +144,41 @@ def test_fltrust_leaves_batchnorm_statistics_out_of_the_cosine():
     root = {"w": torch.tensor([1.0, 0.0]), "bn.running_mean": torch.ones(100)}
     flipped = {"w": torch.tensor([-1.0, 0.0]), "bn.running_mean": torch.ones(100)}
     assert trust_normalised(start, flipped, root)[0] == 0.0
+
+
+def test_fltrust_by_layer_keeps_a_label_flippers_body_and_refuses_its_classifier():
+    """A label flipper's body moves like the server's while its classifier opposes it: one whole-update
+    score lets the classifier in at the body's trust; fltrust:layer weights each layer by its own score
+    and gives each layer the root's norm for that layer."""
+    start = {"body.weight": torch.zeros(3), "head.weight": torch.zeros(2), "head.bias": torch.zeros(1),
+             "bn.weight": torch.zeros(1), "bn.running_mean": torch.zeros(1),
+             "bn.num_batches_tracked": torch.tensor(0)}
+    root = {"body.weight": torch.tensor([3.0, 4.0, 0.0]), "head.weight": torch.tensor([1.0, 0.0]),
+            "head.bias": torch.tensor([0.0]), "bn.weight": torch.tensor([1.0]), "bn.running_mean": torch.ones(1),
+            "bn.num_batches_tracked": torch.tensor(5)}
+    flipper = {"body.weight": torch.tensor([6.0, 8.0, 0.0]), "head.weight": torch.tensor([-1.0, 0.0]),
+               "head.bias": torch.tensor([0.0]), "bn.weight": torch.tensor([2.0]), "bn.running_mean": torch.ones(1),
+               "bn.num_batches_tracked": torch.tensor(5)}
+    whole, _, none = trust_normalised(start, flipper, root)
+    assert 0 < whole < 1 and none is None
+    trust, scaled, weights = trust_normalised(start, flipper, root, by_layer=True)
+    assert trust == pytest.approx(whole)  # the whole update's score is still reported
+    assert weights["body.weight"] == pytest.approx(1.0) and weights["head.weight"] == 0.0
+    assert weights["head.bias"] == 0.0  # one layer, one score
+    assert weights["bn.running_mean"] == weights["bn.num_batches_tracked"] == weights["bn.weight"] == 1.0
+    assert torch.allclose(scaled["body.weight"], root["body.weight"])  # each layer at the root's norm
+    folded = fold_states({"body.weight": torch.zeros(3), "head.weight": torch.zeros(2)},
+                         [scaled, {"head.weight": torch.tensor([0.5, 0.5])}],
+                         [weights, 1.0], Aggregation.parse("fltrust:layer"))
+    assert folded["head.weight"].tolist() == [0.5, 0.5]  # the flipper's classifier carries no weight
+    assert torch.allclose(folded["body.weight"], root["body.weight"])  # its body does
+
+
+def test_fltrust_layer_is_parsed_and_described_and_other_arguments_refused():
+    assert Aggregation.parse("fltrust:layer") == Aggregation(trust=True, by_layer=True)
+    assert Aggregation.parse("fltrust:layer").describe() == "fltrust:layer"
+    with pytest.raises(AggregationError, match="fltrust or fltrust:layer"):
+        Aggregation.parse("fltrust:block")
 
 
 def test_an_update_of_weight_zero_holds_nothing_under_any_rule():

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from fl_app.aggregation import Aggregation, fold_states
+from fl_app.aggregation import Aggregation, Weight, fold_states
 from fl_app.config import RunConfig
 from fl_app.cost import ModelCost, Workload, model_cost
 from fl_app.data import Batches, Dataset, split_public
@@ -70,10 +70,14 @@ class ClientUpdate:
     num_examples: int
     metrics: dict[str, float]
     trust: float | None = None  # FLTrust's score in [0, 1] (`server_app.trust`), when aggregation scores updates
+    layer_trust: dict[str, float] | None = None  # fltrust:layer: tensor name -> its layer's score in [0, 1]
 
     @property
-    def fold_weight(self) -> float:
-        """This update's weight in the fold: its FLTrust score when scored, else its example count."""
+    def fold_weight(self) -> Weight:
+        """This update's weight in the fold: its per-layer scores (fltrust:layer), its FLTrust score when
+        scored, else its example count."""
+        if self.layer_trust is not None:
+            return self.layer_trust
         return float(self.num_examples) if self.trust is None else self.trust
 
 
@@ -398,7 +402,7 @@ def nobody_fits(strategy: str, what: str, left_out: dict[int, str]) -> str:
     return f"{strategy}: no device can train {what}; closest, node {node}: {reason}"
 
 
-def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float],
+def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[Weight],
                      reference: dict[str, torch.Tensor], aggregation: str = "mean") -> dict[str, torch.Tensor]:
     """Fold whole-tensor states held by every client into `reference` (the current global state, the
     origin of clipping) by run-config `aggregation` (`fl_app.aggregation`; "mean": the `weights`-weighted
