@@ -2,8 +2,9 @@
 
     nice -n 10 python benchmarks/attacks.py run      # the grid, resumable: finished cells are skipped
     python benchmarks/attacks.py table               # the table of what finished
+    python benchmarks/attacks.py run --seed 1 --strategies exclusivefl   # the same cells at another seed
 
-Real MNIST (/work/shared/data), cnn, 10 in-process nodes x 300 training images, 8 rounds, seed 0, the
+Real MNIST (/work/shared/data), cnn, 10 in-process nodes x 300 training images, 8 rounds, seed 0 (`--seed`), the
 default device mix; every cell is a full run of the ServerApp's round loop against the real ClientApp
 (benchmarks/run_inprocess.py) with node-config `fault` (client_app/faults.py) on the attackers. The
 attacker is node 10 (a workstation: every strategy gives it work); the two label flippers nodes 9-10.
@@ -39,7 +40,7 @@ DATA = str(REPO.parent / "shared" / "data")
 CELLS = REPO / "benchmarks" / "results" / "attacks"
 NODES = 10
 BASE = {"dataset": "mnist", "data-dir": DATA, "model": "cnn", "max-client-examples": 300, "num-server-rounds": 8,
-        "test-size": 2000, "seed": 0, "min-nodes": NODES - 2}  # the run goes on without nodes the server refuses
+        "test-size": 2000, "min-nodes": NODES - 2}  # the run goes on without nodes the server refuses
 # scenario -> node id -> node-config fault
 SCENARIOS = {
     "clean": {},
@@ -61,10 +62,11 @@ def scenarios_of(strategy: str) -> list[str]:
     return [s for s in SCENARIOS if s != "adversarial-logits" or strategy == "reft"]
 
 
-def run_cell(strategy: str, scenario: str, aggregation: str) -> dict:
+def run_cell(strategy: str, scenario: str, aggregation: str, seed: int = 0) -> dict:
     """One full in-process run; its final accuracy, rounds refused and replies rejected."""
     with tempfile.TemporaryDirectory() as out:
-        config = {**BASE, "strategy": strategy, "aggregation": aggregation, "output-dir": out, "run-name": "run"}
+        config = {**BASE, "strategy": strategy, "aggregation": aggregation, "output-dir": out, "run-name": "run",
+                  "seed": seed}
         grid = InProcessGrid(config, NODES, node_config={n: {"fault": f} for n, f in SCENARIOS[scenario].items()})
         started = time.perf_counter()
         error = None
@@ -74,15 +76,17 @@ def run_cell(strategy: str, scenario: str, aggregation: str) -> dict:
             error = f"{type(exc).__name__}: {str(exc)[:200]}"
         results = load_results(Path(out) / "run")
     rounds = results.get("rounds", [])
-    return {"strategy": strategy, "scenario": scenario, "aggregation": aggregation,
+    return {"strategy": strategy, "scenario": scenario, "aggregation": aggregation, "seed": seed,
             "final_accuracy": rounds[-1]["accuracy"] if rounds else None, "rounds": len(rounds),
             "refused_rounds": sum(1 for r in rounds if r.get("aggregate_refused")),
             "rejected_replies": sum(r.get("rejected", 0) for r in rounds),
             "status": results.get("status"), "error": error, "seconds": round(time.perf_counter() - started, 1)}
 
 
-def cell_path(strategy: str, scenario: str, aggregation: str) -> Path:
-    return CELLS / f"{strategy}__{scenario.replace(' ', '_').replace('+', '_')}__{aggregation.replace(':', '_')}.json"
+def cell_path(strategy: str, scenario: str, aggregation: str, seed: int = 0) -> Path:
+    """The cell's JSON; seed 0's name carries no seed (the grid's first cells were all seed 0)."""
+    name = f"{strategy}__{scenario.replace(' ', '_').replace('+', '_')}__{aggregation.replace(':', '_')}"
+    return CELLS / (f"{name}.json" if seed == 0 else f"{name}__seed{seed}.json")
 
 
 def grid(defence: str, strategies: list[str]) -> list[tuple[str, str, str]]:
@@ -93,21 +97,21 @@ def grid(defence: str, strategies: list[str]) -> list[tuple[str, str, str]]:
     return cells
 
 
-def run(defence: str, strategies: list[str], scenarios: list[str]) -> None:
+def run(defence: str, strategies: list[str], scenarios: list[str], seed: int = 0) -> None:
     CELLS.mkdir(parents=True, exist_ok=True)
     for strategy, scenario, aggregation in grid(defence, strategies):
-        path = cell_path(strategy, scenario, aggregation)
+        path = cell_path(strategy, scenario, aggregation, seed)
         if path.exists() or scenario not in scenarios:
             continue
-        result = run_cell(strategy, scenario, aggregation)
+        result = run_cell(strategy, scenario, aggregation, seed)
         path.write_text(json.dumps(result, indent=1) + "\n")
         print(json.dumps(result), flush=True)
 
 
-def table(defences: list[str], strategies: list[str]) -> None:
+def table(defences: list[str], strategies: list[str], seed: int = 0) -> None:
     """One row per strategy, one column per scenario; each cell 'mean / defence 1 / defence 2 ...'."""
     def cell(strategy: str, scenario: str, aggregation: str) -> str:
-        path = cell_path(strategy, scenario, aggregation)
+        path = cell_path(strategy, scenario, aggregation, seed)
         if not path.exists():
             return "--"
         r = json.loads(path.read_text())
@@ -118,7 +122,7 @@ def table(defences: list[str], strategies: list[str]) -> None:
 
     columns = ["mean", *defences]
     print(f"final accuracy after {BASE['num-server-rounds']} rounds: real MNIST, cnn, {NODES} nodes x "
-          f"{BASE['max-client-examples']} images, test-size {BASE['test-size']}, seed {BASE['seed']}, "
+          f"{BASE['max-client-examples']} images, test-size {BASE['test-size']}, seed {seed}, "
           "default device mix;")
     print(f"each cell '{' / '.join(columns)}' (aggregation); attacker node 10, flippers 9-10")
     print("* some round's aggregate was refused as unsound (previous model kept); ! the run stopped early; -- not run")
@@ -139,12 +143,13 @@ def main() -> None:
                         help="run: the defence's aggregation; table: one or more, comma-separated")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="run only these (comma-separated)")
+    parser.add_argument("--seed", type=int, default=0, help="the runs' seed (data split, devices, training)")
     args = parser.parse_args()
     strategies = args.strategies.split(",")
     if args.part == "run":
-        run(args.defence, strategies, args.scenarios.split(","))
+        run(args.defence, strategies, args.scenarios.split(","), args.seed)
     else:
-        table(args.defence.split(","), strategies)
+        table(args.defence.split(","), strategies, args.seed)
 
 
 if __name__ == "__main__":
