@@ -72,12 +72,13 @@ class Aggregation:
     clip: float | None = None
     trust: bool = False
     by_layer: bool = False
+    gate: bool = False  # fltrust:gate: the whole update's score and norm, layers against the root's step left out
 
     @staticmethod
     @lru_cache(maxsize=32)
     def parse(text: str) -> Aggregation:
         """`"norm-clip:2+median"` -> Aggregation("median", clip=2.0); AggregationError naming the fix."""
-        rule, trim, clip, trust, by_layer = None, 0.0, None, False, False
+        rule, trim, clip, trust, by_layer, gate = None, 0.0, None, False, False, False
         for part in (p.strip() for p in text.split("+")):
             name, _, arg = part.partition(":")
             try:
@@ -85,8 +86,8 @@ class Aggregation:
                     clip = float(arg) if arg else DEFAULT_CLIP_FACTOR
                     if not (math.isfinite(clip) and clip > 0):
                         raise ValueError("the clip factor must be a finite number > 0")
-                elif name == "fltrust" and not trust and arg in ("", "layer"):
-                    trust, by_layer = True, arg == "layer"
+                elif name == "fltrust" and not trust and arg in ("", "layer", "gate"):
+                    trust, by_layer, gate = True, arg == "layer", arg == "gate"
                 elif name in RULES and rule is None:
                     if (name == "trimmed-mean") != bool(arg):
                         raise ValueError("trimmed-mean takes a fraction (trimmed-mean:0.1); the others take none")
@@ -103,7 +104,7 @@ class Aggregation:
         if trust and (rule or clip):
             raise AggregationError(f"aggregation = {text!r}: fltrust is a rule of its own (its fold is the "
                                    "trust-weighted mean of normalised updates); write aggregation = 'fltrust'")
-        return Aggregation(rule or "mean", trim, clip, trust, by_layer)
+        return Aggregation(rule or "mean", trim, clip, trust, by_layer, gate)
 
     def clip_scales(self, distances: torch.Tensor) -> torch.Tensor:
         """[n] distances (float64, >= 0) -> [n] factors in (0, 1] that bring each to at most `clip` x their
@@ -142,7 +143,7 @@ class Aggregation:
 
     def describe(self) -> str:
         if self.trust:
-            return "fltrust:layer" if self.by_layer else "fltrust"
+            return "fltrust:layer" if self.by_layer else "fltrust:gate" if self.gate else "fltrust"
         rule = f"trimmed-mean:{self.trim:g}" if self.rule == "trimmed-mean" else self.rule
         return rule if self.clip is None else f"norm-clip:{self.clip:g}+{rule}"
 
@@ -235,7 +236,7 @@ def fold_logits(logits: Sequence[torch.Tensor], weights: Sequence[float], aggreg
 
 
 def trust_normalised(start: Mapping[str, torch.Tensor], update: Mapping[str, torch.Tensor],
-                     root: Mapping[str, torch.Tensor], by_layer: bool = False
+                     root: Mapping[str, torch.Tensor], by_layer: bool = False, gate: bool = False
                      ) -> tuple[float, dict[str, torch.Tensor], dict[str, float] | None]:
     """FLTrust's score and normalisation of one update (Cao et al., NDSS 2021, Alg. 1, lines 8-10).
 
@@ -274,8 +275,19 @@ def trust_normalised(start: Mapping[str, torch.Tensor], update: Mapping[str, tor
     size, size0 = _norm(g, measured), _norm(g0, measured)
     bound = min(1.0, size0 / size) if 0 < size < math.inf else 0.0
     scaled |= {k: (start[k].double() + bound * g[k]).to(update[k].dtype) for k in measured}
+    if gate:  # the whole update's score, except for layers that move against the root's step
+        against = {layer_of(k) for k in learned} - {layer for layer, names in _by_layer(learned).items()
+                                                     if _cosine_and_ratio(g, g0, names)[0] > 0}
+        return trust, scaled, {k: 0.0 if layer_of(k) in against else trust for k in update}
     weights = {k: layer_trust.get(layer_of(k), trust) for k in update} if by_layer else None
     return trust, scaled, weights
+
+
+def _by_layer(names: Sequence[str]) -> dict[str, list[str]]:
+    layers: dict[str, list[str]] = {}
+    for k in names:
+        layers.setdefault(layer_of(k), []).append(k)
+    return layers
 
 
 def layer_of(name: str) -> str:

@@ -40,7 +40,7 @@ def scored_updates(strategy: Strategy, federation: Federation, tasks: dict[int, 
     roots: dict[Any, dict[str, torch.Tensor]] = {}
     scored, scores = [], {}
     labels = federation.public_labels()
-    by_layer = Aggregation.parse(federation.config.aggregation).by_layer
+    aggregation = Aggregation.parse(federation.config.aggregation)
     for update in updates:
         task = tasks[update.node_id]
         if task.job.returns == "logits":  # predictions on the root dataset itself: scored by its labels
@@ -54,7 +54,8 @@ def scored_updates(strategy: Strategy, federation: Federation, tasks: dict[int, 
                tuple(sorted((k, v.data_ptr()) for k, v in start.items())))
         if key not in roots:
             roots[key] = root_update(strategy, federation, task, start)
-        trust, tensors, layer_trust = trust_normalised(start, update.tensors, roots[key], by_layer)
+        trust, tensors, layer_trust = trust_normalised(start, update.tensors, roots[key], aggregation.by_layer,
+                                                        aggregation.gate)
         scores[str(update.node_id)] = round(trust, 4)
         scored.append(replace(update, tensors=tensors, trust=trust, layer_trust=layer_trust))
     return scored, scores
