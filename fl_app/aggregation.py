@@ -23,13 +23,12 @@
                            REFT's replies are predictions on the root dataset itself, so their trust is
                            the cosine between their log probabilities and the labels (`label_trust`),
                            each row floored at LOG_ODDS_FLOOR as under clipping
-    fltrust:layer          fltrust with a score and a normalisation per layer (the tensors of one module,
-                           e.g. a convolution's weight, or a BatchNorm's weight, bias and statistics), each
-                           layer folded with its own score as its weight: our variant, not the paper's. A
-                           label flipper's body moves like the server's while its classifier opposes it;
-                           one score for the whole update lets the classifier in at the body's trust,
-                           per-layer scores keep the body and refuse the classifier. REFT's logits are
-                           scored as under fltrust
+    fltrust:gate           fltrust, and a layer (the tensors of one module: a convolution's weight, a
+                           BatchNorm's weight, bias and statistics) whose movement points against the
+                           server's gets weight 0 (our extension; `trust_normalised`). A label flipper's
+                           body moves like the server's step while its classifier opposes it: one score
+                           for the whole update let the classifier in at the body's trust. It never gives
+                           an update more weight than fltrust. REFT's logits are scored as under fltrust
     norm-clip:2+median     clipping combined with mean, median or trimmed mean ('+' joins them, in either order)
 
 Median and trimmed mean count every client of weight > 0 once (order statistics are unweighted): a client
@@ -64,21 +63,20 @@ class AggregationError(ValueError):
 @dataclass(frozen=True)
 class Aggregation:
     """A fold rule (`rule`, with `trim` for trimmed-mean), optional clipping at `clip` x the median norm,
-    and whether updates are first scored against the server's root update (`trust`, FLTrust), per layer
-    (`by_layer`) or whole."""
+    and whether updates are first scored against the server's root update (`trust`, FLTrust), with the
+    layers that move against the root's step left out (`gate`)."""
 
     rule: str = "mean"
     trim: float = 0.0
     clip: float | None = None
     trust: bool = False
-    by_layer: bool = False
-    gate: bool = False  # fltrust:gate: the whole update's score and norm, layers against the root's step left out
+    gate: bool = False
 
     @staticmethod
     @lru_cache(maxsize=32)
     def parse(text: str) -> Aggregation:
         """`"norm-clip:2+median"` -> Aggregation("median", clip=2.0); AggregationError naming the fix."""
-        rule, trim, clip, trust, by_layer, gate = None, 0.0, None, False, False, False
+        rule, trim, clip, trust, gate = None, 0.0, None, False, False
         for part in (p.strip() for p in text.split("+")):
             name, _, arg = part.partition(":")
             try:
@@ -86,8 +84,8 @@ class Aggregation:
                     clip = float(arg) if arg else DEFAULT_CLIP_FACTOR
                     if not (math.isfinite(clip) and clip > 0):
                         raise ValueError("the clip factor must be a finite number > 0")
-                elif name == "fltrust" and not trust and arg in ("", "layer", "gate"):
-                    trust, by_layer, gate = True, arg == "layer", arg == "gate"
+                elif name == "fltrust" and not trust and arg in ("", "gate"):
+                    trust, gate = True, arg == "gate"
                 elif name in RULES and rule is None:
                     if (name == "trimmed-mean") != bool(arg):
                         raise ValueError("trimmed-mean takes a fraction (trimmed-mean:0.1); the others take none")
@@ -100,11 +98,11 @@ class Aggregation:
             except ValueError as exc:
                 raise AggregationError(f"aggregation = {text!r}: {exc}; valid: mean, median, trimmed-mean:<f>, "
                                        "norm-clip[:<factor>], norm-clip joined to a rule by '+' (e.g. "
-                                       "norm-clip:2+median), fltrust or fltrust:layer") from exc
+                                       "norm-clip:2+median), fltrust or fltrust:gate") from exc
         if trust and (rule or clip):
             raise AggregationError(f"aggregation = {text!r}: fltrust is a rule of its own (its fold is the "
                                    "trust-weighted mean of normalised updates); write aggregation = 'fltrust'")
-        return Aggregation(rule or "mean", trim, clip, trust, by_layer, gate)
+        return Aggregation(rule or "mean", trim, clip, trust, gate)
 
     def clip_scales(self, distances: torch.Tensor) -> torch.Tensor:
         """[n] distances (float64, >= 0) -> [n] factors in (0, 1] that bring each to at most `clip` x their
@@ -143,7 +141,7 @@ class Aggregation:
 
     def describe(self) -> str:
         if self.trust:
-            return "fltrust:layer" if self.by_layer else "fltrust:gate" if self.gate else "fltrust"
+            return "fltrust:gate" if self.gate else "fltrust"
         rule = f"trimmed-mean:{self.trim:g}" if self.rule == "trimmed-mean" else self.rule
         return rule if self.clip is None else f"norm-clip:{self.clip:g}+{rule}"
 
@@ -164,8 +162,8 @@ def fold_states(reference: Mapping[str, torch.Tensor], updates: Sequence[Mapping
     clipped for holding more; where all hold the whole model this is the distance up to one factor.
     Integer tensors (BatchNorm's batch counter) take the maximum over holders. Float results are cast
     back to the reference's dtype. An update of weight 0 holds nothing. With fltrust the weights are
-    trust scores and the rule is the mean: their weighted mean (`server_app.trust`); with fltrust:layer
-    weights[i] maps each tensor name to its layer's score.
+    trust scores and the rule is the mean: their weighted mean (`server_app.trust`); with fltrust:gate
+    weights[i] maps each tensor name to its weight.
     Shapes: those of `reference`."""
     index = index or [{} for _ in updates]
 
@@ -236,7 +234,7 @@ def fold_logits(logits: Sequence[torch.Tensor], weights: Sequence[float], aggreg
 
 
 def trust_normalised(start: Mapping[str, torch.Tensor], update: Mapping[str, torch.Tensor],
-                     root: Mapping[str, torch.Tensor], by_layer: bool = False, gate: bool = False
+                     root: Mapping[str, torch.Tensor], gate: bool = False
                      ) -> tuple[float, dict[str, torch.Tensor], dict[str, float] | None]:
     """FLTrust's score and normalisation of one update (Cao et al., NDSS 2021, Alg. 1, lines 8-10).
 
@@ -251,10 +249,12 @@ def trust_normalised(start: Mapping[str, torch.Tensor], update: Mapping[str, tor
     root whose 100 images differ more, blew up a FedAvg run on MNIST (0.96 -> 0.18 in one round).
     A movement or root movement of zero gives trust 0.
 
-    `by_layer` (aggregation `fltrust:layer`, our variant): the cosine and the rescaling are taken per
-    layer (the tensors of one module, `layer_of`) instead, and each tensor's fold weight is its layer's
-    score. Returns (trust in [0, 1] of the whole update, the normalised update, each tensor in its own
-    dtype, and with `by_layer` tensor name -> its layer's trust in [0, 1], else None)."""
+    `gate` (aggregation `fltrust:gate`, our extension): the same score and normalisation, but a layer
+    (the tensors of one module, `layer_of`) whose movement points against the root's (cosine <= 0) gets
+    fold weight 0: a label flipper's body moves like the server's step while its classifier opposes it,
+    and one score for the whole update let the classifier in at the body's trust. It never gives an
+    update more weight than FLTrust does. Returns (trust in [0, 1], the normalised update, each tensor
+    in its own dtype, and with `gate` tensor name -> its fold weight, else None)."""
     floats = [k for k, t in update.items() if t.is_floating_point()]
     learned = [k for k in floats if not k.endswith(STATISTICS)]
     measured = [k for k in floats if k.endswith(STATISTICS)]
@@ -262,32 +262,20 @@ def trust_normalised(start: Mapping[str, torch.Tensor], update: Mapping[str, tor
     g0 = {k: root[k].double() - start[k].double() for k in floats}
     trust, ratio = _cosine_and_ratio(g, g0, learned)
     if ratio is None:  # nothing learned moved (or the root did not): trusted with nothing
-        return 0.0, dict(update), ({k: 0.0 for k in update} if by_layer else None)
-    scaled = dict(update)
-    layers: dict[str, list[str]] = {}
-    for k in learned:
-        layers.setdefault(layer_of(k) if by_layer else "", []).append(k)
-    layer_trust: dict[str, float] = {}
-    for layer, names in layers.items():
-        layer_trust[layer], layer_ratio = _cosine_and_ratio(g, g0, names) if by_layer else (trust, ratio)
-        scaled |= {k: (start[k].double() + (layer_ratio or 0.0) * g[k]).to(update[k].dtype) for k in names}
+        return 0.0, dict(update), ({k: 0.0 for k in update} if gate else None)
     # Statistics are measured, not stepped: bounded by the root's movement, never scaled up.
     size, size0 = _norm(g, measured), _norm(g0, measured)
     bound = min(1.0, size0 / size) if 0 < size < math.inf else 0.0
+    scaled = dict(update)
+    scaled |= {k: (start[k].double() + ratio * g[k]).to(update[k].dtype) for k in learned}
     scaled |= {k: (start[k].double() + bound * g[k]).to(update[k].dtype) for k in measured}
-    if gate:  # the whole update's score, except for layers that move against the root's step
-        against = {layer_of(k) for k in learned} - {layer for layer, names in _by_layer(learned).items()
-                                                     if _cosine_and_ratio(g, g0, names)[0] > 0}
-        return trust, scaled, {k: 0.0 if layer_of(k) in against else trust for k in update}
-    weights = {k: layer_trust.get(layer_of(k), trust) for k in update} if by_layer else None
-    return trust, scaled, weights
-
-
-def _by_layer(names: Sequence[str]) -> dict[str, list[str]]:
+    if not gate:
+        return trust, scaled, None
     layers: dict[str, list[str]] = {}
-    for k in names:
+    for k in learned:
         layers.setdefault(layer_of(k), []).append(k)
-    return layers
+    against = {layer for layer, names in layers.items() if _cosine_and_ratio(g, g0, names)[0] <= 0}
+    return trust, scaled, {k: 0.0 if layer_of(k) in against else trust for k in update}
 
 
 def layer_of(name: str) -> str:

@@ -6,9 +6,9 @@ the server's own update on that data points. Here the root dataset is the public
 client's data; its labels are the server's) and the server's update is the client's own job — the same
 submodel, trainable blocks, teacher and start weights — so a width-scaled, depth-scaled or block-wise
 client is compared with exactly the step it was asked to take. The score and normalisation are
-`fl_app.aggregation.trust_normalised` (per layer under `fltrust:layer`); strategies then fold with the
-score as the update's weight. REFT's clients send predictions on the root dataset itself, scored against
-its labels (`label_trust`).
+`fl_app.aggregation.trust_normalised` (`fltrust:gate` also leaves out the layers that oppose the root's
+step); strategies then fold with the score as the update's weight. REFT's clients send predictions on the
+root dataset itself, scored against its labels (`label_trust`).
 """
 
 from __future__ import annotations
@@ -54,8 +54,7 @@ def scored_updates(strategy: Strategy, federation: Federation, tasks: dict[int, 
                tuple(sorted((k, v.data_ptr()) for k, v in start.items())))
         if key not in roots:
             roots[key] = root_update(strategy, federation, task, start)
-        trust, tensors, layer_trust = trust_normalised(start, update.tensors, roots[key], aggregation.by_layer,
-                                                        aggregation.gate)
+        trust, tensors, layer_trust = trust_normalised(start, update.tensors, roots[key], aggregation.gate)
         scores[str(update.node_id)] = round(trust, 4)
         scored.append(replace(update, tensors=tensors, trust=trust, layer_trust=layer_trust))
     return scored, scores

@@ -146,39 +146,32 @@ def test_fltrust_leaves_batchnorm_statistics_out_of_the_cosine():
     assert trust_normalised(start, flipped, root)[0] == 0.0
 
 
-def test_fltrust_by_layer_keeps_a_label_flippers_body_and_refuses_its_classifier():
-    """A label flipper's body moves like the server's while its classifier opposes it: one whole-update
-    score lets the classifier in at the body's trust; fltrust:layer weights each layer by its own score
-    and gives each layer the root's norm for that layer."""
-    start = {"body.weight": torch.zeros(3), "head.weight": torch.zeros(2), "head.bias": torch.zeros(1),
-             "bn.weight": torch.zeros(1), "bn.running_mean": torch.zeros(1),
-             "bn.num_batches_tracked": torch.tensor(0)}
+def test_fltrust_gate_keeps_the_whole_updates_score_and_norm_but_refuses_layers_against_the_roots_step():
+    """fltrust:gate never gives an update more weight than fltrust: the same score and rescaling, and
+    a layer whose movement opposes the server's (a label flipper's classifier) gets none."""
+    start = {"body.weight": torch.zeros(3), "head.weight": torch.zeros(2), "bn.running_mean": torch.zeros(1)}
     root = {"body.weight": torch.tensor([3.0, 4.0, 0.0]), "head.weight": torch.tensor([1.0, 0.0]),
-            "head.bias": torch.tensor([0.0]), "bn.weight": torch.tensor([1.0]), "bn.running_mean": torch.ones(1),
-            "bn.num_batches_tracked": torch.tensor(5)}
+            "bn.running_mean": torch.ones(1)}
     flipper = {"body.weight": torch.tensor([6.0, 8.0, 0.0]), "head.weight": torch.tensor([-1.0, 0.0]),
-               "head.bias": torch.tensor([0.0]), "bn.weight": torch.tensor([2.0]), "bn.running_mean": torch.ones(1),
-               "bn.num_batches_tracked": torch.tensor(5)}
-    whole, _, none = trust_normalised(start, flipper, root)
-    assert 0 < whole < 1 and none is None
-    trust, scaled, weights = trust_normalised(start, flipper, root, by_layer=True)
-    assert trust == pytest.approx(whole)  # the whole update's score is still reported
-    assert weights["body.weight"] == pytest.approx(1.0) and weights["head.weight"] == 0.0
-    assert weights["head.bias"] == 0.0  # one layer, one score
-    assert weights["bn.running_mean"] == weights["bn.num_batches_tracked"] == weights["bn.weight"] == 1.0
-    assert torch.allclose(scaled["body.weight"], root["body.weight"])  # each layer at the root's norm
-    folded = fold_states({"body.weight": torch.zeros(3), "head.weight": torch.zeros(2)},
-                         [scaled, {"head.weight": torch.tensor([0.5, 0.5])}],
-                         [weights, 1.0], Aggregation.parse("fltrust:layer"))
+               "bn.running_mean": torch.ones(1)}
+    whole, whole_scaled, _ = trust_normalised(start, flipper, root)
+    trust, scaled, weights = trust_normalised(start, flipper, root, gate=True)
+    assert trust == pytest.approx(whole) and 0 < trust < 1
+    assert all(torch.equal(scaled[k], whole_scaled[k]) for k in flipper)  # fltrust's own normalisation
+    assert weights == {"body.weight": pytest.approx(trust), "head.weight": 0.0, "bn.running_mean": pytest.approx(trust)}
+    flipped = {k: 2 * start[k] - v for k, v in flipper.items()}
+    assert set(trust_normalised(start, flipped, root, gate=True)[2].values()) == {0.0}
+    honest = {"head.weight": torch.tensor([0.5, 0.5])}
+    folded = fold_states(start, [scaled, honest], [weights, 1.0], Aggregation.parse("fltrust:gate"))
     assert folded["head.weight"].tolist() == [0.5, 0.5]  # the flipper's classifier carries no weight
-    assert torch.allclose(folded["body.weight"], root["body.weight"])  # its body does
+    assert torch.equal(folded["body.weight"], scaled["body.weight"])  # its body does
 
 
-def test_fltrust_layer_is_parsed_and_described_and_other_arguments_refused():
-    assert Aggregation.parse("fltrust:layer") == Aggregation(trust=True, by_layer=True)
-    assert Aggregation.parse("fltrust:layer").describe() == "fltrust:layer"
-    with pytest.raises(AggregationError, match="fltrust or fltrust:layer"):
-        Aggregation.parse("fltrust:block")
+def test_fltrust_gate_is_parsed_and_described_and_other_arguments_refused():
+    assert Aggregation.parse("fltrust:gate") == Aggregation(trust=True, gate=True)
+    assert Aggregation.parse("fltrust:gate").describe() == "fltrust:gate"
+    with pytest.raises(AggregationError, match="fltrust or fltrust:gate"):
+        Aggregation.parse("fltrust:layer")
 
 
 def test_an_update_of_weight_zero_holds_nothing_under_any_rule():
