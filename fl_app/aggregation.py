@@ -101,7 +101,8 @@ class Aggregation:
                                        "norm-clip:2+median), fltrust or fltrust:gate") from exc
         if trust and (rule or clip):
             raise AggregationError(f"aggregation = {text!r}: fltrust is a rule of its own (its fold is the "
-                                   "trust-weighted mean of normalised updates); write aggregation = 'fltrust'")
+                                   "trust-weighted mean of normalised updates); write aggregation = "
+                                   f"{'fltrust:gate' if gate else 'fltrust'!r}")
         return Aggregation(rule or "mean", trim, clip, trust, gate)
 
     def clip_scales(self, distances: torch.Tensor) -> torch.Tensor:
