@@ -31,6 +31,7 @@ from flwr.app import Context, RecordDict  # noqa: E402
 
 from benchmarks.run_inprocess import REPO  # noqa: E402
 from experiments.inprocess import InProcessGrid  # noqa: E402
+from fl_app.aggregation import Aggregation, AggregationError  # noqa: E402
 from fl_app.config import default_run_config  # noqa: E402
 from fl_app.results import load_results  # noqa: E402
 from server_app.server_app import main as server_main  # noqa: E402
@@ -136,6 +137,20 @@ def table(defences: list[str], strategies: list[str], seed: int = 0) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
 
 
+def _bad_argument(defences: list[str], strategies: list[str], scenarios: list[str]) -> str | None:
+    """One line naming the first unknown defence, strategy or scenario and the valid ones; None if all are known."""
+    for defence in defences:
+        try:
+            Aggregation.parse(defence)
+        except AggregationError as exc:
+            return f"--defence: {exc}"
+    for given, known, flag in ((strategies, STRATEGIES, "--strategies"), (scenarios, SCENARIOS, "--scenarios")):
+        unknown = [x for x in given if x not in known]
+        if unknown:
+            return f"{flag}: unknown {', '.join(map(repr, unknown))}; valid: {', '.join(known)}"
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=("run", "table"))
@@ -146,6 +161,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="the runs' seed (data split, devices, training)")
     args = parser.parse_args()
     strategies = args.strategies.split(",")
+    problem = _bad_argument(args.defence.split(","), strategies, args.scenarios.split(","))
+    if problem:  # before any cell runs: a typo would otherwise write "failed" cells or a table of "--"
+        parser.exit(2, f"error: {problem}\n")
     if args.part == "run":
         run(args.defence, strategies, args.scenarios.split(","), args.seed)
     else:
