@@ -116,14 +116,8 @@ def run_grid(spec: Spec, workers: int | None = None, out: TextIO = sys.stdout, a
 
     Raises GridError (one line) before any run starts when the grid cannot be scheduled as asked."""
     check_cluster_request(address, gpus_per_run)
-    spec.runs_dir.mkdir(parents=True, exist_ok=True)
-    log_dir = spec.output_dir / "logs"
-    log_dir.mkdir(exist_ok=True)
-    todo = [run for run in spec.runs if run_status(run) != COMPLETED]
-    outcomes = [Outcome(run.name, "skipped", 0.0, None) for run in spec.runs if run not in todo]
-    where = f"the Ray cluster at {address}" if address else "an embedded Ray"
-    print(f"{spec.name}: {len(spec.runs)} runs, {len(outcomes)} already completed, {len(todo)} to run on {where}; "
-          f"logs in {log_dir}", file=out, flush=True)
+    where = f"on the Ray cluster at {address}" if address else "on an embedded Ray"
+    log_dir, todo, outcomes = _prepare(spec, where, out)
     if not todo:
         return outcomes
     with ray_cluster(address, workers or spec.workers, gpus_per_run) as cluster_slots:
@@ -142,13 +136,7 @@ def run_sequentially(spec: Spec, out: TextIO = sys.stdout) -> list[Outcome]:
     from concurrent.futures.process import BrokenProcessPool
     import multiprocessing
 
-    spec.runs_dir.mkdir(parents=True, exist_ok=True)
-    log_dir = spec.output_dir / "logs"
-    log_dir.mkdir(exist_ok=True)
-    todo = [run for run in spec.runs if run_status(run) != COMPLETED]
-    outcomes = [Outcome(run.name, "skipped", 0.0, None) for run in spec.runs if run not in todo]
-    print(f"{spec.name}: {len(spec.runs)} runs, {len(outcomes)} already completed, {len(todo)} to run one after "
-          f"another without Ray; logs in {log_dir}", file=out, flush=True)
+    log_dir, todo, outcomes = _prepare(spec, "one after another without Ray", out)
     already, started = len(outcomes), time.perf_counter()
     for done, run in enumerate(todo, start=1):
         submitted = time.perf_counter()
@@ -163,6 +151,19 @@ def run_sequentially(spec: Spec, out: TextIO = sys.stdout) -> list[Outcome]:
         print(progress_line(outcome, already + done, 0, len(todo) - done, time.perf_counter() - started, done,
                             already + len(todo)), file=out, flush=True)
     return outcomes
+
+
+def _prepare(spec: Spec, where: str, out: TextIO) -> tuple[Path, list[Run], list[Outcome]]:
+    """The grid's folders made; (its log folder, the runs not yet completed, a "skipped" outcome for each
+    completed one), announced in one line saying `where` the runs go."""
+    spec.runs_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = spec.output_dir / "logs"
+    log_dir.mkdir(exist_ok=True)
+    todo = [run for run in spec.runs if run_status(run) != COMPLETED]
+    outcomes = [Outcome(run.name, "skipped", 0.0, None) for run in spec.runs if run not in todo]
+    print(f"{spec.name}: {len(spec.runs)} runs, {len(outcomes)} already completed, {len(todo)} to run {where}; "
+          f"logs in {log_dir}", file=out, flush=True)
+    return log_dir, todo, outcomes
 
 
 def check_cluster_request(address: str | None, gpus_per_run: float | None) -> None:

@@ -54,9 +54,9 @@ def scored_updates(strategy: Strategy, federation: Federation, tasks: dict[int, 
                tuple(sorted((k, v.data_ptr()) for k, v in start.items())))
         if key not in roots:
             roots[key] = root_update(strategy, federation, task, start)
-        trust, tensors, layer_trust = trust_normalised(start, update.tensors, roots[key], aggregation.gate)
+        trust, tensors, fold_weights = trust_normalised(start, update.tensors, roots[key], aggregation.gate)
         scores[str(update.node_id)] = round(trust, 4)
-        scored.append(replace(update, tensors=tensors, trust=trust, layer_trust=layer_trust))
+        scored.append(replace(update, tensors=tensors, trust=trust, fold_weights=fold_weights))
     return scored, scores
 
 

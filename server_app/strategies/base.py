@@ -70,14 +70,14 @@ class ClientUpdate:
     num_examples: int
     metrics: dict[str, float]
     trust: float | None = None  # FLTrust's score in [0, 1] (`server_app.trust`), when aggregation scores updates
-    layer_trust: dict[str, float] | None = None  # fltrust:gate: tensor name -> its fold weight in [0, 1]
+    fold_weights: dict[str, float] | None = None  # fltrust:gate: tensor name -> its fold weight in [0, 1]
 
     @property
     def fold_weight(self) -> Weight:
         """This update's weight in the fold: per tensor under fltrust:gate, its FLTrust score when scored,
         else its example count."""
-        if self.layer_trust is not None:
-            return self.layer_trust
+        if self.fold_weights is not None:
+            return self.fold_weights
         return float(self.num_examples) if self.trust is None else self.trust
 
 
