@@ -2,7 +2,8 @@
 
     nice -n 10 python benchmarks/attacks.py run      # the grid, resumable: finished cells are skipped
     python benchmarks/attacks.py table               # the table of what finished
-    python benchmarks/attacks.py run --seed 1 --strategies exclusivefl   # the same cells at another seed
+    python benchmarks/attacks.py run --seeds 1,2 --strategies exclusivefl   # the same cells at other seeds
+    python benchmarks/attacks.py run --workers 15    # cells side by side in 15 processes, a thread each
 
 Real MNIST (/work/shared/data), cnn, 10 in-process nodes x 300 training images, 8 rounds, seed 0 (`--seed`), the
 default device mix; every cell is a full run of the ServerApp's round loop against the real ClientApp
@@ -20,13 +21,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
 from flwr.app import Context, RecordDict  # noqa: E402
 
 from benchmarks.run_inprocess import REPO  # noqa: E402
@@ -63,10 +68,10 @@ def scenarios_of(strategy: str) -> list[str]:
     return [s for s in SCENARIOS if s != "adversarial-logits" or strategy == "reft"]
 
 
-def run_cell(strategy: str, scenario: str, aggregation: str, seed: int = 0) -> dict:
+def run_cell(strategy: str, scenario: str, aggregation: str, seed: int = 0, data_dir: str = DATA) -> dict:
     """One full in-process run; its final accuracy, rounds refused and replies rejected."""
     with tempfile.TemporaryDirectory() as out:
-        config = {**BASE, "strategy": strategy, "aggregation": aggregation, "output-dir": out, "run-name": "run",
+        config = {**BASE, "data-dir": data_dir, "strategy": strategy, "aggregation": aggregation, "output-dir": out, "run-name": "run",
                   "seed": seed}
         grid = InProcessGrid(config, NODES, node_config={n: {"fault": f} for n, f in SCENARIOS[scenario].items()})
         started = time.perf_counter()
@@ -84,10 +89,10 @@ def run_cell(strategy: str, scenario: str, aggregation: str, seed: int = 0) -> d
             "status": results.get("status"), "error": error, "seconds": round(time.perf_counter() - started, 1)}
 
 
-def cell_path(strategy: str, scenario: str, aggregation: str, seed: int = 0) -> Path:
-    """The cell's JSON; seed 0's name carries no seed (the grid's first cells were all seed 0)."""
+def cell_path(strategy: str, scenario: str, aggregation: str, seed: int = 0, cells: Path = CELLS) -> Path:
+    """The cell's JSON under `cells`; seed 0's name carries no seed (the grid's first cells were all seed 0)."""
     name = f"{strategy}__{scenario.replace(' ', '_').replace('+', '_')}__{aggregation.replace(':', '_')}"
-    return CELLS / (f"{name}.json" if seed == 0 else f"{name}__seed{seed}.json")
+    return cells / (f"{name}.json" if seed == 0 else f"{name}__seed{seed}.json")
 
 
 def grid(defence: str, strategies: list[str]) -> list[tuple[str, str, str]]:
@@ -98,21 +103,40 @@ def grid(defence: str, strategies: list[str]) -> list[tuple[str, str, str]]:
     return cells
 
 
-def run(defence: str, strategies: list[str], scenarios: list[str], seed: int = 0) -> None:
-    CELLS.mkdir(parents=True, exist_ok=True)
-    for strategy, scenario, aggregation in grid(defence, strategies):
-        path = cell_path(strategy, scenario, aggregation, seed)
-        if path.exists() or scenario not in scenarios:
-            continue
-        result = run_cell(strategy, scenario, aggregation, seed)
-        path.write_text(json.dumps(result, indent=1) + "\n")
-        print(json.dumps(result), flush=True)
+def run(defences: list[str], strategies: list[str], scenarios: list[str], seeds: list[int], workers: int = 1,
+        undefended: bool = True, cells: Path = CELLS, data_dir: str = DATA) -> None:
+    """Every cell of `grid` not yet written under `cells`, for each seed and defence in turn (without the
+    attacked cells under `mean` unless `undefended`); with `workers` > 1 in that many processes (spawned;
+    torch gets the machine's cores shared out), each writing its cell when done, so a run cut short keeps
+    every finished cell."""
+    cells.mkdir(parents=True, exist_ok=True)
+    todo = [(strategy, scenario, aggregation, seed) for seed in seeds for defence in defences
+            for strategy, scenario, aggregation in grid(defence, strategies)
+            if scenario in scenarios and (undefended or aggregation != "mean" or scenario == "clean")
+            and not cell_path(strategy, scenario, aggregation, seed, cells).exists()]
+    todo = list(dict.fromkeys(todo))  # the mean cells of several defences once
+    if workers <= 1:
+        for cell in todo:
+            _write_cell(*cell, cells, data_dir)
+        return
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=torch.set_num_threads,
+                             initargs=(threads,)) as pool:
+        for future in as_completed([pool.submit(_write_cell, *cell, cells, data_dir) for cell in todo]):
+            future.result()
 
 
-def table(defences: list[str], strategies: list[str], seed: int = 0) -> None:
+def _write_cell(strategy: str, scenario: str, aggregation: str, seed: int, cells: Path, data_dir: str) -> None:
+    result = run_cell(strategy, scenario, aggregation, seed, data_dir)
+    cell_path(strategy, scenario, aggregation, seed, cells).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result), flush=True)
+
+
+def table(defences: list[str], strategies: list[str], seed: int = 0, cells: Path = CELLS) -> None:
     """One row per strategy, one column per scenario; each cell 'mean / defence 1 / defence 2 ...'."""
     def cell(strategy: str, scenario: str, aggregation: str) -> str:
-        path = cell_path(strategy, scenario, aggregation, seed)
+        path = cell_path(strategy, scenario, aggregation, seed, cells)
         if not path.exists():
             return "--"
         r = json.loads(path.read_text())
@@ -155,19 +179,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=("run", "table"))
     parser.add_argument("--defence", default=default_run_config()["aggregation"],
-                        help="run: the defence's aggregation; table: one or more, comma-separated")
-    parser.add_argument("--strategies", default=",".join(STRATEGIES))
+                        help="the defences' aggregations, comma-separated (default: the run config's)")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated (default: all)")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="run only these (comma-separated)")
-    parser.add_argument("--seed", type=int, default=0, help="the runs' seed (data split, devices, training)")
+    parser.add_argument("--seeds", "--seed", default="0",
+                        help="the runs' seeds (data split, devices, training), comma-separated; table: the first")
+    parser.add_argument("--workers", type=int, default=1, help="run: cells side by side in this many processes")
+    parser.add_argument("--skip-undefended", action="store_true",
+                        help="run: leave out the attacked cells under aggregation mean (no defence)")
+    parser.add_argument("--cells", type=Path, default=CELLS, help=f"the cells' folder (default: {CELLS})")
+    parser.add_argument("--data-dir", default=DATA, help=f"MNIST's folder (default: {DATA})")
     args = parser.parse_args()
-    strategies = args.strategies.split(",")
-    problem = _bad_argument(args.defence.split(","), strategies, args.scenarios.split(","))
+    strategies, defences = args.strategies.split(","), args.defence.split(",")
+    problem = _bad_argument(defences, strategies, args.scenarios.split(","))
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        problem = problem or f"--seeds: {args.seeds!r} is not a comma-separated list of integers (e.g. 0,1,2)"
     if problem:  # before any cell runs: a typo would otherwise write "failed" cells or a table of "--"
         parser.exit(2, f"error: {problem}\n")
     if args.part == "run":
-        run(args.defence, strategies, args.scenarios.split(","), args.seed)
+        run(defences, strategies, args.scenarios.split(","), seeds, args.workers, not args.skip_undefended,
+            args.cells, args.data_dir)
     else:
-        table(args.defence.split(","), strategies, args.seed)
+        table(defences, strategies, seeds[0], args.cells)
 
 
 if __name__ == "__main__":
