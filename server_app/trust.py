@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from fl_app.aggregation import Aggregation, label_trust, trust_normalised
+from fl_app.aggregation import Aggregation, label_trust, layer_of, trust_normalised
 from fl_app.data import Batches
 from fl_app.job import Job, reply_state
 from fl_app.models import ModelSpec, build_model
@@ -58,6 +58,20 @@ def scored_updates(strategy: Strategy, federation: Federation, tasks: dict[int, 
         scores[str(update.node_id)] = round(trust, 4)
         scored.append(replace(update, tensors=tensors, trust=trust, fold_weights=fold_weights))
     return scored, scores
+
+
+def gated_layers(updates: list[ClientUpdate]) -> dict[str, list[str]]:
+    """Under fltrust:gate, node id as text -> the layers (`layer_of`) of its update given weight 0
+    although the update as a whole was trusted (trust > 0), sorted; nodes with none are left out.
+    Empty without the gate."""
+    gated = {}
+    for update in updates:
+        if update.fold_weights is None or not update.trust:
+            continue
+        layers = sorted({layer_of(k) for k, w in update.fold_weights.items() if w == 0})
+        if layers:
+            gated[str(update.node_id)] = layers
+    return gated
 
 
 def root_update(strategy: Strategy, federation: Federation, task: TrainTask,

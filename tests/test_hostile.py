@@ -21,7 +21,8 @@ from fl_app.training import TrainConfig, TrainingDiverged
 from server_app.rounds import run_train_tasks
 from server_app.server_app import RoundFailed
 from server_app.strategies import STRATEGIES
-from server_app.strategies.base import TrainTask
+from server_app.strategies.base import ClientUpdate, TrainTask
+from server_app.trust import gated_layers
 from server_app.verify import node_text, payload_bytes
 from tests.test_federation import run
 
@@ -165,6 +166,25 @@ def test_fltrust_gate_keeps_the_whole_updates_score_and_norm_but_refuses_layers_
     folded = fold_states(start, [scaled, honest], [weights, 1.0], Aggregation.parse("fltrust:gate"))
     assert folded["head.weight"].tolist() == [0.5, 0.5]  # the flipper's classifier carries no weight
     assert torch.equal(folded["body.weight"], scaled["body.weight"])  # its body does
+
+
+def test_the_round_record_names_the_layers_the_gate_left_out_of_a_trusted_update():
+    """`gated_layers`: per node, the layers of a trusted update whose weight the gate set to 0; an update
+    trusted with nothing (trust 0) is out whole and not listed, nor is one without a gated layer."""
+    start = {"body.weight": torch.zeros(3), "head.weight": torch.zeros(2), "head.bias": torch.zeros(2)}
+    root = {"body.weight": torch.tensor([3.0, 4.0, 0.0]), "head.weight": torch.tensor([1.0, 0.0]),
+            "head.bias": torch.tensor([1.0, 0.0])}
+    flipper = {"body.weight": torch.tensor([6.0, 8.0, 0.0]), "head.weight": torch.tensor([-1.0, 0.0]),
+               "head.bias": torch.tensor([-1.0, 0.0])}
+    flipped = {k: -v for k, v in root.items()}
+
+    def update(node_id, tensors):
+        trust, scaled, weights = trust_normalised(start, tensors, root, gate=True)
+        return ClientUpdate(node_id, None, scaled, 10, {}, trust, weights)
+
+    updates = [update(1, root), update(2, flipper), update(3, flipped)]
+    assert gated_layers(updates) == {"2": ["head"]}
+    assert gated_layers([ClientUpdate(2, None, flipper, 10, {}, 0.5)]) == {}  # plain fltrust: no gate
 
 
 def test_fltrust_gate_is_parsed_and_described_and_other_arguments_refused():
