@@ -2,6 +2,7 @@
 
     nice -n 10 python benchmarks/attacks.py run      # the grid, resumable: finished cells are skipped
     python benchmarks/attacks.py table               # the table of what finished
+    python benchmarks/attacks.py seeds --seeds 0,1,2 --defence fltrust,fltrust:gate   # changes paired over seeds
     python benchmarks/attacks.py run --seeds 1,2 --strategies exclusivefl   # the same cells at other seeds
     python benchmarks/attacks.py run --workers 15    # cells side by side in 15 processes, a thread each
 
@@ -161,6 +162,33 @@ def table(defences: list[str], strategies: list[str], seed: int = 0, cells: Path
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
 
 
+def seed_table(defences: list[str], strategies: list[str], seeds: list[int], cells: Path = CELLS) -> None:
+    """Paired over seeds: each scenario's final accuracy minus the same seed's clean run under the same
+    aggregation (the clean row: the defence minus `mean`), in points, as 'mean [min, max] n' over the
+    seeds that have both cells."""
+    def accuracy(strategy: str, scenario: str, aggregation: str, seed: int) -> float | None:
+        """None when the cell was not run; a run the attack stopped before any round counts as 0."""
+        path = cell_path(strategy, scenario, aggregation, seed, cells)
+        return (json.loads(path.read_text())["final_accuracy"] or 0.0) if path.exists() else None
+
+    def change(strategy: str, scenario: str, defence: str) -> str:
+        pairs = [(accuracy(strategy, scenario, defence, seed),
+                  accuracy(strategy, "clean", "mean" if scenario == "clean" else defence, seed)) for seed in seeds]
+        points = [100 * (a - b) for a, b in pairs if a is not None and b is not None]
+        if not points:
+            return "--"
+        return f"{sum(points) / len(points):+5.1f} [{min(points):+5.1f}, {max(points):+5.1f}] {len(points)}"
+
+    print(f"change in final accuracy (points) against the same seed's clean run under the same aggregation "
+          f"(clean: against mean),\nseeds {','.join(map(str, seeds))}: mean [min, max] and the number of seeds with both cells")
+    rows = [["strategy", "scenario", *defences]]
+    rows += [[strategy, scenario, *(change(strategy, scenario, d) for d in defences)]
+             for strategy in strategies for scenario in scenarios_of(strategy)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+
+
 def _bad_argument(defences: list[str], strategies: list[str], scenarios: list[str]) -> str | None:
     """One line naming the first unknown defence, strategy or scenario and the valid ones; None if all are known."""
     for defence in defences:
@@ -177,7 +205,8 @@ def _bad_argument(defences: list[str], strategies: list[str], scenarios: list[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=("run", "table"))
+    parser.add_argument("part", choices=("run", "table", "seeds"),
+                        help="run the cells; table: one seed's accuracies; seeds: changes paired over --seeds")
     parser.add_argument("--defence", default=default_run_config()["aggregation"],
                         help="the defences' aggregations, comma-separated (default: the run config's)")
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated (default: all)")
@@ -201,8 +230,10 @@ def main() -> None:
     if args.part == "run":
         run(defences, strategies, args.scenarios.split(","), seeds, args.workers, not args.skip_undefended,
             args.cells, args.data_dir)
-    else:
+    elif args.part == "table":
         table(defences, strategies, seeds[0], args.cells)
+    else:
+        seed_table(defences, strategies, seeds, args.cells)
 
 
 if __name__ == "__main__":
