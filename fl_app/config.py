@@ -180,7 +180,7 @@ class RunConfig:
             p.append(f"min-successful-clients = {self.min_successful_clients}: must be <= min-nodes "
                      f"({self.min_nodes}), or no round could ever succeed with the nodes the run waits for")
         try:
-            if Aggregation.parse(self.aggregation).trust and self.public_size < 1:
+            if Aggregation.parse(self.aggregation).trust and self.public_size == 0:  # < 0 is reported above
                 p.append(f"aggregation = {self.aggregation!r} with public-size = 0: fltrust's root dataset is the "
                          "public slice; give it examples (FLTrust used 100) or set aggregation = 'mean' (or "
                          "'norm-clip+median', which need no root data)")

@@ -238,6 +238,9 @@ def test_reft_under_fltrust_keeps_its_teacher_when_no_client_beats_chance(tmp_pa
 def test_fltrust_needs_a_root_dataset():
     with pytest.raises(ConfigError, match="fltrust's root dataset is the public slice"):
         RunConfig.from_mapping({"aggregation": "fltrust", "public-size": 0})
+    with pytest.raises(ConfigError) as negative:  # one problem, one line: not also "public-size = 0"
+        RunConfig.from_mapping({"aggregation": "fltrust", "public-size": -3})
+    assert str(negative.value).count("public-size") == 1
 
 
 @pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "reft"])
