@@ -25,10 +25,12 @@
                            each row floored at LOG_ODDS_FLOOR as under clipping
     fltrust:gate           fltrust, and a layer (the tensors of one module: a convolution's weight, a
                            BatchNorm's weight, bias and statistics) whose movement points against the
-                           server's gets weight 0 (our extension; `trust_normalised`). A label flipper's
-                           body moves like the server's step while its classifier opposes it: one score
-                           for the whole update let the classifier in at the body's trust. It never gives
-                           an update more weight than fltrust. REFT's logits are scored as under fltrust
+                           server's gets weight 0, where most of the round's trust moves with the
+                           server's step on that layer (our extension; `gate_weights`). A label
+                           flipper's body moves like the server's step while its classifier opposes
+                           it: one score for the whole update let the classifier in at the body's
+                           trust. It never gives an update more weight than fltrust. REFT's logits are
+                           scored as under fltrust
     norm-clip:2+median     clipping combined with mean, median or trimmed mean ('+' joins them, in either order)
 
 Median and trimmed mean count every client of weight > 0 once (order statistics are unweighted): a client
@@ -43,7 +45,7 @@ FedRolex's channels, DepthFL's held tensors) and `fold_logits` (REFT's ensemble,
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -235,7 +237,7 @@ def fold_logits(logits: Sequence[torch.Tensor], weights: Sequence[float], aggreg
 
 
 def trust_normalised(start: Mapping[str, torch.Tensor], update: Mapping[str, torch.Tensor],
-                     root: Mapping[str, torch.Tensor], gate: bool = False
+                     root: Mapping[str, torch.Tensor], per_layer: bool = False
                      ) -> tuple[float, dict[str, torch.Tensor], dict[str, float] | None]:
     """FLTrust's score and normalisation of one update (Cao et al., NDSS 2021, Alg. 1, lines 8-10).
 
@@ -250,33 +252,52 @@ def trust_normalised(start: Mapping[str, torch.Tensor], update: Mapping[str, tor
     root whose 100 images differ more, blew up a FedAvg run on MNIST (0.96 -> 0.18 in one round).
     A movement or root movement of zero gives trust 0.
 
-    `gate` (aggregation `fltrust:gate`, our extension): the same score and normalisation, but a layer
-    (the tensors of one module, `layer_of`) whose movement points against the root's (cosine <= 0) gets
-    fold weight 0: a label flipper's body moves like the server's step while its classifier opposes it,
-    and one score for the whole update let the classifier in at the body's trust. It never gives an
-    update more weight than FLTrust does. Returns (trust in [0, 1], the normalised update, each tensor
-    in its own dtype, and with `gate` tensor name -> its fold weight, else None)."""
+    Returns (trust in [0, 1], the normalised update, each tensor in its own dtype, and with `per_layer`
+    (for fltrust:gate, `gate_weights`) each layer's cosine with the root's movement in [-1, 1] (layer:
+    `layer_of`; 0 where either moved nothing), else None)."""
     floats = [k for k, t in update.items() if t.is_floating_point()]
     learned = [k for k in floats if not k.endswith(STATISTICS)]
     measured = [k for k in floats if k.endswith(STATISTICS)]
     g = {k: update[k].double() - start[k].double() for k in floats}
     g0 = {k: root[k].double() - start[k].double() for k in floats}
-    trust, ratio = _cosine_and_ratio(g, g0, learned)
+    layers: dict[str, list[str]] = {}
+    for k in learned:
+        layers.setdefault(layer_of(k), []).append(k)
+    cosines = {layer: _cosine(g, g0, names) for layer, names in layers.items()} if per_layer else None
+    trust, ratio = max(0.0, _cosine(g, g0, learned)), _ratio(g, g0, learned)
     if ratio is None:  # nothing learned moved (or the root did not): trusted with nothing
-        return 0.0, dict(update), ({k: 0.0 for k in update} if gate else None)
+        return 0.0, dict(update), cosines
     # Statistics are measured, not stepped: bounded by the root's movement, never scaled up.
     size, size0 = _norm(g, measured), _norm(g0, measured)
     bound = min(1.0, size0 / size) if 0 < size < math.inf else 0.0
     scaled = dict(update)
     scaled |= {k: (start[k].double() + ratio * g[k]).to(update[k].dtype) for k in learned}
     scaled |= {k: (start[k].double() + bound * g[k]).to(update[k].dtype) for k in measured}
-    if not gate:
-        return trust, scaled, None
-    layers: dict[str, list[str]] = {}
-    for k in learned:
-        layers.setdefault(layer_of(k), []).append(k)
-    against = {layer for layer, names in layers.items() if _cosine_and_ratio(g, g0, names)[0] <= 0}
-    return trust, scaled, {k: 0.0 if layer_of(k) in against else trust for k in update}
+    return trust, scaled, cosines
+
+
+def gate_weights(trusts: Sequence[float], cosines: Sequence[Mapping[str, float]],
+                 names: Sequence[Iterable[str]]) -> list[dict[str, float]]:
+    """fltrust:gate's fold weights (our extension of FLTrust): update i's tensor -> its weight.
+
+    trusts[i]: update i's FLTrust score; cosines[i]: its layers' cosines with the root's movement
+    (`trust_normalised(per_layer=True)`); names[i]: its tensor names. For each layer, the trust of the
+    updates moving with the root's step there (cosine > 0) is weighed against the trust of those moving
+    against it: where the first is at least the second, the root's direction for that layer is backed by
+    most of the trusted clients, and the updates against it get weight 0 for that layer's tensors (a label
+    flipper's classifier opposes the root's while its body follows it: one score for the whole update let
+    that classifier in at the body's trust). Where most of the trust moves against the root, the root's
+    100-image step is the odd one out on that layer (all five honest clients' BatchNorm opposed it in a
+    FedAvg round on full MNIST) and the layer keeps FLTrust's weights. No weight ever exceeds the update's
+    FLTrust score, so everything FLTrust bounds stays bounded."""
+    backing: dict[str, list[float]] = {}  # layer -> [trust with the root, trust against it]
+    for trust, layer_cosines in zip(trusts, cosines):
+        for layer, cosine in layer_cosines.items():
+            backing.setdefault(layer, [0.0, 0.0])[0 if cosine > 0 else 1] += trust
+    gated = {layer for layer, (with_root, against) in backing.items() if with_root > 0 and with_root >= against}
+    return [{k: 0.0 if layer_of(k) in gated and layer_cosines.get(layer_of(k), 1.0) <= 0 else trust
+             for k in tensor_names}
+            for trust, layer_cosines, tensor_names in zip(trusts, cosines, names)]
 
 
 def layer_of(name: str) -> str:
@@ -288,15 +309,18 @@ def _norm(moves: Mapping[str, torch.Tensor], names: Sequence[str]) -> float:
     return math.sqrt(sum(float(moves[k].square().sum()) for k in names))
 
 
-def _cosine_and_ratio(g: Mapping[str, torch.Tensor], g0: Mapping[str, torch.Tensor],
-                      names: Sequence[str]) -> tuple[float, float | None]:
-    """(max(0, cos(g, g0)) over `names`, |g0| / |g|); (0, None) when either movement is zero or |g| is
-    not finite."""
+def _cosine(g: Mapping[str, torch.Tensor], g0: Mapping[str, torch.Tensor], names: Sequence[str]) -> float:
+    """cos(g, g0) over `names` in [-1, 1]; 0 when either movement is zero or |g| is not finite."""
     size, size0 = _norm(g, names), _norm(g0, names)
     if size == 0 or size0 == 0 or not math.isfinite(size):
-        return 0.0, None
-    cosine = sum(float((g[k] * g0[k]).sum()) for k in names) / (size * size0)
-    return max(0.0, min(1.0, cosine)), size0 / size
+        return 0.0
+    return max(-1.0, min(1.0, sum(float((g[k] * g0[k]).sum()) for k in names) / (size * size0)))
+
+
+def _ratio(g: Mapping[str, torch.Tensor], g0: Mapping[str, torch.Tensor], names: Sequence[str]) -> float | None:
+    """|g0| / |g| over `names`; None when either movement is zero or |g| is not finite."""
+    size, size0 = _norm(g, names), _norm(g0, names)
+    return size0 / size if size and size0 and math.isfinite(size) else None
 
 
 def label_trust(logits: torch.Tensor, labels: torch.Tensor) -> float:

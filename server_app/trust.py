@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from fl_app.aggregation import Aggregation, label_trust, layer_of, trust_normalised
+from fl_app.aggregation import Aggregation, gate_weights, label_trust, layer_of, trust_normalised
 from fl_app.data import Batches
 from fl_app.job import Job, reply_state
 from fl_app.models import ModelSpec, build_model
@@ -39,6 +39,7 @@ def scored_updates(strategy: Strategy, federation: Federation, tasks: dict[int, 
     Returns (the updates, node id as text -> trust in [0, 1])."""
     roots: dict[Any, dict[str, torch.Tensor]] = {}
     scored, scores = [], {}
+    layer_cosines: dict[int, dict[str, float] | None] = {}  # weight updates only
     labels = federation.public_labels()
     aggregation = Aggregation.parse(federation.config.aggregation)
     for update in updates:
@@ -54,9 +55,16 @@ def scored_updates(strategy: Strategy, federation: Federation, tasks: dict[int, 
                tuple(sorted((k, v.data_ptr()) for k, v in start.items())))
         if key not in roots:
             roots[key] = root_update(strategy, federation, task, start)
-        trust, tensors, fold_weights = trust_normalised(start, update.tensors, roots[key], aggregation.gate)
+        trust, tensors, cosines = trust_normalised(start, update.tensors, roots[key], aggregation.gate)
         scores[str(update.node_id)] = round(trust, 4)
-        scored.append(replace(update, tensors=tensors, trust=trust, fold_weights=fold_weights))
+        scored.append(replace(update, tensors=tensors, trust=trust))
+        layer_cosines[update.node_id] = cosines
+    if aggregation.gate:  # the round's weight updates weighed together, layer by layer
+        gated = [u for u in scored if u.node_id in layer_cosines]
+        weights = gate_weights([u.trust for u in gated], [layer_cosines[u.node_id] for u in gated],
+                               [u.tensors for u in gated])
+        by_node = {u.node_id: w for u, w in zip(gated, weights)}
+        scored = [replace(u, fold_weights=by_node[u.node_id]) if u.node_id in by_node else u for u in scored]
     return scored, scores
 
 

@@ -12,7 +12,8 @@ from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDic
 
 from client_app.faults import HUGE, Fault, FaultConfigError
 from experiments.inprocess import InProcessGrid
-from fl_app.aggregation import Aggregation, AggregationError, fold_logits, fold_states, label_trust, trust_normalised
+from fl_app.aggregation import (Aggregation, AggregationError, fold_logits, fold_states, gate_weights, label_trust,
+                                trust_normalised)
 from fl_app.config import ConfigError, RunConfig
 from fl_app.job import Job
 from fl_app.models import ModelSpec
@@ -147,44 +148,42 @@ def test_fltrust_leaves_batchnorm_statistics_out_of_the_cosine():
     assert trust_normalised(start, flipped, root)[0] == 0.0
 
 
-def test_fltrust_gate_keeps_the_whole_updates_score_and_norm_but_refuses_layers_against_the_roots_step():
-    """fltrust:gate never gives an update more weight than fltrust: the same score and rescaling, and
-    a layer whose movement opposes the server's (a label flipper's classifier) gets none."""
+def test_fltrust_gate_keeps_the_whole_updates_score_and_norm_but_refuses_layers_against_a_backed_root_step():
+    """fltrust:gate never gives an update more weight than fltrust: the same score and rescaling, and a
+    layer whose movement opposes the server's (a label flipper's classifier) gets none — where the trust
+    moving with the server's step on that layer is at least the trust moving against it."""
     start = {"body.weight": torch.zeros(3), "head.weight": torch.zeros(2), "bn.running_mean": torch.zeros(1)}
     root = {"body.weight": torch.tensor([3.0, 4.0, 0.0]), "head.weight": torch.tensor([1.0, 0.0]),
             "bn.running_mean": torch.ones(1)}
     flipper = {"body.weight": torch.tensor([6.0, 8.0, 0.0]), "head.weight": torch.tensor([-1.0, 0.0]),
                "bn.running_mean": torch.ones(1)}
-    whole, whole_scaled, _ = trust_normalised(start, flipper, root)
-    trust, scaled, weights = trust_normalised(start, flipper, root, gate=True)
-    assert trust == pytest.approx(whole) and 0 < trust < 1
+    honest = {"body.weight": torch.tensor([3.0, 4.0, 1.0]), "head.weight": torch.tensor([1.0, 1.0]),
+              "bn.running_mean": torch.ones(1)}
+    whole, whole_scaled, none = trust_normalised(start, flipper, root)
+    trust, scaled, cosines = trust_normalised(start, flipper, root, per_layer=True)
+    assert none is None and trust == pytest.approx(whole) and 0 < trust < 1
     assert all(torch.equal(scaled[k], whole_scaled[k]) for k in flipper)  # fltrust's own normalisation
-    assert weights == {"body.weight": pytest.approx(trust), "head.weight": 0.0, "bn.running_mean": pytest.approx(trust)}
-    flipped = {k: 2 * start[k] - v for k, v in flipper.items()}
-    assert set(trust_normalised(start, flipped, root, gate=True)[2].values()) == {0.0}
-    honest = {"head.weight": torch.tensor([0.5, 0.5])}
-    folded = fold_states(start, [scaled, honest], [weights, 1.0], Aggregation.parse("fltrust:gate"))
-    assert folded["head.weight"].tolist() == [0.5, 0.5]  # the flipper's classifier carries no weight
-    assert torch.equal(folded["body.weight"], scaled["body.weight"])  # its body does
+    assert cosines == {"body": pytest.approx(1.0), "head": pytest.approx(-1.0)}  # statistics: out of it
+    honest_trust, honest_scaled, honest_cosines = trust_normalised(start, honest, root, per_layer=True)
+    weights = gate_weights([trust, honest_trust], [cosines, honest_cosines], [flipper, honest])
+    assert weights[0] == {"body.weight": pytest.approx(trust), "head.weight": 0.0,
+                          "bn.running_mean": pytest.approx(trust)}
+    assert weights[1] == dict.fromkeys(honest, pytest.approx(honest_trust))
+    folded = fold_states(start, [scaled, honest_scaled], weights, Aggregation.parse("fltrust:gate"))
+    assert torch.equal(folded["head.weight"], honest_scaled["head.weight"])  # the flipper's classifier: no weight
+    assert not torch.equal(folded["body.weight"], honest_scaled["body.weight"])  # its body: its trust
 
 
-def test_the_round_record_names_the_layers_the_gate_left_out_of_a_trusted_update():
-    """`gated_layers`: per node, the layers of a trusted update whose weight the gate set to 0; an update
-    trusted with nothing (trust 0) is out whole and not listed, nor is one without a gated layer."""
-    start = {"body.weight": torch.zeros(3), "head.weight": torch.zeros(2), "head.bias": torch.zeros(2)}
-    root = {"body.weight": torch.tensor([3.0, 4.0, 0.0]), "head.weight": torch.tensor([1.0, 0.0]),
-            "head.bias": torch.tensor([1.0, 0.0])}
-    flipper = {"body.weight": torch.tensor([6.0, 8.0, 0.0]), "head.weight": torch.tensor([-1.0, 0.0]),
-               "head.bias": torch.tensor([-1.0, 0.0])}
-    flipped = {k: -v for k, v in root.items()}
-
-    def update(node_id, tensors):
-        trust, scaled, weights = trust_normalised(start, tensors, root, gate=True)
-        return ClientUpdate(node_id, None, scaled, 10, {}, trust, weights)
-
-    updates = [update(1, root), update(2, flipper), update(3, flipped)]
-    assert gated_layers(updates) == {"2": ["head"]}
-    assert gated_layers([ClientUpdate(2, None, flipper, 10, {}, 0.5)]) == {}  # plain fltrust: no gate
+def test_fltrust_gate_keeps_fltrusts_weights_on_a_layer_where_most_trust_opposes_the_roots_step():
+    """Clients that agree with each other against a 100-image root step on one layer are not all cut
+    out of it: there the root is the odd one out, and the layer keeps each update's FLTrust score."""
+    cosines = [{"body": 0.6, "bn": -0.3}, {"body": 0.5, "bn": -0.4}, {"body": 0.4, "bn": 0.2}]
+    names = [["body.weight", "bn.weight"]] * 3
+    weights = gate_weights([0.5, 0.4, 0.3], cosines, names)
+    assert [w["bn.weight"] for w in weights] == [0.5, 0.4, 0.3]  # 0.3 with the root against 0.9 against it
+    flipped = gate_weights([0.5, 0.4, 0.3], [{"bn": 0.3}, {"bn": 0.2}, {"bn": -0.9}], [["bn.weight"]] * 3)
+    assert [w["bn.weight"] for w in flipped] == [0.5, 0.4, 0.0]  # a trusted majority backs the root
+    assert gate_weights([0.0], [{"bn": 0.5}], [["bn.weight"]]) == [{"bn.weight": 0.0}]  # trusted with nothing
 
 
 def test_fltrust_gate_is_parsed_and_described_and_other_arguments_refused():
