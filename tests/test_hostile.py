@@ -148,10 +148,9 @@ def test_fltrust_leaves_batchnorm_statistics_out_of_the_cosine():
     assert trust_normalised(start, flipped, root)[0] == 0.0
 
 
-def test_fltrust_gate_keeps_the_whole_updates_score_and_norm_but_refuses_layers_against_a_backed_root_step():
+def test_fltrust_gate_keeps_the_whole_updates_score_and_norm_but_refuses_layers_against_the_roots_step():
     """fltrust:gate never gives an update more weight than fltrust: the same score and rescaling, and a
-    layer whose movement opposes the server's (a label flipper's classifier) gets none — where the trust
-    moving with the server's step on that layer is at least the trust moving against it."""
+    layer whose movement opposes the server's (a label flipper's classifier) gets none."""
     start = {"body.weight": torch.zeros(3), "head.weight": torch.zeros(2), "bn.running_mean": torch.zeros(1)}
     root = {"body.weight": torch.tensor([3.0, 4.0, 0.0]), "head.weight": torch.tensor([1.0, 0.0]),
             "bn.running_mean": torch.ones(1)}
@@ -174,16 +173,36 @@ def test_fltrust_gate_keeps_the_whole_updates_score_and_norm_but_refuses_layers_
     assert not torch.equal(folded["body.weight"], honest_scaled["body.weight"])  # its body: its trust
 
 
-def test_fltrust_gate_keeps_fltrusts_weights_on_a_layer_where_most_trust_opposes_the_roots_step():
-    """Clients that agree with each other against a 100-image root step on one layer are not all cut
-    out of it: there the root is the odd one out, and the layer keeps each update's FLTrust score."""
-    cosines = [{"body": 0.6, "bn": -0.3}, {"body": 0.5, "bn": -0.4}, {"body": 0.4, "bn": 0.2}]
+def test_fltrust_gate_keeps_fltrusts_weights_on_a_layer_where_every_trusted_update_opposes_the_roots_step():
+    """Clients that all move against a 100-image root step on one layer are not all cut out of it (which
+    would freeze the layer): there the root is the odd one out, and the layer keeps each update's FLTrust
+    score. One trusted update moving with the root is enough to gate the others on that layer, however
+    much trust they hold together (two label flippers among three holders)."""
     names = [["body.weight", "bn.weight"]] * 3
-    weights = gate_weights([0.5, 0.4, 0.3], cosines, names)
-    assert [w["bn.weight"] for w in weights] == [0.5, 0.4, 0.3]  # 0.3 with the root against 0.9 against it
-    flipped = gate_weights([0.5, 0.4, 0.3], [{"bn": 0.3}, {"bn": 0.2}, {"bn": -0.9}], [["bn.weight"]] * 3)
-    assert [w["bn.weight"] for w in flipped] == [0.5, 0.4, 0.0]  # a trusted majority backs the root
-    assert gate_weights([0.0], [{"bn": 0.5}], [["bn.weight"]]) == [{"bn.weight": 0.0}]  # trusted with nothing
+    unanimous = gate_weights([0.5, 0.4, 0.3], [{"body": 0.6, "bn": -0.3}, {"body": 0.5, "bn": -0.4},
+                                               {"body": 0.4, "bn": -0.2}], names)
+    assert [w["bn.weight"] for w in unanimous] == [0.5, 0.4, 0.3]
+    backed = gate_weights([0.5, 0.4, 0.3], [{"bn": -0.3}, {"bn": -0.2}, {"bn": 0.1}], [["bn.weight"]] * 3)
+    assert [w["bn.weight"] for w in backed] == [0.0, 0.0, 0.3]
+    untrusted = gate_weights([0.0, 0.4], [{"bn": 0.5}, {"bn": -0.2}], [["bn.weight"]] * 2)
+    assert [w["bn.weight"] for w in untrusted] == [0.0, 0.4]  # an update trusted with nothing backs nothing
+
+
+def test_the_round_record_names_the_layers_the_gate_left_out_of_a_trusted_update():
+    """`gated_layers`: per node, the layers of a trusted update whose weight the gate set to 0; an update
+    trusted with nothing (trust 0) is out whole and not listed, nor is one without a gated layer."""
+    start = {"body.weight": torch.zeros(3), "head.weight": torch.zeros(2), "head.bias": torch.zeros(2)}
+    root = {"body.weight": torch.tensor([3.0, 4.0, 0.0]), "head.weight": torch.tensor([1.0, 0.0]),
+            "head.bias": torch.tensor([1.0, 0.0])}
+    flipper = {"body.weight": torch.tensor([6.0, 8.0, 0.0]), "head.weight": torch.tensor([-1.0, 0.0]),
+               "head.bias": torch.tensor([-1.0, 0.0])}
+    flipped = {k: -v for k, v in root.items()}
+    scored = [trust_normalised(start, tensors, root, per_layer=True) for tensors in (root, flipper, flipped)]
+    weights = gate_weights([t for t, _, _ in scored], [c for _, _, c in scored], [root] * 3)
+    updates = [ClientUpdate(n, None, scaled, 10, {}, trust, w)
+               for n, (trust, scaled, _), w in zip((1, 2, 3), scored, weights)]
+    assert gated_layers(updates) == {"2": ["head"]}
+    assert gated_layers([ClientUpdate(2, None, flipper, 10, {}, 0.5)]) == {}  # plain fltrust: no gate
 
 
 def test_fltrust_gate_is_parsed_and_described_and_other_arguments_refused():
