@@ -24,6 +24,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -87,7 +88,20 @@ def run_cell(strategy: str, scenario: str, aggregation: str, seed: int = 0, data
             "final_accuracy": rounds[-1]["accuracy"] if rounds else None, "rounds": len(rounds),
             "refused_rounds": sum(1 for r in rounds if r.get("aggregate_refused")),
             "rejected_replies": sum(r.get("rejected", 0) for r in rounds),
-            "status": results.get("status"), "error": error, "seconds": round(time.perf_counter() - started, 1)}
+            "status": results.get("status"), "error": error, "seconds": round(time.perf_counter() - started, 1),
+            "code": _commit()}
+
+
+def _commit() -> str | None:
+    """The commit the cell ran at (with '+' when the tree had changes), so a table never mixes code silently."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+" if dirty else "")
 
 
 def cell_path(strategy: str, scenario: str, aggregation: str, seed: int = 0, cells: Path = CELLS) -> Path:
@@ -160,6 +174,7 @@ def table(defences: list[str], strategies: list[str], seed: int = 0, cells: Path
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for r in rows:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    print(_code_versions(cells, [seed]))
 
 
 def seed_table(defences: list[str], strategies: list[str], seeds: list[int], cells: Path = CELLS) -> None:
@@ -187,6 +202,18 @@ def seed_table(defences: list[str], strategies: list[str], seeds: list[int], cel
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    print(_code_versions(cells, seeds))
+
+
+def _code_versions(cells: Path, seeds: list[int]) -> str:
+    """Which commits the seeds' cells ran at ("unrecorded": cells written before cells named theirs)."""
+    counts: dict[str, int] = {}
+    for path in cells.glob("*.json"):
+        seed = int(path.stem.rpartition("__seed")[2]) if "__seed" in path.stem else 0
+        if seed in seeds:
+            code = json.loads(path.read_text()).get("code") or "unrecorded"
+            counts[code] = counts.get(code, 0) + 1
+    return "cells ran at: " + ", ".join(f"{code} ({n})" for code, n in sorted(counts.items()))
 
 
 def _bad_argument(defences: list[str], strategies: list[str], scenarios: list[str]) -> str | None:
