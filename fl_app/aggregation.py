@@ -288,9 +288,9 @@ def gate_weights(trusts: Sequence[float], cosines: Sequence[Mapping[str, float]]
     body's trust. Where every trusted update moves against the root on a layer, the root's 100-image step
     is the odd one out there (all five honest clients' BatchNorm opposed it in a FedAvg round on full
     MNIST; gating them all froze the layer and cost 0.8 points) and the layer keeps FLTrust's weights. A
-    majority rule (gate only where most of the trust backs the root) was tried and dropped: two label
-    flippers among ExclusiveFL's three holders outweighed the honest one and kept their classifiers
-    (0.783 against 0.866). No weight ever exceeds the update's FLTrust score, so everything FLTrust
+    majority rule (gate only where most of the trust backs the root) was tried and dropped: where a layer
+    has few trusted holders, a label flipper's trust could outweigh theirs, and with two flippers of ten
+    ExclusiveFL (three holders, one of them a flipper) ended at 0.783 against 0.866 (seed 0). No weight ever exceeds the update's FLTrust score, so everything FLTrust
     bounds stays bounded."""
     backing: dict[str, list[float]] = {}  # layer -> [trust with the root, trust against it]
     for trust, layer_cosines in zip(trusts, cosines):

@@ -177,7 +177,7 @@ def test_fltrust_gate_keeps_fltrusts_weights_on_a_layer_where_every_trusted_upda
     """Clients that all move against a 100-image root step on one layer are not all cut out of it (which
     would freeze the layer): there the root is the odd one out, and the layer keeps each update's FLTrust
     score. One trusted update moving with the root is enough to gate the others on that layer, however
-    much trust they hold together (two label flippers among three holders)."""
+    much trust they hold together."""
     names = [["body.weight", "bn.weight"]] * 3
     unanimous = gate_weights([0.5, 0.4, 0.3], [{"body": 0.6, "bn": -0.3}, {"body": 0.5, "bn": -0.4},
                                                {"body": 0.4, "bn": -0.2}], names)
