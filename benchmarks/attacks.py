@@ -4,9 +4,9 @@
     python benchmarks/attacks.py table               # the table of what finished
     python benchmarks/attacks.py seeds --seeds 0,1,2 --defence fltrust,fltrust:gate   # changes paired over seeds
     python benchmarks/attacks.py run --seeds 1,2 --strategies exclusivefl   # the same cells at other seeds
-    python benchmarks/attacks.py run --workers 15    # cells side by side in 15 processes, a thread each
+    python benchmarks/attacks.py run --workers 15    # cells side by side in 15 processes
 
-Real MNIST (/work/shared/data), cnn, 10 in-process nodes x 300 training images, 8 rounds, seed 0 (`--seed`), the
+Real MNIST (/work/shared/data), cnn, 10 in-process nodes x 300 training images, 8 rounds, seed 0 (`--seeds`), the
 default device mix; every cell is a full run of the ServerApp's round loop against the real ClientApp
 (benchmarks/run_inprocess.py) with node-config `fault` (client_app/faults.py) on the attackers. The
 attacker is node 10 (a workstation: every strategy gives it work); the two label flippers nodes 9-10.
@@ -14,8 +14,9 @@ Two reference columns give the run with those nodes' every reply refused (what a
 attackers no weight at best leaves: where they are a large part of the devices holding a part of the
 model, that is below the clean run).
 Each cell runs with `aggregation = mean` (no defence) and with the defence (`--defence`, default: the
-run config's default `aggregation`). Results: one small JSON per cell under benchmarks/results/attacks/,
-the table in benchmarks/results/attacks.txt.
+run config's default `aggregation`). Results: one small JSON per cell under benchmarks/results/attacks/
+(with the commit it ran at), the tables in benchmarks/results/attacks.txt. Every cell trains on one
+thread: an 8-round run's final accuracy moves with the summation order, so only cells run alike compare.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import subprocess
 import sys
 import tempfile
@@ -64,6 +64,7 @@ SCENARIOS = {
     "nodes 9-10 refused": {9: "nan", 10: "nan"},
 }
 REFERENCES = ("node 10 refused", "nodes 9-10 refused")
+CELL_THREADS = 1  # torch threads per cell, whatever --workers is: results must not depend on it
 
 
 def scenarios_of(strategy: str) -> list[str]:
@@ -121,23 +122,20 @@ def grid(defence: str, strategies: list[str]) -> list[tuple[str, str, str]]:
 def run(defences: list[str], strategies: list[str], scenarios: list[str], seeds: list[int], workers: int = 1,
         undefended: bool = True, cells: Path = CELLS, data_dir: str = DATA) -> None:
     """Every cell of `grid` not yet written under `cells`, for each seed and defence in turn (without the
-    attacked cells under `mean` unless `undefended`); with `workers` > 1 in that many processes (spawned;
-    torch gets the machine's cores shared out), each writing its cell when done, so a run cut short keeps
-    every finished cell."""
+    attacked cells under `mean` unless `undefended`), in `workers` processes (spawned), each writing its
+    cell when done, so a run cut short keeps every finished cell. Every cell trains on one thread
+    (`CELL_THREADS`) however many workers run: the summation order changes with the thread count, and an
+    8-round run's final accuracy with it (ExclusiveFL, two flippers, fltrust:gate, seed 0: 0.866 on two
+    threads, 0.783 on one)."""
     cells.mkdir(parents=True, exist_ok=True)
     todo = [(strategy, scenario, aggregation, seed) for seed in seeds for defence in defences
             for strategy, scenario, aggregation in grid(defence, strategies)
             if scenario in scenarios and (undefended or aggregation != "mean" or scenario == "clean")
             and not cell_path(strategy, scenario, aggregation, seed, cells).exists()]
     todo = list(dict.fromkeys(todo))  # the mean cells of several defences once
-    if workers <= 1:
-        for cell in todo:
-            _write_cell(*cell, cells, data_dir)
-        return
-    threads = max(1, (os.cpu_count() or 1) // workers)
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=torch.set_num_threads,
-                             initargs=(threads,)) as pool:
+    with ProcessPoolExecutor(max(1, workers), mp_context=context, initializer=torch.set_num_threads,
+                             initargs=(CELL_THREADS,)) as pool:
         for future in as_completed([pool.submit(_write_cell, *cell, cells, data_dir) for cell in todo]):
             future.result()
 
