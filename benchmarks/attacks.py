@@ -74,8 +74,8 @@ def scenarios_of(strategy: str) -> list[str]:
 def run_cell(strategy: str, scenario: str, aggregation: str, seed: int = 0, data_dir: str = DATA) -> dict:
     """One full in-process run; its final accuracy, rounds refused and replies rejected."""
     with tempfile.TemporaryDirectory() as out:
-        config = {**BASE, "data-dir": data_dir, "strategy": strategy, "aggregation": aggregation, "output-dir": out, "run-name": "run",
-                  "seed": seed}
+        config = {**BASE, "data-dir": data_dir, "strategy": strategy, "aggregation": aggregation,
+                  "output-dir": out, "run-name": "run", "seed": seed}
         grid = InProcessGrid(config, NODES, node_config={n: {"fault": f} for n, f in SCENARIOS[scenario].items()})
         started = time.perf_counter()
         error = None
@@ -169,9 +169,7 @@ def table(defences: list[str], strategies: list[str], seed: int = 0, cells: Path
     for strategy in strategies:
         rows.append([strategy] + [" / ".join(cell(strategy, sc, a) for a in columns)
                                   if sc in scenarios_of(strategy) else "n/a" for sc in SCENARIOS])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    for r in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    _print_rows(rows)
     print(_code_versions(cells, [seed]))
 
 
@@ -193,14 +191,20 @@ def seed_table(defences: list[str], strategies: list[str], seeds: list[int], cel
         return f"{sum(points) / len(points):+5.1f} [{min(points):+5.1f}, {max(points):+5.1f}] {len(points)}"
 
     print(f"change in final accuracy (points) against the same seed's clean run under the same aggregation "
-          f"(clean: against mean),\nseeds {','.join(map(str, seeds))}: mean [min, max] and the number of seeds with both cells")
+          f"(clean: against mean),\nseeds {','.join(map(str, seeds))}: mean [min, max] and the number of seeds "
+          "with both cells")
     rows = [["strategy", "scenario", *defences]]
     rows += [[strategy, scenario, *(change(strategy, scenario, d) for d in defences)]
              for strategy in strategies for scenario in scenarios_of(strategy)]
+    _print_rows(rows)
+    print(_code_versions(cells, seeds))
+
+
+def _print_rows(rows: list[list[str]]) -> None:
+    """Rows of text cells, each column padded to its widest cell."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
-    print(_code_versions(cells, seeds))
 
 
 def _code_versions(cells: Path, seeds: list[int]) -> str:

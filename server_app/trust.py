@@ -39,7 +39,7 @@ def scored_updates(strategy: Strategy, federation: Federation, tasks: dict[int, 
     Returns (the updates, node id as text -> trust in [0, 1])."""
     roots: dict[Any, dict[str, torch.Tensor]] = {}
     scored, scores = [], {}
-    layer_cosines: dict[int, dict[str, float] | None] = {}  # weight updates only
+    weighed: list[tuple[int, dict[str, float] | None]] = []  # (index in scored, layer cosines): weight updates
     labels = federation.public_labels()
     aggregation = Aggregation.parse(federation.config.aggregation)
     for update in updates:
@@ -57,14 +57,13 @@ def scored_updates(strategy: Strategy, federation: Federation, tasks: dict[int, 
             roots[key] = root_update(strategy, federation, task, start)
         trust, tensors, cosines = trust_normalised(start, update.tensors, roots[key], aggregation.gate)
         scores[str(update.node_id)] = round(trust, 4)
+        weighed.append((len(scored), cosines))
         scored.append(replace(update, tensors=tensors, trust=trust))
-        layer_cosines[update.node_id] = cosines
     if aggregation.gate:  # the round's weight updates weighed together, layer by layer
-        gated = [u for u in scored if u.node_id in layer_cosines]
-        weights = gate_weights([u.trust for u in gated], [layer_cosines[u.node_id] for u in gated],
-                               [u.tensors for u in gated])
-        by_node = {u.node_id: w for u, w in zip(gated, weights)}
-        scored = [replace(u, fold_weights=by_node[u.node_id]) if u.node_id in by_node else u for u in scored]
+        held = [scored[i] for i, _ in weighed]
+        weights = gate_weights([u.trust for u in held], [c for _, c in weighed], [u.tensors for u in held])
+        for (i, _), w in zip(weighed, weights):
+            scored[i] = replace(scored[i], fold_weights=w)
     return scored, scores
 
 
