@@ -31,6 +31,13 @@
                            it: one score for the whole update let the classifier in at the body's
                            trust. It never gives an update more weight than fltrust. REFT's logits are
                            scored as under fltrust
+    fltrust:labels         fltrust, and an update that moves its submodel's predictions on the root
+                           dataset away from that dataset's labels (`label_movement_cosine` <= 0) gets
+                           trust 0 (our extension; FLTrust's server already holds those labels). A label
+                           flipper's body moves like the server's step, so its FLTrust cosine stays > 0
+                           (up to 0.28 for DepthFL on MNIST), while its predictions move away from the
+                           labels (cosine -0.03 to -0.61 in the same run). REFT's logits are scored as
+                           under fltrust
     norm-clip:2+median     clipping combined with mean, median or trimmed mean ('+' joins them, in either order)
 
 Median and trimmed mean count every client of weight > 0 once (order statistics are unweighted): a client
@@ -73,12 +80,13 @@ class Aggregation:
     clip: float | None = None
     trust: bool = False
     gate: bool = False
+    labels: bool = False
 
     @staticmethod
     @lru_cache(maxsize=32)
     def parse(text: str) -> Aggregation:
         """`"norm-clip:2+median"` -> Aggregation("median", clip=2.0); AggregationError naming the fix."""
-        rule, trim, clip, trust, gate = None, 0.0, None, False, False
+        rule, trim, clip, trust, gate, labels, written = None, 0.0, None, False, False, False, ""
         for part in (p.strip() for p in text.split("+")):
             name, _, arg = part.partition(":")
             try:
@@ -86,8 +94,8 @@ class Aggregation:
                     clip = float(arg) if arg else DEFAULT_CLIP_FACTOR
                     if not (math.isfinite(clip) and clip > 0):
                         raise ValueError("the clip factor must be a finite number > 0")
-                elif name == "fltrust" and not trust and arg in ("", "gate"):
-                    trust, gate = True, arg == "gate"
+                elif name == "fltrust" and not trust and arg in ("", "gate", "labels"):
+                    trust, gate, labels, written = True, arg == "gate", arg == "labels", part
                 elif name in RULES and rule is None:
                     if (name == "trimmed-mean") != bool(arg):
                         raise ValueError("trimmed-mean takes a fraction (trimmed-mean:0.1); the others take none")
@@ -100,12 +108,12 @@ class Aggregation:
             except ValueError as exc:
                 raise AggregationError(f"aggregation = {text!r}: {exc}; valid: mean, median, trimmed-mean:<f>, "
                                        "norm-clip[:<factor>], norm-clip joined to a rule by '+' (e.g. "
-                                       "norm-clip:2+median), fltrust or fltrust:gate") from exc
+                                       "norm-clip:2+median), fltrust, fltrust:gate or fltrust:labels") from exc
         if trust and (rule or clip):
             raise AggregationError(f"aggregation = {text!r}: fltrust is a rule of its own (its fold is the "
                                    "trust-weighted mean of normalised updates); write aggregation = "
-                                   f"{'fltrust:gate' if gate else 'fltrust'!r}")
-        return Aggregation(rule or "mean", trim, clip, trust, gate)
+                                   f"{written!r}")
+        return Aggregation(rule or "mean", trim, clip, trust, gate, labels)
 
     def clip_scales(self, distances: torch.Tensor) -> torch.Tensor:
         """[n] distances (float64, >= 0) -> [n] factors in (0, 1] that bring each to at most `clip` x their
@@ -144,7 +152,7 @@ class Aggregation:
 
     def describe(self) -> str:
         if self.trust:
-            return "fltrust:gate" if self.gate else "fltrust"
+            return "fltrust:gate" if self.gate else "fltrust:labels" if self.labels else "fltrust"
         rule = f"trimmed-mean:{self.trim:g}" if self.rule == "trimmed-mean" else self.rule
         return rule if self.clip is None else f"norm-clip:{self.clip:g}+{rule}"
 
@@ -339,3 +347,19 @@ def label_trust(logits: torch.Tensor, labels: torch.Tensor) -> float:
     target = target - target.mean(-1, keepdim=True)
     norm = float(log_p.norm() * target.norm())
     return max(0.0, min(1.0, float((log_p * target).sum()) / norm)) if norm > 0 else 0.0
+
+
+def label_movement_cosine(before: torch.Tensor, after: torch.Tensor, labels: torch.Tensor) -> float:
+    """How a model's [P, C] logits on a labelled set moved, scored against its [P] labels: the cosine in
+    [-1, 1] between the change of log probabilities (each floored at LOG_ODDS_FLOOR, so no one example's
+    collapse dominates) and the one-hot labels, both centred per row (a shift softmax ignores). > 0: the
+    step moved the predictions towards the labels on the whole; a label flipper's moves them away.
+    0 when nothing moved."""
+    def log_p(logits: torch.Tensor) -> torch.Tensor:
+        return logits.double().log_softmax(-1).clamp_min(LOG_ODDS_FLOOR)
+    moved = log_p(after) - log_p(before)
+    moved = moved - moved.mean(-1, keepdim=True)
+    target = torch.nn.functional.one_hot(labels.long(), before.shape[-1]).double()
+    target = target - target.mean(-1, keepdim=True)
+    norm = float(moved.norm() * target.norm())
+    return max(-1.0, min(1.0, float((moved * target).sum()) / norm)) if norm > 0 and math.isfinite(norm) else 0.0

@@ -7,7 +7,8 @@ client's data; its labels are the server's) and the server's update is the clien
 submodel, trainable blocks, teacher and start weights — so a width-scaled, depth-scaled or block-wise
 client is compared with exactly the step it was asked to take. The score and normalisation are
 `fl_app.aggregation.trust_normalised` (`fltrust:gate` also leaves out the layers that oppose the root's
-step); strategies then fold with the score as the update's weight. REFT's clients send predictions on the
+step; `fltrust:labels` refuses the updates that move the root set's predictions away from its labels,
+`fl_app.aggregation.label_movement_cosine`); strategies then fold with the score as the update's weight. REFT's clients send predictions on the
 root dataset itself, scored against its labels (`label_trust`).
 """
 
@@ -18,12 +19,13 @@ from typing import Any
 
 import torch
 
-from fl_app.aggregation import Aggregation, gate_weights, label_trust, layer_of, trust_normalised
+from fl_app.aggregation import (Aggregation, gate_weights, label_movement_cosine, label_trust, layer_of,
+                                trust_normalised)
 from fl_app.data import Batches
 from fl_app.job import Job, reply_state
 from fl_app.models import ModelSpec, build_model
 from fl_app.seeds import torch_generator
-from fl_app.training import TrainingDiverged, train
+from fl_app.training import TrainingDiverged, predict_logits, train
 from server_app.strategies.base import ClientUpdate, Federation, Strategy, TrainTask
 
 
@@ -38,6 +40,7 @@ def scored_updates(strategy: Strategy, federation: Federation, tasks: dict[int, 
     `label_trust`. Tasks with the same job, start weights and node example count share one root run.
     Returns (the updates, node id as text -> trust in [0, 1])."""
     roots: dict[Any, dict[str, torch.Tensor]] = {}
+    before: dict[Any, torch.Tensor] = {}  # fltrust:labels: the root set's logits at the job's start weights
     scored, scores = [], {}
     weighed: list[tuple[int, dict[str, float] | None]] = []  # (index in scored, layer cosines): weight updates
     labels = federation.public_labels()
@@ -55,10 +58,17 @@ def scored_updates(strategy: Strategy, federation: Federation, tasks: dict[int, 
                tuple(sorted((k, v.data_ptr()) for k, v in start.items())))
         if key not in roots:
             roots[key] = root_update(strategy, federation, task, start)
+            if aggregation.labels:  # the predictions every update of this job moves from
+                before[key] = root_set_logits(federation, task.job.model, start)
         trust, tensors, cosines = trust_normalised(start, update.tensors, roots[key], aggregation.gate)
+        movement = (label_movement_cosine(before[key], root_set_logits(federation, task.job.model,
+                                                                       {**start, **tensors}), labels)
+                    if aggregation.labels else None)  # fltrust:labels: <= 0 moves them away from the labels
+        if movement is not None and movement <= 0:
+            trust = 0.0
         scores[str(update.node_id)] = round(trust, 4)
         weighed.append((len(scored), cosines))
-        scored.append(replace(update, tensors=tensors, trust=trust))
+        scored.append(replace(update, tensors=tensors, trust=trust, label_movement=movement))
     if aggregation.gate:  # the round's weight updates weighed together, layer by layer
         held = [scored[i] for i, _ in weighed]
         weights = gate_weights([u.trust for u in held], [c for _, c in weighed], [u.tensors for u in held])
@@ -79,6 +89,20 @@ def gated_layers(updates: list[ClientUpdate]) -> dict[str, list[str]]:
         if layers:
             gated[str(update.node_id)] = layers
     return gated
+
+
+def root_set_logits(federation: Federation, spec: ModelSpec, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The [P, C] logits of the model `spec` at `weights` on the root dataset (the public slice, in the
+    order of `Federation.public_labels`), in eval mode."""
+    public = federation.public_batches(federation.public_labels())
+    return predict_logits(_built(spec, weights), federation.dataset.normalize(public.x))
+
+
+def label_refused(updates: list[ClientUpdate]) -> dict[str, float]:
+    """Under fltrust:labels, node id as text -> the cosine (`fl_app.aggregation.label_movement_cosine`) of
+    each update refused because it moved the root set's predictions away from its labels. Empty otherwise."""
+    return {str(u.node_id): round(u.label_movement, 4) for u in updates
+            if u.label_movement is not None and u.label_movement <= 0}
 
 
 def root_update(strategy: Strategy, federation: Federation, task: TrainTask,

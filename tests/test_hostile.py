@@ -205,11 +205,15 @@ def test_the_round_record_names_the_layers_the_gate_left_out_of_a_trusted_update
     assert gated_layers([ClientUpdate(2, None, flipper, 10, {}, 0.5)]) == {}  # plain fltrust: no gate
 
 
-def test_fltrust_gate_is_parsed_and_described_and_other_arguments_refused():
+def test_fltrust_gate_and_labels_are_parsed_and_described_and_other_arguments_refused():
     assert Aggregation.parse("fltrust:gate") == Aggregation(trust=True, gate=True)
-    assert Aggregation.parse("fltrust:gate").describe() == "fltrust:gate"
-    with pytest.raises(AggregationError, match="fltrust or fltrust:gate"):
+    assert Aggregation.parse("fltrust:labels") == Aggregation(trust=True, labels=True)
+    for text in ("fltrust:gate", "fltrust:labels"):
+        assert Aggregation.parse(text).describe() == text
+    with pytest.raises(AggregationError, match="fltrust, fltrust:gate or fltrust:labels"):
         Aggregation.parse("fltrust:layer")
+    with pytest.raises(AggregationError, match="write aggregation = 'fltrust:labels'"):
+        Aggregation.parse("fltrust:labels+median")
 
 
 def test_an_update_of_weight_zero_holds_nothing_under_any_rule():
