@@ -433,7 +433,7 @@ def run_round(grid: Grid, strategy: Strategy, federation: Federation, writer: Re
     record["aggregate_refused"] = refused
     record["trust"] = trust  # node id -> FLTrust score in [0, 1]; None without fltrust
     record["gated_layers"] = gated_layers(updates)  # fltrust:gate: node id -> layers given weight 0
-    record["label_refused"] = label_refused(updates)  # fltrust:labels: node id -> its label-movement cosine
+    record["label_refused"] = label_refused(updates)  # fltrust:labels: node id -> {change, standard_error}
     if refused and not refused["outlier_norm_ratio"] > STANDS_OUT:  # no attacker to blame: the training itself
         raise RoundFailed(f"round {server_round}: the aggregate of the valid replies is unsound ({refused['reason']}) "
                           f"and no update stands out (the largest norm is {refused['outlier_norm_ratio']:.3g} x the "

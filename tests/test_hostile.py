@@ -12,7 +12,8 @@ from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDic
 
 from client_app.faults import HUGE, Fault, FaultConfigError
 from experiments.inprocess import InProcessGrid
-from fl_app.aggregation import (Aggregation, AggregationError, fold_logits, fold_states, gate_weights, label_trust,
+from fl_app.aggregation import (Aggregation, AggregationError, fold_logits, fold_states, gate_weights,
+                                label_probability_change, label_trust,
                                 trust_normalised)
 from fl_app.config import ConfigError, RunConfig
 from fl_app.job import Job
@@ -243,6 +244,41 @@ def test_reft_predictions_are_trusted_by_their_agreement_with_the_root_labels():
     flipped = torch.nn.functional.one_hot(2 - labels, 3).float() * 1e4
     assert label_trust(flipped, labels) == 0.0
     assert label_trust(torch.zeros(4, 3), labels) == 0.0  # says nothing: no weight
+
+
+def test_label_probability_change_is_the_mean_change_of_the_labels_probability_with_its_standard_error():
+    labels = torch.tensor([0, 1, 2, 0])
+    before = torch.zeros(4, 3)  # every label at probability 1/3
+    towards = before + math.log(2) * torch.nn.functional.one_hot(labels, 3)  # the label's probability: 1/2
+    change, error = label_probability_change(before, towards, labels)
+    assert change == pytest.approx(1 / 2 - 1 / 3) and error == pytest.approx(0.0, abs=1e-12)
+    away = before + math.log(2) * torch.nn.functional.one_hot((labels + 1) % 3, 3)  # the label's: 1/4
+    assert label_probability_change(before, away, labels)[0] == pytest.approx(1 / 4 - 1 / 3)
+    mixed = torch.cat([towards[:2], away[2:]])
+    change, error = label_probability_change(before, mixed, labels)
+    assert change == pytest.approx((2 * (1 / 6) - 2 * (1 / 12)) / 4)
+    assert error == pytest.approx(torch.tensor([1 / 6, 1 / 6, -1 / 12, -1 / 12]).std().item() / 2)
+    assert label_probability_change(before, before + 5.0, labels) == (0.0, 0.0)  # a shift: the same predictions
+    assert label_probability_change(before[:0], before[:0], labels[:0]) == (0.0, 0.0)
+
+
+def test_under_fltrust_labels_a_label_flipper_is_refused_while_fltrust_alone_trusts_it(tmp_path):
+    """Node 4 of 4 trains on flipped labels. Its body learns features like everyone's, so FLTrust's
+    cosine with the server's step is > 0 in some round; one local step along its update gives the root
+    set's labels less probability, so fltrust:labels refuses it once the model has learned something to
+    unlearn: here from round 3, after rounds 1-2 took the model from chance to 0.37 (trust 0, the fall
+    recorded under label_refused). No honest node is refused."""
+    overrides = {**FAST, "num-server-rounds": 4, "max-client-examples": 200, "public-size": 200}
+    plain, _ = run(tmp_path / "plain", node_config={4: {"fault": "labelflip"}}, aggregation="fltrust", **overrides)
+    checked, _ = run(tmp_path / "checked", node_config={4: {"fault": "labelflip"}}, aggregation="fltrust:labels",
+                     **overrides)
+    assert any(r["trust"]["4"] > 0 for r in plain["rounds"]) and not any(r["label_refused"] for r in plain["rounds"])
+    assert all(set(r["label_refused"]) <= {"4"} for r in checked["rounds"])
+    for r in checked["rounds"][2:]:
+        assert r["trust"]["4"] == 0.0 and "4" in r["label_refused"]
+        fall = r["label_refused"]["4"]
+        assert fall["change"] < -2 * fall["standard_error"] < 0
+        assert max(v for n, v in r["trust"].items() if n != "4") > 0
 
 
 def test_reft_under_fltrust_keeps_its_teacher_when_no_client_beats_chance(tmp_path):

@@ -71,7 +71,7 @@ class ClientUpdate:
     metrics: dict[str, float]
     trust: float | None = None  # FLTrust's score in [0, 1] (`server_app.trust`), when aggregation scores updates
     fold_weights: dict[str, float] | None = None  # fltrust:gate: tensor name -> its fold weight in [0, 1]
-    label_movement: float | None = None  # fltrust:labels: cosine in [-1, 1], <= 0 refused (`server_app.trust`)
+    label_shift: tuple[float, float] | None = None  # fltrust:labels: (mean, standard error) (`server_app.trust`)
 
     @property
     def fold_weight(self) -> Weight:
