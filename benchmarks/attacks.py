@@ -2,7 +2,7 @@
 
     nice -n 10 python benchmarks/attacks.py run      # the grid, resumable: finished cells are skipped
     python benchmarks/attacks.py table               # the table of what finished
-    python benchmarks/attacks.py seeds --seeds 0,1,2 --defence fltrust,fltrust:gate   # changes paired over seeds
+    python benchmarks/attacks.py seeds --seeds 0,1,2 --defence fltrust,fltrust:labels   # changes paired over seeds
     python benchmarks/attacks.py run --seeds 1,2 --strategies exclusivefl   # the same cells at other seeds
     python benchmarks/attacks.py run --workers 15    # cells side by side in 15 processes
 
@@ -125,8 +125,8 @@ def run(defences: list[str], strategies: list[str], scenarios: list[str], seeds:
     attacked cells under `mean` unless `undefended`), in `workers` processes (spawned), each writing its
     cell when done, so a run cut short keeps every finished cell. Every cell trains on one thread
     (`CELL_THREADS`) however many workers run: the summation order changes with the thread count, and an
-    8-round run's final accuracy with it (ExclusiveFL, two flippers, fltrust:gate, seed 0: 0.866 on two
-    threads, 0.783 on one)."""
+    8-round run's final accuracy with it (ExclusiveFL, two flippers, seed 0, under a since removed
+    per-layer gate on FLTrust: 0.866 on two threads, 0.783 on one)."""
     cells.mkdir(parents=True, exist_ok=True)
     todo = [(strategy, scenario, aggregation, seed) for seed in seeds for defence in defences
             for strategy, scenario, aggregation in grid(defence, strategies)

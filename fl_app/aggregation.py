@@ -23,14 +23,6 @@
                            REFT's replies are predictions on the root dataset itself, so their trust is
                            the cosine between their log probabilities and the labels (`label_trust`),
                            each row floored at LOG_ODDS_FLOOR as under clipping
-    fltrust:gate           fltrust, and a layer (the tensors of one module: a convolution's weight, a
-                           BatchNorm's weight, bias and statistics) whose movement points against the
-                           server's gets weight 0, unless every trusted update opposes the server
-                           there (our extension; `gate_weights`). A label
-                           flipper's body moves like the server's step while its classifier opposes
-                           it: one score for the whole update let the classifier in at the body's
-                           trust. It never gives an update more weight than fltrust. REFT's logits are
-                           scored as under fltrust
     fltrust:labels         fltrust, and an update that lowers the probability its submodel gives the
                            root dataset's labels (on average over the root set, by more than
                            LABEL_CHECK_Z standard errors; `label_probability_change`) gets trust 0
@@ -52,7 +44,7 @@ FedRolex's channels, DepthFL's held tensors) and `fold_logits` (REFT's ensemble,
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -79,14 +71,13 @@ class Aggregation:
     trim: float = 0.0
     clip: float | None = None
     trust: bool = False
-    gate: bool = False
     labels: bool = False
 
     @staticmethod
     @lru_cache(maxsize=32)
     def parse(text: str) -> Aggregation:
         """`"norm-clip:2+median"` -> Aggregation("median", clip=2.0); AggregationError naming the fix."""
-        rule, trim, clip, trust, gate, labels, written = None, 0.0, None, False, False, False, ""
+        rule, trim, clip, trust, labels, written = None, 0.0, None, False, False, ""
         for part in (p.strip() for p in text.split("+")):
             name, _, arg = part.partition(":")
             try:
@@ -94,8 +85,8 @@ class Aggregation:
                     clip = float(arg) if arg else DEFAULT_CLIP_FACTOR
                     if not (math.isfinite(clip) and clip > 0):
                         raise ValueError("the clip factor must be a finite number > 0")
-                elif name == "fltrust" and not trust and arg in ("", "gate", "labels"):
-                    trust, gate, labels, written = True, arg == "gate", arg == "labels", part
+                elif name == "fltrust" and not trust and arg in ("", "labels"):
+                    trust, labels, written = True, arg == "labels", part
                 elif name in RULES and rule is None:
                     if (name == "trimmed-mean") != bool(arg):
                         raise ValueError("trimmed-mean takes a fraction (trimmed-mean:0.1); the others take none")
@@ -108,12 +99,12 @@ class Aggregation:
             except ValueError as exc:
                 raise AggregationError(f"aggregation = {text!r}: {exc}; valid: mean, median, trimmed-mean:<f>, "
                                        "norm-clip[:<factor>], norm-clip joined to a rule by '+' (e.g. "
-                                       "norm-clip:2+median), fltrust, fltrust:gate or fltrust:labels") from exc
+                                       "norm-clip:2+median), fltrust or fltrust:labels") from exc
         if trust and (rule or clip):
             raise AggregationError(f"aggregation = {text!r}: fltrust is a rule of its own (its fold is the "
                                    "trust-weighted mean of normalised updates); write aggregation = "
                                    f"{written!r}")
-        return Aggregation(rule or "mean", trim, clip, trust, gate, labels)
+        return Aggregation(rule or "mean", trim, clip, trust, labels)
 
     def clip_scales(self, distances: torch.Tensor) -> torch.Tensor:
         """[n] distances (float64, >= 0) -> [n] factors in (0, 1] that bring each to at most `clip` x their
@@ -152,16 +143,13 @@ class Aggregation:
 
     def describe(self) -> str:
         if self.trust:
-            return "fltrust:gate" if self.gate else "fltrust:labels" if self.labels else "fltrust"
+            return "fltrust:labels" if self.labels else "fltrust"
         rule = f"trimmed-mean:{self.trim:g}" if self.rule == "trimmed-mean" else self.rule
         return rule if self.clip is None else f"norm-clip:{self.clip:g}+{rule}"
 
 
-Weight = float | Mapping[str, float]  # one fold weight for a whole update, or one per tensor name
-
-
 def fold_states(reference: Mapping[str, torch.Tensor], updates: Sequence[Mapping[str, torch.Tensor]],
-                weights: Sequence[Weight], aggregation: Aggregation,
+                weights: Sequence[float], aggregation: Aggregation,
                 index: Sequence[Mapping[str, Index]] | None = None) -> dict[str, torch.Tensor]:
     """`reference` (the current global state) with each tensor some update holds replaced by the fold of
     the updates holding it; what no update holds keeps its value. Returns every name of `reference`.
@@ -173,14 +161,9 @@ def fold_states(reference: Mapping[str, torch.Tensor], updates: Sequence[Mapping
     clipped for holding more; where all hold the whole model this is the distance up to one factor.
     Integer tensors (BatchNorm's batch counter) take the maximum over holders. Float results are cast
     back to the reference's dtype. An update of weight 0 holds nothing. With fltrust the weights are
-    trust scores and the rule is the mean: their weighted mean (`server_app.trust`); with fltrust:gate
-    weights[i] maps each tensor name to its weight.
+    trust scores and the rule is the mean: their weighted mean (`server_app.trust`).
     Shapes: those of `reference`."""
     index = index or [{} for _ in updates]
-
-    def weight(i: int, name: str) -> float:
-        w = weights[i]
-        return float(w.get(name, 0.0)) if isinstance(w, Mapping) else float(w)
 
     reference64: dict[str, torch.Tensor] = {}  # each reference tensor in float64, made once
 
@@ -202,7 +185,7 @@ def fold_states(reference: Mapping[str, torch.Tensor], updates: Sequence[Mapping
               if aggregation.clip is not None else torch.ones(len(updates), dtype=torch.float64))
     out = dict(reference)
     for name, ref in reference.items():
-        holders = [i for i, u in enumerate(updates) if name in u and weight(i, name) > 0]
+        holders = [i for i, u in enumerate(updates) if name in u and weights[i] > 0]
         if not holders:
             continue
         if not ref.is_floating_point():
@@ -218,7 +201,7 @@ def fold_states(reference: Mapping[str, torch.Tensor], updates: Sequence[Mapping
                 stack[row][index[i][name]] = moved
             else:
                 stack[row] = moved
-        folded = aggregation.fold(stack, torch.tensor([weight(i, name) for i in holders], dtype=torch.float64))
+        folded = aggregation.fold(stack, torch.tensor([float(weights[i]) for i in holders], dtype=torch.float64))
         folded = torch.where(folded.isnan(), ref.double(), folded)
         if name.endswith("running_var"):  # a variance is >= 0; a negative one (only an attacker's update
             folded = folded.clamp_min(0.0)  # makes one) turns every output of its BatchNorm NaN
@@ -245,8 +228,7 @@ def fold_logits(logits: Sequence[torch.Tensor], weights: Sequence[float], aggreg
 
 
 def trust_normalised(start: Mapping[str, torch.Tensor], update: Mapping[str, torch.Tensor],
-                     root: Mapping[str, torch.Tensor], per_layer: bool = False
-                     ) -> tuple[float, dict[str, torch.Tensor], dict[str, float] | None]:
+                     root: Mapping[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
     """FLTrust's score and normalisation of one update (Cao et al., NDSS 2021, Alg. 1, lines 8-10).
 
     `start`: the weights the client's job started from; `update`: what it sent; `root`: what the
@@ -260,61 +242,22 @@ def trust_normalised(start: Mapping[str, torch.Tensor], update: Mapping[str, tor
     root whose 100 images differ more, blew up a FedAvg run on MNIST (0.96 -> 0.18 in one round).
     A movement or root movement of zero gives trust 0.
 
-    Returns (trust in [0, 1], the normalised update, each tensor in its own dtype, and with `per_layer`
-    (for fltrust:gate, `gate_weights`) each layer's cosine with the root's movement in [-1, 1] (layer:
-    `layer_of`; 0 where either moved nothing), else None)."""
+    Returns (trust in [0, 1], the normalised update, each tensor in its own dtype)."""
     floats = [k for k, t in update.items() if t.is_floating_point()]
     learned = [k for k in floats if not k.endswith(STATISTICS)]
     measured = [k for k in floats if k.endswith(STATISTICS)]
     g = {k: update[k].double() - start[k].double() for k in floats}
     g0 = {k: root[k].double() - start[k].double() for k in floats}
-    cosines = _layer_cosines(g, g0, learned) if per_layer else None
     trust, ratio = max(0.0, _cosine(g, g0, learned)), _ratio(g, g0, learned)
     if ratio is None:  # nothing learned moved (or the root did not): trusted with nothing
-        return 0.0, dict(update), cosines
+        return 0.0, dict(update)
     # Statistics are measured, not stepped: bounded by the root's movement, never scaled up.
     size, size0 = _norm(g, measured), _norm(g0, measured)
     bound = min(1.0, size0 / size) if 0 < size < math.inf else 0.0
     scaled = dict(update)
     scaled |= {k: (start[k].double() + ratio * g[k]).to(update[k].dtype) for k in learned}
     scaled |= {k: (start[k].double() + bound * g[k]).to(update[k].dtype) for k in measured}
-    return trust, scaled, cosines
-
-
-def gate_weights(trusts: Sequence[float], cosines: Sequence[Mapping[str, float]],
-                 names: Sequence[Iterable[str]]) -> list[dict[str, float]]:
-    """fltrust:gate's fold weights (our extension of FLTrust): update i's tensor -> its weight.
-
-    trusts[i]: update i's FLTrust score; cosines[i]: its layers' cosines with the root's movement
-    (`trust_normalised(per_layer=True)`); names[i]: its tensor names. A layer of a trusted update whose
-    movement opposes the root's (cosine <= 0) gets weight 0 for that layer's tensors, as long as some
-    trusted update moves with the root's step on that layer: a label flipper's classifier opposes the
-    root's while its body follows it, and one score for the whole update let that classifier in at the
-    body's trust. Where every trusted update moves against the root on a layer, the root's 100-image step
-    is the odd one out there (all five honest clients' BatchNorm opposed it in a FedAvg round on full
-    MNIST; gating them all froze the layer and cost 0.8 points) and the layer keeps FLTrust's weights.
-    A rule by trusted majority per layer was tried and dropped: its attack cells equalled this rule's,
-    and where a layer has few trusted holders a flipper's trust could outweigh theirs. No weight ever
-    exceeds the update's FLTrust score, so everything FLTrust bounds stays bounded."""
-    backed = {layer for trust, layer_cosines in zip(trusts, cosines) if trust > 0
-              for layer, cosine in layer_cosines.items() if cosine > 0}  # some trusted update moves with the root
-    return [{k: 0.0 if layer_of(k) in backed and layer_cosines.get(layer_of(k), 1.0) <= 0 else trust
-             for k in tensor_names}
-            for trust, layer_cosines, tensor_names in zip(trusts, cosines, names)]
-
-
-def _layer_cosines(g: Mapping[str, torch.Tensor], g0: Mapping[str, torch.Tensor],
-                   names: Sequence[str]) -> dict[str, float]:
-    """Each layer's (`layer_of`) cosine between the movements g and g0 over its tensors among `names`."""
-    layers: dict[str, list[str]] = {}
-    for k in names:
-        layers.setdefault(layer_of(k), []).append(k)
-    return {layer: _cosine(g, g0, tensors) for layer, tensors in layers.items()}
-
-
-def layer_of(name: str) -> str:
-    """The layer (module) a state tensor belongs to: `blocks.2.0.conv.weight` -> `blocks.2.0.conv`."""
-    return name.rpartition(".")[0]
+    return trust, scaled
 
 
 def _norm(moves: Mapping[str, torch.Tensor], names: Sequence[str]) -> float:

@@ -50,7 +50,7 @@ from server_app.verify import agreed_partitions, check_partitions
 from server_app.strategies import STRATEGIES
 from server_app.strategies.base import ClientUpdate, Device, Federation, Strategy, StrategySetupError, TrainTask
 from server_app.strategies.profl import ProFL
-from server_app.trust import RootStepDiverged, gated_layers, label_refused, scored_updates
+from server_app.trust import RootStepDiverged, label_refused, scored_updates
 
 app = ServerApp()
 
@@ -432,7 +432,6 @@ def run_round(grid: Grid, strategy: Strategy, federation: Federation, writer: Re
                           time.perf_counter() - started, unavailable)
     record["aggregate_refused"] = refused
     record["trust"] = trust  # node id -> FLTrust score in [0, 1]; None without fltrust
-    record["gated_layers"] = gated_layers(updates)  # fltrust:gate: node id -> layers given weight 0
     record["label_refused"] = label_refused(updates)  # fltrust:labels: node id -> {change, standard_error}
     if refused and not refused["outlier_norm_ratio"] > STANDS_OUT:  # no attacker to blame: the training itself
         raise RoundFailed(f"round {server_round}: the aggregate of the valid replies is unsound ({refused['reason']}) "

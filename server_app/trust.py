@@ -6,10 +6,10 @@ the server's own update on that data points. Here the root dataset is the public
 client's data; its labels are the server's) and the server's update is the client's own job — the same
 submodel, trainable blocks, teacher and start weights — so a width-scaled, depth-scaled or block-wise
 client is compared with exactly the step it was asked to take. The score and normalisation are
-`fl_app.aggregation.trust_normalised` (`fltrust:gate` also leaves out the layers that oppose the root's
-step; `fltrust:labels` refuses the updates that lower the probability of the root set's labels,
-`fl_app.aggregation.label_probability_change`); strategies then fold with the score as the update's weight. REFT's clients send predictions on the
-root dataset itself, scored against its labels (`label_trust`).
+`fl_app.aggregation.trust_normalised`; strategies then fold with the score as the update's weight. REFT's
+clients send predictions on the root dataset itself, scored against its labels (`label_trust`).
+`fltrust:labels` also refuses an update one local step along which gives the root set's labels less
+probability (`label_shift`; our extension).
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from typing import Any
 
 import torch
 
-from fl_app.aggregation import (LABEL_CHECK_Z, Aggregation, gate_weights, label_probability_change, label_trust, layer_of,
-                                trust_normalised)
+from fl_app.aggregation import LABEL_CHECK_Z, Aggregation, label_probability_change, label_trust, trust_normalised
 from fl_app.data import Batches
 from fl_app.job import Job, reply_state
 from fl_app.models import ModelSpec, build_model
@@ -42,7 +41,6 @@ def scored_updates(strategy: Strategy, federation: Federation, tasks: dict[int, 
     roots: dict[Any, dict[str, torch.Tensor]] = {}
     before: dict[Any, torch.Tensor] = {}  # fltrust:labels: the root set's logits at the job's start weights
     scored, scores = [], {}
-    weighed: list[tuple[int, dict[str, float] | None]] = []  # (index in scored, layer cosines): weight updates
     labels = federation.public_labels()
     aggregation = Aggregation.parse(federation.config.aggregation)
     for update in updates:
@@ -60,35 +58,25 @@ def scored_updates(strategy: Strategy, federation: Federation, tasks: dict[int, 
             roots[key] = root_update(strategy, federation, task, start)
             if aggregation.labels:  # the predictions every update of this job moves from
                 before[key] = root_set_logits(federation, task.job.model, start)
-        trust, tensors, cosines = trust_normalised(start, update.tensors, roots[key], aggregation.gate)
-        shift = (label_probability_change(before[key], root_set_logits(
-                     federation, task.job.model, one_local_step(task, start, update.tensors, device)), labels)
-                 if aggregation.labels else None)  # fltrust:labels: a significant fall is refused
+        trust, tensors = trust_normalised(start, update.tensors, roots[key])
+        shift = label_shift(federation, task, start, update.tensors, before[key]) if aggregation.labels else None
         if shift is not None and label_refusal(shift):
             trust = 0.0
         scores[str(update.node_id)] = round(trust, 4)
-        weighed.append((len(scored), cosines))
         scored.append(replace(update, tensors=tensors, trust=trust, label_shift=shift))
-    if aggregation.gate:  # the round's weight updates weighed together, layer by layer
-        held = [scored[i] for i, _ in weighed]
-        weights = gate_weights([u.trust for u in held], [c for _, c in weighed], [u.tensors for u in held])
-        for (i, _), w in zip(weighed, weights):
-            scored[i] = replace(scored[i], fold_weights=w)
     return scored, scores
 
 
-def gated_layers(updates: list[ClientUpdate]) -> dict[str, list[str]]:
-    """Under fltrust:gate, node id as text -> the layers (`layer_of`) of its update given weight 0
-    although the update as a whole was trusted (trust > 0), sorted; nodes with none are left out.
-    Empty without the gate."""
-    gated = {}
-    for update in updates:
-        if update.fold_weights is None or not update.trust:
-            continue
-        layers = sorted({layer_of(k) for k, w in update.fold_weights.items() if w == 0})
-        if layers:
-            gated[str(update.node_id)] = layers
-    return gated
+def label_shift(federation: Federation, task: TrainTask, start: dict[str, torch.Tensor],
+                sent: dict[str, torch.Tensor], before: torch.Tensor) -> tuple[float, float]:
+    """fltrust:labels's measurement of one reply: (mean, standard error) of the change in the probability
+    the job's submodel gives the root set's labels (`label_probability_change`), from `before` (its
+    [P, C] logits at `start`) to one local step along `sent` (`one_local_step`). ProFL's mimic jobs are
+    measured against the labels too: their target is the server's own teacher, whose predictions the
+    labels judge."""
+    step = one_local_step(task, start, sent, federation.device(task.node_id))
+    return label_probability_change(before, root_set_logits(federation, task.job.model, step),
+                                    federation.public_labels())
 
 
 def one_local_step(task: TrainTask, start: dict[str, torch.Tensor], update: dict[str, torch.Tensor],

@@ -12,9 +12,8 @@ from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDic
 
 from client_app.faults import HUGE, Fault, FaultConfigError
 from experiments.inprocess import InProcessGrid
-from fl_app.aggregation import (Aggregation, AggregationError, fold_logits, fold_states, gate_weights,
-                                label_probability_change, label_trust,
-                                trust_normalised)
+from fl_app.aggregation import (Aggregation, AggregationError, fold_logits, fold_states, label_probability_change,
+                                label_trust, trust_normalised)
 from fl_app.config import ConfigError, RunConfig
 from fl_app.job import Job
 from fl_app.models import ModelSpec
@@ -23,8 +22,7 @@ from fl_app.training import TrainConfig, TrainingDiverged
 from server_app.rounds import run_train_tasks
 from server_app.server_app import RoundFailed
 from server_app.strategies import STRATEGIES
-from server_app.strategies.base import ClientUpdate, TrainTask
-from server_app.trust import gated_layers
+from server_app.strategies.base import TrainTask
 from server_app.verify import node_text, payload_bytes
 from tests.test_federation import run
 
@@ -119,7 +117,7 @@ def test_fltrust_weights_an_update_by_its_alignment_with_the_servers_step_and_gi
             "bn.num_batches_tracked": torch.tensor(5)}
     honest = {"w": torch.tensor([3.0, 3.0, 3.0, -3.0]), "bn.running_var": torch.full((2,), 5.0),
               "bn.num_batches_tracked": torch.tensor(5)}
-    trust, scaled, _ = trust_normalised(start, honest, root)
+    trust, scaled = trust_normalised(start, honest, root)
     assert trust == pytest.approx(6 / (6 * math.sqrt(2)))  # cos between (3, 3, 3, -3) and (1, 1, 0, 0)
     assert scaled["w"].norm().item() == pytest.approx(math.sqrt(2))  # the server's step, not the client's
     assert torch.allclose(scaled["bn.running_var"], torch.full((2,), 2.0))  # statistics: to the root's movement
@@ -149,70 +147,12 @@ def test_fltrust_leaves_batchnorm_statistics_out_of_the_cosine():
     assert trust_normalised(start, flipped, root)[0] == 0.0
 
 
-def test_fltrust_gate_keeps_the_whole_updates_score_and_norm_but_refuses_layers_against_the_roots_step():
-    """fltrust:gate never gives an update more weight than fltrust: the same score and rescaling, and a
-    layer whose movement opposes the server's (a label flipper's classifier) gets none."""
-    start = {"body.weight": torch.zeros(3), "head.weight": torch.zeros(2), "bn.running_mean": torch.zeros(1)}
-    root = {"body.weight": torch.tensor([3.0, 4.0, 0.0]), "head.weight": torch.tensor([1.0, 0.0]),
-            "bn.running_mean": torch.ones(1)}
-    flipper = {"body.weight": torch.tensor([6.0, 8.0, 0.0]), "head.weight": torch.tensor([-1.0, 0.0]),
-               "bn.running_mean": torch.ones(1)}
-    honest = {"body.weight": torch.tensor([3.0, 4.0, 1.0]), "head.weight": torch.tensor([1.0, 1.0]),
-              "bn.running_mean": torch.ones(1)}
-    whole, whole_scaled, none = trust_normalised(start, flipper, root)
-    trust, scaled, cosines = trust_normalised(start, flipper, root, per_layer=True)
-    assert none is None and trust == pytest.approx(whole) and 0 < trust < 1
-    assert all(torch.equal(scaled[k], whole_scaled[k]) for k in flipper)  # fltrust's own normalisation
-    assert cosines == {"body": pytest.approx(1.0), "head": pytest.approx(-1.0)}  # statistics: out of it
-    honest_trust, honest_scaled, honest_cosines = trust_normalised(start, honest, root, per_layer=True)
-    weights = gate_weights([trust, honest_trust], [cosines, honest_cosines], [flipper, honest])
-    assert weights[0] == {"body.weight": pytest.approx(trust), "head.weight": 0.0,
-                          "bn.running_mean": pytest.approx(trust)}
-    assert weights[1] == dict.fromkeys(honest, pytest.approx(honest_trust))
-    folded = fold_states(start, [scaled, honest_scaled], weights, Aggregation.parse("fltrust:gate"))
-    assert torch.equal(folded["head.weight"], honest_scaled["head.weight"])  # the flipper's classifier: no weight
-    assert not torch.equal(folded["body.weight"], honest_scaled["body.weight"])  # its body: its trust
-
-
-def test_fltrust_gate_keeps_fltrusts_weights_on_a_layer_where_every_trusted_update_opposes_the_roots_step():
-    """Clients that all move against a 100-image root step on one layer are not all cut out of it (which
-    would freeze the layer): there the root is the odd one out, and the layer keeps each update's FLTrust
-    score. One trusted update moving with the root is enough to gate the others on that layer, however
-    much trust they hold together."""
-    names = [["body.weight", "bn.weight"]] * 3
-    unanimous = gate_weights([0.5, 0.4, 0.3], [{"body": 0.6, "bn": -0.3}, {"body": 0.5, "bn": -0.4},
-                                               {"body": 0.4, "bn": -0.2}], names)
-    assert [w["bn.weight"] for w in unanimous] == [0.5, 0.4, 0.3]
-    backed = gate_weights([0.5, 0.4, 0.3], [{"bn": -0.3}, {"bn": -0.2}, {"bn": 0.1}], [["bn.weight"]] * 3)
-    assert [w["bn.weight"] for w in backed] == [0.0, 0.0, 0.3]
-    untrusted = gate_weights([0.0, 0.4], [{"bn": 0.5}, {"bn": -0.2}], [["bn.weight"]] * 2)
-    assert [w["bn.weight"] for w in untrusted] == [0.0, 0.4]  # an update trusted with nothing backs nothing
-
-
-def test_the_round_record_names_the_layers_the_gate_left_out_of_a_trusted_update():
-    """`gated_layers`: per node, the layers of a trusted update whose weight the gate set to 0; an update
-    trusted with nothing (trust 0) is out whole and not listed, nor is one without a gated layer."""
-    start = {"body.weight": torch.zeros(3), "head.weight": torch.zeros(2), "head.bias": torch.zeros(2)}
-    root = {"body.weight": torch.tensor([3.0, 4.0, 0.0]), "head.weight": torch.tensor([1.0, 0.0]),
-            "head.bias": torch.tensor([1.0, 0.0])}
-    flipper = {"body.weight": torch.tensor([6.0, 8.0, 0.0]), "head.weight": torch.tensor([-1.0, 0.0]),
-               "head.bias": torch.tensor([-1.0, 0.0])}
-    flipped = {k: -v for k, v in root.items()}
-    scored = [trust_normalised(start, tensors, root, per_layer=True) for tensors in (root, flipper, flipped)]
-    weights = gate_weights([t for t, _, _ in scored], [c for _, _, c in scored], [root] * 3)
-    updates = [ClientUpdate(n, None, scaled, 10, {}, trust, w)
-               for n, (trust, scaled, _), w in zip((1, 2, 3), scored, weights)]
-    assert gated_layers(updates) == {"2": ["head"]}
-    assert gated_layers([ClientUpdate(2, None, flipper, 10, {}, 0.5)]) == {}  # plain fltrust: no gate
-
-
-def test_fltrust_gate_and_labels_are_parsed_and_described_and_other_arguments_refused():
-    assert Aggregation.parse("fltrust:gate") == Aggregation(trust=True, gate=True)
+def test_fltrust_labels_is_parsed_and_described_and_other_arguments_refused():
     assert Aggregation.parse("fltrust:labels") == Aggregation(trust=True, labels=True)
-    for text in ("fltrust:gate", "fltrust:labels"):
-        assert Aggregation.parse(text).describe() == text
-    with pytest.raises(AggregationError, match="fltrust, fltrust:gate or fltrust:labels"):
-        Aggregation.parse("fltrust:layer")
+    assert Aggregation.parse("fltrust:labels").describe() == "fltrust:labels"
+    for dropped in ("fltrust:layer", "fltrust:gate"):  # tried, measured no better than fltrust, removed
+        with pytest.raises(AggregationError, match="fltrust or fltrust:labels"):
+            Aggregation.parse(dropped)
     with pytest.raises(AggregationError, match="write aggregation = 'fltrust:labels'"):
         Aggregation.parse("fltrust:labels+median")
 

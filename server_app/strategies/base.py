@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from fl_app.aggregation import Aggregation, Weight, fold_states
+from fl_app.aggregation import Aggregation, fold_states
 from fl_app.config import RunConfig
 from fl_app.cost import ModelCost, Workload, model_cost
 from fl_app.data import Batches, Dataset, split_public
@@ -70,15 +70,11 @@ class ClientUpdate:
     num_examples: int
     metrics: dict[str, float]
     trust: float | None = None  # FLTrust's score in [0, 1] (`server_app.trust`), when aggregation scores updates
-    fold_weights: dict[str, float] | None = None  # fltrust:gate: tensor name -> its fold weight in [0, 1]
     label_shift: tuple[float, float] | None = None  # fltrust:labels: (mean, standard error) (`server_app.trust`)
 
     @property
-    def fold_weight(self) -> Weight:
-        """This update's weight in the fold: per tensor under fltrust:gate, its FLTrust score when scored,
-        else its example count."""
-        if self.fold_weights is not None:
-            return self.fold_weights
+    def fold_weight(self) -> float:
+        """This update's weight in the fold: its FLTrust score when scored, else its example count."""
         return float(self.num_examples) if self.trust is None else self.trust
 
 
@@ -403,7 +399,7 @@ def nobody_fits(strategy: str, what: str, left_out: dict[int, str]) -> str:
     return f"{strategy}: no device can train {what}; closest, node {node}: {reason}"
 
 
-def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[Weight],
+def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float],
                      reference: dict[str, torch.Tensor], aggregation: str = "mean") -> dict[str, torch.Tensor]:
     """Fold whole-tensor states held by every client into `reference` (the current global state, the
     origin of clipping) by run-config `aggregation` (`fl_app.aggregation`; "mean": the `weights`-weighted

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from fl_app.aggregation import Aggregation, Weight, fold_states
+from fl_app.aggregation import Aggregation, fold_states
 from fl_app.cost import ModelCost
 from fl_app.job import Job
 from fl_app.models import ModelSpec, build_model, num_blocks
@@ -106,7 +106,7 @@ class DepthFL(GlobalModelStrategy):
 
 
 def average_held(state: dict[str, torch.Tensor], updates: list[dict[str, torch.Tensor]],
-                 weights: list[Weight], aggregation: str = "mean") -> dict[str, torch.Tensor]:
+                 weights: list[float], aggregation: str = "mean") -> dict[str, torch.Tensor]:
     """`state` with every tensor replaced by the fold (run-config `aggregation`, `fl_app.aggregation`;
     "mean": the `weights`-weighted average) of the updates that hold it (float tensors; integer
     counters such as BatchNorm's batch count take the maximum); a tensor that no update with examples
