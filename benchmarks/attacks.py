@@ -5,6 +5,8 @@
     python benchmarks/attacks.py seeds --seeds 0,1,2 --defence fltrust,fltrust:labels   # changes paired over seeds
     python benchmarks/attacks.py run --seeds 1,2 --strategies exclusivefl   # the same cells at other seeds
     python benchmarks/attacks.py run --workers 15    # cells side by side in 15 processes
+    python benchmarks/attacks.py run --dirichlet-alpha 0.5 --cells benchmarks/results/attacks_dirichlet0.5 \
+        --scenarios "clean,2 labelflippers" --defence fltrust,fltrust:labels   # label-skewed clients
 
 Real MNIST (/work/shared/data), cnn, 10 in-process nodes x 300 training images, 8 rounds, seed 0 (`--seeds`), the
 default device mix; every cell is a full run of the ServerApp's round loop against the real ClientApp
@@ -71,10 +73,13 @@ def scenarios_of(strategy: str) -> list[str]:
     return [s for s in SCENARIOS if s != "adversarial-logits" or strategy == "reft"]
 
 
-def run_cell(strategy: str, scenario: str, aggregation: str, seed: int = 0, data_dir: str = DATA) -> dict:
-    """One full in-process run; its final accuracy, rounds refused and replies rejected."""
+def run_cell(strategy: str, scenario: str, aggregation: str, seed: int = 0, data_dir: str = DATA,
+             dirichlet_alpha: float | None = None) -> dict:
+    """One full in-process run; its final accuracy, rounds refused and replies rejected. With
+    `dirichlet_alpha`, the clients' data is label-skewed (run-config `partition = "dirichlet"`)."""
+    skew = {"partition": "dirichlet", "dirichlet-alpha": dirichlet_alpha} if dirichlet_alpha is not None else {}
     with tempfile.TemporaryDirectory() as out:
-        config = {**BASE, "data-dir": data_dir, "strategy": strategy, "aggregation": aggregation,
+        config = {**BASE, **skew, "data-dir": data_dir, "strategy": strategy, "aggregation": aggregation,
                   "output-dir": out, "run-name": "run", "seed": seed}
         grid = InProcessGrid(config, NODES, node_config={n: {"fault": f} for n, f in SCENARIOS[scenario].items()})
         started = time.perf_counter()
@@ -86,9 +91,10 @@ def run_cell(strategy: str, scenario: str, aggregation: str, seed: int = 0, data
         results = load_results(Path(out) / "run")
     rounds = results.get("rounds", [])
     return {"strategy": strategy, "scenario": scenario, "aggregation": aggregation, "seed": seed,
-            "final_accuracy": rounds[-1]["accuracy"] if rounds else None, "rounds": len(rounds),
+            "dirichlet_alpha": dirichlet_alpha, "final_accuracy": rounds[-1]["accuracy"] if rounds else None, "rounds": len(rounds),
             "refused_rounds": sum(1 for r in rounds if r.get("aggregate_refused")),
             "rejected_replies": sum(r.get("rejected", 0) for r in rounds),
+            "label_refused": sum(len(r.get("label_refused") or {}) for r in rounds),
             "status": results.get("status"), "error": error, "seconds": round(time.perf_counter() - started, 1),
             "code": _commit()}
 
@@ -120,7 +126,8 @@ def grid(defence: str, strategies: list[str]) -> list[tuple[str, str, str]]:
 
 
 def run(defences: list[str], strategies: list[str], scenarios: list[str], seeds: list[int], workers: int = 1,
-        undefended: bool = True, cells: Path = CELLS, data_dir: str = DATA) -> None:
+        undefended: bool = True, cells: Path = CELLS, data_dir: str = DATA, dirichlet_alpha: float | None = None
+        ) -> None:
     """Every cell of `grid` not yet written under `cells`, for each seed and defence in turn (without the
     attacked cells under `mean` unless `undefended`), in `workers` processes (spawned), each writing its
     cell when done, so a run cut short keeps every finished cell. Every cell trains on one thread
@@ -136,12 +143,14 @@ def run(defences: list[str], strategies: list[str], scenarios: list[str], seeds:
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max(1, workers), mp_context=context, initializer=torch.set_num_threads,
                              initargs=(CELL_THREADS,)) as pool:
-        for future in as_completed([pool.submit(_write_cell, *cell, cells, data_dir) for cell in todo]):
+        for future in as_completed([pool.submit(_write_cell, *cell, cells, data_dir, dirichlet_alpha)
+                                    for cell in todo]):
             future.result()
 
 
-def _write_cell(strategy: str, scenario: str, aggregation: str, seed: int, cells: Path, data_dir: str) -> None:
-    result = run_cell(strategy, scenario, aggregation, seed, data_dir)
+def _write_cell(strategy: str, scenario: str, aggregation: str, seed: int, cells: Path, data_dir: str,
+                dirichlet_alpha: float | None) -> None:
+    result = run_cell(strategy, scenario, aggregation, seed, data_dir, dirichlet_alpha)
     cell_path(strategy, scenario, aggregation, seed, cells).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result), flush=True)
 
@@ -160,7 +169,7 @@ def table(defences: list[str], strategies: list[str], seed: int = 0, cells: Path
 
     columns = ["mean", *defences]
     print(f"final accuracy after {BASE['num-server-rounds']} rounds: real MNIST, cnn, {NODES} nodes x "
-          f"{BASE['max-client-examples']} images, test-size {BASE['test-size']}, seed {seed}, "
+          f"{BASE['max-client-examples']} images ({_split(cells)}), test-size {BASE['test-size']}, seed {seed}, "
           "default device mix;")
     print(f"each cell '{' / '.join(columns)}' (aggregation); attacker node 10, flippers 9-10")
     print("* some round's aggregate was refused as unsound (previous model kept); ! the run stopped early; -- not run")
@@ -191,7 +200,7 @@ def seed_table(defences: list[str], strategies: list[str], seeds: list[int], cel
         return f"{sum(points) / len(points):+5.1f} [{min(points):+5.1f}, {max(points):+5.1f}] {len(points)}"
 
     print(f"change in final accuracy (points) against the same seed's clean run under the same aggregation "
-          f"(clean: against mean),\nseeds {','.join(map(str, seeds))}: mean [min, max] and the number of seeds "
+          f"(clean: against mean), {_split(cells)},\nseeds {','.join(map(str, seeds))}: mean [min, max] and the number of seeds "
           "with both cells")
     rows = [["strategy", "scenario", *defences]]
     rows += [[strategy, scenario, *(change(strategy, scenario, d) for d in defences)]
@@ -205,6 +214,12 @@ def _print_rows(rows: list[list[str]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+
+
+def _split(cells: Path) -> str:
+    """How the cells' clients' data was split, from the first cell: IID, or Dirichlet label skew."""
+    alpha = next((json.loads(p.read_text()).get("dirichlet_alpha") for p in sorted(cells.glob("*.json"))), None)
+    return "IID" if alpha is None else f"Dirichlet label skew, alpha {alpha:g}"
 
 
 def _code_versions(cells: Path, seeds: list[int]) -> str:
@@ -247,6 +262,8 @@ def main() -> None:
                         help="run: leave out the attacked cells under aggregation mean (no defence)")
     parser.add_argument("--cells", type=Path, default=CELLS, help=f"the cells' folder (default: {CELLS})")
     parser.add_argument("--data-dir", default=DATA, help=f"MNIST's folder (default: {DATA})")
+    parser.add_argument("--dirichlet-alpha", type=float, default=None,
+                        help="run: label-skewed clients (Dirichlet, this alpha) instead of IID; give their own --cells")
     args = parser.parse_args()
     strategies, defences = args.strategies.split(","), args.defence.split(",")
     problem = _bad_argument(defences, strategies, args.scenarios.split(","))
@@ -257,8 +274,11 @@ def main() -> None:
     if problem:  # before any cell runs: a typo would otherwise write "failed" cells or a table of "--"
         parser.exit(2, f"error: {problem}\n")
     if args.part == "run":
+        if args.dirichlet_alpha is not None and args.cells == CELLS:
+            parser.exit(2, "error: --dirichlet-alpha: give the skewed cells their own folder, e.g. --cells "
+                           "benchmarks/results/attacks_dirichlet0.5 (the IID tables read the default one)\n")
         run(defences, strategies, args.scenarios.split(","), seeds, args.workers, not args.skip_undefended,
-            args.cells, args.data_dir)
+            args.cells, args.data_dir, args.dirichlet_alpha)
     elif args.part == "table":
         table(defences, strategies, seeds[0], args.cells)
     else:
