@@ -155,8 +155,10 @@ def _write_cell(strategy: str, scenario: str, aggregation: str, seed: int, cells
     print(json.dumps(result), flush=True)
 
 
-def table(defences: list[str], strategies: list[str], seed: int = 0, cells: Path = CELLS) -> None:
-    """One row per strategy, one column per scenario; each cell 'mean / defence 1 / defence 2 ...'."""
+def table(defences: list[str], strategies: list[str], seed: int = 0, cells: Path = CELLS,
+          markdown: bool = False) -> None:
+    """One row per strategy, one column per scenario; each cell 'mean / defence 1 / defence 2 ...'; `markdown`:
+    the rows as a Markdown table (the README's)."""
     def cell(strategy: str, scenario: str, aggregation: str) -> str:
         path = cell_path(strategy, scenario, aggregation, seed, cells)
         if not path.exists():
@@ -178,14 +180,16 @@ def table(defences: list[str], strategies: list[str], seed: int = 0, cells: Path
     for strategy in strategies:
         rows.append([strategy] + [" / ".join(cell(strategy, sc, a) for a in columns)
                                   if sc in scenarios_of(strategy) else "n/a" for sc in SCENARIOS])
-    _print_rows(rows)
+    _print_rows(rows, markdown)
     print(_code_versions(cells, [seed]))
 
 
-def seed_table(defences: list[str], strategies: list[str], seeds: list[int], cells: Path = CELLS) -> None:
+def seed_table(defences: list[str], strategies: list[str], seeds: list[int], cells: Path = CELLS,
+               markdown: bool = False) -> None:
     """Paired over seeds: each scenario's final accuracy minus the same seed's clean run under the same
     aggregation (the clean row: the defence minus `mean`), in points, as 'mean [min, max] n' over the
-    seeds that have both cells."""
+    seeds that have both cells; `markdown`: one row per strategy, one column per scenario, each cell
+    'mean (min)' per defence, joined by ' / '."""
     def accuracy(strategy: str, scenario: str, aggregation: str, seed: int) -> float | None:
         """None when the cell was not run; a run the attack stopped before any round counts as 0."""
         path = cell_path(strategy, scenario, aggregation, seed, cells)
@@ -197,20 +201,36 @@ def seed_table(defences: list[str], strategies: list[str], seeds: list[int], cel
         points = [100 * (a - b) for a, b in pairs if a is not None and b is not None]
         if not points:
             return "--"
-        return f"{sum(points) / len(points):+5.1f} [{min(points):+5.1f}, {max(points):+5.1f}] {len(points)}"
+        mean = sum(points) / len(points)
+        if markdown:
+            return f"{mean:+.1f} ({min(points):+.1f})"
+        return f"{mean:+5.1f} [{min(points):+5.1f}, {max(points):+5.1f}] {len(points)}"
 
     print(f"change in final accuracy (points) against the same seed's clean run under the same aggregation "
-          f"(clean: against mean), {_split(cells)},\nseeds {','.join(map(str, seeds))}: mean [min, max] and the number of seeds "
-          "with both cells")
-    rows = [["strategy", "scenario", *defences]]
-    rows += [[strategy, scenario, *(change(strategy, scenario, d) for d in defences)]
-             for strategy in strategies for scenario in scenarios_of(strategy)]
-    _print_rows(rows)
+          f"(clean: against mean), {_split(cells)},\nseeds {','.join(map(str, seeds))}: "
+          + ("mean (worst seed), each cell '" + " / ".join(defences) + "'" if markdown
+             else "mean [min, max] and the number of seeds with both cells"))
+    if markdown:
+        rows = [["strategy", *SCENARIOS]]
+        rows += [[strategy, *(" / ".join(change(strategy, sc, d) for d in defences) if sc in scenarios_of(strategy)
+                              else "n/a" for sc in SCENARIOS)] for strategy in strategies]
+    else:
+        rows = [["strategy", "scenario", *defences]]
+        rows += [[strategy, scenario, *(change(strategy, scenario, d) for d in defences)]
+                 for strategy in strategies for scenario in scenarios_of(strategy)]
+    _print_rows(rows, markdown)
     print(_code_versions(cells, seeds))
 
 
-def _print_rows(rows: list[list[str]]) -> None:
-    """Rows of text cells, each column padded to its widest cell."""
+def _print_rows(rows: list[list[str]], markdown: bool = False) -> None:
+    """Rows of text cells, each column padded to its widest cell; `markdown`: a Markdown table, the first row its
+    header."""
+    if markdown:
+        for i, r in enumerate(rows):
+            print("| " + " | ".join(v.strip() for v in r) + " |")
+            if i == 0:
+                print("|" + "---|" * len(r))
+        return
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
@@ -262,6 +282,7 @@ def main() -> None:
                         help="run: leave out the attacked cells under aggregation mean (no defence)")
     parser.add_argument("--cells", type=Path, default=CELLS, help=f"the cells' folder (default: {CELLS})")
     parser.add_argument("--data-dir", default=DATA, help=f"MNIST's folder (default: {DATA})")
+    parser.add_argument("--markdown", action="store_true", help="table, seeds: print a Markdown table")
     parser.add_argument("--dirichlet-alpha", type=float, default=None,
                         help="run: label-skewed clients (Dirichlet, this alpha) instead of IID; give their own --cells")
     args = parser.parse_args()
@@ -280,9 +301,9 @@ def main() -> None:
         run(defences, strategies, args.scenarios.split(","), seeds, args.workers, not args.skip_undefended,
             args.cells, args.data_dir, args.dirichlet_alpha)
     elif args.part == "table":
-        table(defences, strategies, seeds[0], args.cells)
+        table(defences, strategies, seeds[0], args.cells, args.markdown)
     else:
-        seed_table(defences, strategies, seeds, args.cells)
+        seed_table(defences, strategies, seeds, args.cells, args.markdown)
 
 
 if __name__ == "__main__":

@@ -478,3 +478,26 @@ def test_a_label_flipper_trains_on_flipped_labels_and_is_accepted(tmp_path):
     """labelflip sends an honest-looking update: it passes every check (only aggregation can bound it)."""
     results, _ = run(tmp_path, node_config={4: {"fault": "labelflip"}}, **FAST)
     assert all(c["participated"] for r in results["rounds"] for c in r["clients"])
+
+
+# --- 5. the attack benchmark's tables ----------------------------------------------------------------------
+
+def test_the_attack_benchmarks_seed_table_pairs_each_cell_with_its_seeds_clean_run_and_prints_markdown(
+        tmp_path, capsys):
+    """`attacks.py seeds --markdown` (the README's table): per strategy and scenario, the change against the same
+    seed's clean run under the same aggregation, as 'mean (worst seed)' in points; the clean column against mean."""
+    import json
+
+    from benchmarks.attacks import cell_path, seed_table
+    accuracies = {("clean", "mean", 0): 0.90, ("clean", "fltrust", 0): 0.92, ("signflip", "fltrust", 0): 0.91,
+                  ("clean", "mean", 1): 0.80, ("clean", "fltrust", 1): 0.80, ("signflip", "fltrust", 1): 0.70}
+    for (scenario, aggregation, seed), accuracy in accuracies.items():
+        cell_path("fedavg", scenario, aggregation, seed, tmp_path).write_text(
+            json.dumps({"final_accuracy": accuracy, "code": "abc1234"}))
+    seed_table(["fltrust"], ["fedavg"], [0, 1], tmp_path, markdown=True)
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| strategy |"))
+    assert lines[header + 1].startswith("|---|")
+    row = dict(zip(lines[header].split(" | "), lines[header + 2].split(" | ")))
+    assert row["clean"] == "+1.0 (+0.0)" and row["signflip"] == "-5.5 (-10.0)" and row["replacement"] == "--"
+    assert row["adversarial-logits"] == "n/a" and lines[-1] == "cells ran at: abc1234 (6)"
