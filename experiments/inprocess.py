@@ -8,7 +8,6 @@ the tests use it; the real engines are covered by the slow end-to-end tests.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
 

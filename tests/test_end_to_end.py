@@ -1,6 +1,5 @@
 """End to end: the real `flwr run` simulation engine, and real MNIST. Slow; CI runs them."""
 
-import json
 
 import pytest
 

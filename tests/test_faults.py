@@ -1,7 +1,6 @@
 """Surviving real devices, in-process: deadlines, retries, nodes that leave and join, bad replies,
 checkpoints and resume. The same faults on the real deployment engine are in test_fault_suite.py."""
 
-import json
 import os
 
 import pytest

@@ -1,6 +1,5 @@
 """The round loop against the real ClientApp, in-process: what a run records and refuses."""
 
-import json
 
 import pytest
 import torch

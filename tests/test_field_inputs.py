@@ -2,7 +2,6 @@
 ImageFolder leftovers, models whose BatchNorm would see one value per channel, more nodes than
 test examples. Each bad input is refused with one clear DataError before any training, or handled."""
 
-import json
 import warnings
 
 import numpy as np

@@ -8,10 +8,8 @@ SuperNode whose node config names its profile enforces that memory budget whatev
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import pytest
-import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 import client_app.client_app as ca

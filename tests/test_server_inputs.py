@@ -3,7 +3,6 @@ nodes without data are left out after the device query, problems the server can 
 any node is asked, identical node errors are one line, a run that stops before training leaves a
 results.json that says so, and the console says who was left out and why."""
 
-import json
 import logging
 
 import numpy as np
