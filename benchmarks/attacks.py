@@ -156,7 +156,7 @@ def _write_cell(strategy: str, scenario: str, aggregation: str, seed: int, cells
 
 
 def table(defences: list[str], strategies: list[str], seed: int = 0, cells: Path = CELLS,
-          markdown: bool = False) -> None:
+          markdown: bool = False, scenarios: list[str] | None = None) -> None:
     """One row per strategy, one column per scenario; each cell 'mean / defence 1 / defence 2 ...'; `markdown`:
     the rows as a Markdown table (the README's)."""
     def cell(strategy: str, scenario: str, aggregation: str) -> str:
@@ -175,17 +175,17 @@ def table(defences: list[str], strategies: list[str], seed: int = 0, cells: Path
           "default device mix;")
     print(f"each cell '{' / '.join(columns)}' (aggregation); attacker node 10, flippers 9-10")
     print("* some round's aggregate was refused as unsound (previous model kept); ! the run stopped early; -- not run")
-    header = ["strategy"] + [s for s in SCENARIOS]
-    rows = [header]
+    shown = [sc for sc in SCENARIOS if scenarios is None or sc in scenarios]
+    rows = [["strategy", *shown]]
     for strategy in strategies:
         rows.append([strategy] + [" / ".join(cell(strategy, sc, a) for a in columns)
-                                  if sc in scenarios_of(strategy) else "n/a" for sc in SCENARIOS])
+                                  if sc in scenarios_of(strategy) else "n/a" for sc in shown])
     _print_rows(rows, markdown)
     print(_code_versions(cells, [seed]))
 
 
 def seed_table(defences: list[str], strategies: list[str], seeds: list[int], cells: Path = CELLS,
-               markdown: bool = False) -> None:
+               markdown: bool = False, scenarios: list[str] | None = None) -> None:
     """Paired over seeds: each scenario's final accuracy minus the same seed's clean run under the same
     aggregation (the clean row: the defence minus `mean`), in points, as 'mean [min, max] n' over the
     seeds that have both cells; `markdown`: one row per strategy, one column per scenario, each cell
@@ -210,14 +210,15 @@ def seed_table(defences: list[str], strategies: list[str], seeds: list[int], cel
           f"(clean: against mean), {_split(cells)},\nseeds {','.join(map(str, seeds))}: "
           + ("mean (worst seed), each cell '" + " / ".join(defences) + "'" if markdown
              else "mean [min, max] and the number of seeds with both cells"))
+    shown = [sc for sc in SCENARIOS if scenarios is None or sc in scenarios]
     if markdown:
-        rows = [["strategy", *SCENARIOS]]
+        rows = [["strategy", *shown]]
         rows += [[strategy, *(" / ".join(change(strategy, sc, d) for d in defences) if sc in scenarios_of(strategy)
-                              else "n/a" for sc in SCENARIOS)] for strategy in strategies]
+                              else "n/a" for sc in shown)] for strategy in strategies]
     else:
         rows = [["strategy", "scenario", *defences]]
         rows += [[strategy, scenario, *(change(strategy, scenario, d) for d in defences)]
-                 for strategy in strategies for scenario in scenarios_of(strategy)]
+                 for strategy in strategies for scenario in scenarios_of(strategy) if scenario in shown]
     _print_rows(rows, markdown)
     print(_code_versions(cells, seeds))
 
@@ -274,7 +275,7 @@ def main() -> None:
     parser.add_argument("--defence", default=default_run_config()["aggregation"],
                         help="the defences' aggregations, comma-separated (default: the run config's)")
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated (default: all)")
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="run only these (comma-separated)")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="run (table, seeds: show) only these (comma-separated)")
     parser.add_argument("--seeds", "--seed", default="0",
                         help="the runs' seeds (data split, devices, training), comma-separated; table: the first")
     parser.add_argument("--workers", type=int, default=1, help="run: cells side by side in this many processes")
@@ -301,9 +302,9 @@ def main() -> None:
         run(defences, strategies, args.scenarios.split(","), seeds, args.workers, not args.skip_undefended,
             args.cells, args.data_dir, args.dirichlet_alpha)
     elif args.part == "table":
-        table(defences, strategies, seeds[0], args.cells, args.markdown)
+        table(defences, strategies, seeds[0], args.cells, args.markdown, args.scenarios.split(","))
     else:
-        seed_table(defences, strategies, seeds, args.cells, args.markdown)
+        seed_table(defences, strategies, seeds, args.cells, args.markdown, args.scenarios.split(","))
 
 
 if __name__ == "__main__":

@@ -501,3 +501,5 @@ def test_the_attack_benchmarks_seed_table_pairs_each_cell_with_its_seeds_clean_r
     row = dict(zip(lines[header].split(" | "), lines[header + 2].split(" | ")))
     assert row["clean"] == "+1.0 (+0.0)" and row["signflip"] == "-5.5 (-10.0)" and row["replacement"] == "--"
     assert row["adversarial-logits"] == "n/a" and lines[-1] == "cells ran at: abc1234 (6)"
+    seed_table(["fltrust"], ["fedavg"], [0, 1], tmp_path, markdown=True, scenarios=["signflip", "clean"])
+    assert "| strategy | clean | signflip |" in capsys.readouterr().out.splitlines()
