@@ -29,7 +29,10 @@
                            (our extension; FLTrust's server already holds those labels). A label
                            flipper's body moves like the server's step, so its FLTrust cosine stays > 0
                            (up to 0.28 for DepthFL on MNIST), while its predictions move away from the
-                           labels. REFT's logits are scored as under fltrust
+                           labels. REFT's logits are scored as under fltrust. Not the default: on
+                           label-skewed clients (Dirichlet 0.5) it refuses honest updates too, and
+                           costs FedRolex 6 points of clean accuracy against fltrust
+                           (benchmarks/results/attacks_dirichlet0.5.txt)
     norm-clip:2+median     clipping combined with mean, median or trimmed mean ('+' joins them, in either order)
 
 Median and trimmed mean count every client of weight > 0 once (order statistics are unweighted): a client
