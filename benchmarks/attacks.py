@@ -5,8 +5,8 @@
     python benchmarks/attacks.py seeds --seeds 0,1,2 --defence fltrust,fltrust:labels   # changes paired over seeds
     python benchmarks/attacks.py run --seeds 1,2 --strategies exclusivefl   # the same cells at other seeds
     python benchmarks/attacks.py run --workers 15    # cells side by side in 15 processes
-    python benchmarks/attacks.py run --dirichlet-alpha 0.5 --cells benchmarks/results/attacks_dirichlet0.5 \
-        --scenarios "clean,2 labelflippers" --defence fltrust,fltrust:labels   # label-skewed clients
+    python benchmarks/attacks.py run --dirichlet-alpha 0.5 --defence fltrust,fltrust:labels
+        --cells benchmarks/results/attacks_dirichlet0.5 --scenarios "clean,2 labelflippers"   # label skew
 
 Real MNIST (/work/shared/data), cnn, 10 in-process nodes x 300 training images, 8 rounds, seed 0 (`--seeds`), the
 default device mix; every cell is a full run of the ServerApp's round loop against the real ClientApp
@@ -17,7 +17,7 @@ attackers no weight at best leaves: where they are a large part of the devices h
 model, that is below the clean run).
 Each cell runs with `aggregation = mean` (no defence) and with the defence (`--defence`, default: the
 run config's default `aggregation`). Results: one small JSON per cell under benchmarks/results/attacks/
-(with the commit it ran at), the tables in benchmarks/results/attacks.txt. Every cell trains on one
+(with the commit it ran at); `table` and `seeds` print the tables (committed in benchmarks/results/attacks.txt). Every cell trains on one
 thread: an 8-round run's final accuracy moves with the summation order, so only cells run alike compare.
 """
 
@@ -202,8 +202,9 @@ def seed_table(defences: list[str], strategies: list[str], seeds: list[int], cel
         if not points:
             return "--"
         mean = sum(points) / len(points)
-        if markdown:
-            return f"{mean:+.1f} ({min(points):+.1f})"
+        if markdown:  # a cell with fewer seeds than asked says so: its mean is not the others'
+            short = f", {len(points)} of {len(seeds)} seeds" if len(points) < len(seeds) else ""
+            return f"{mean:+.1f} ({min(points):+.1f}{short})"
         return f"{mean:+5.1f} [{min(points):+5.1f}, {max(points):+5.1f}] {len(points)}"
 
     print(f"change in final accuracy (points) against the same seed's clean run under the same aggregation "
@@ -295,6 +296,9 @@ def main() -> None:
         problem = problem or f"--seeds: {args.seeds!r} is not a comma-separated list of integers (e.g. 0,1,2)"
     if problem:  # before any cell runs: a typo would otherwise write "failed" cells or a table of "--"
         parser.exit(2, f"error: {problem}\n")
+    if args.part != "run" and not any(args.cells.glob("*.json")):
+        parser.exit(2, f"error: --cells: no cells in {args.cells}; run them first (attacks.py run), or give the "
+                       f"folder they are in, e.g. {CELLS.relative_to(REPO)}\n")
     if args.part == "run":
         if args.dirichlet_alpha is not None and args.cells == CELLS:
             parser.exit(2, "error: --dirichlet-alpha: give the skewed cells their own folder, e.g. --cells "

@@ -67,8 +67,8 @@ class AggregationError(ValueError):
 @dataclass(frozen=True)
 class Aggregation:
     """A fold rule (`rule`, with `trim` for trimmed-mean), optional clipping at `clip` x the median norm,
-    and whether updates are first scored against the server's root update (`trust`, FLTrust), with the
-    layers that move against the root's step left out (`gate`)."""
+    whether updates are first scored against the server's root update (`trust`, FLTrust), and whether an
+    update that lowers the root labels' probability is refused (`labels`, fltrust:labels)."""
 
     rule: str = "mean"
     trim: float = 0.0

@@ -501,5 +501,15 @@ def test_the_attack_benchmarks_seed_table_pairs_each_cell_with_its_seeds_clean_r
     row = dict(zip(lines[header].split(" | "), lines[header + 2].split(" | ")))
     assert row["clean"] == "+1.0 (+0.0)" and row["signflip"] == "-5.5 (-10.0)" and row["replacement"] == "--"
     assert row["adversarial-logits"] == "n/a" and lines[-1] == "cells ran at: abc1234 (6)"
-    seed_table(["fltrust"], ["fedavg"], [0, 1], tmp_path, markdown=True, scenarios=["signflip", "clean"])
-    assert "| strategy | clean | signflip |" in capsys.readouterr().out.splitlines()
+    seed_table(["fltrust"], ["fedavg"], [0, 1, 2], tmp_path, markdown=True, scenarios=["signflip", "clean"])
+    out = capsys.readouterr().out.splitlines()
+    assert "| strategy | clean | signflip |" in out and "| fedavg | +1.0 (+0.0, 2 of 3 seeds) | " \
+        "-5.5 (-10.0, 2 of 3 seeds) |" in out
+
+
+def test_the_attack_benchmarks_tables_refuse_a_cells_folder_without_cells(tmp_path, monkeypatch, capsys):
+    from benchmarks.attacks import main
+    monkeypatch.setattr("sys.argv", ["attacks.py", "table", "--cells", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2 and f"no cells in {tmp_path}" in capsys.readouterr().err
