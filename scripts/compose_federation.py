@@ -110,6 +110,24 @@ def sh(cmd: list[str] | str, *, env: dict | None = None, timeout: float = 600, c
 
 # --------------------------------------------------------------------------------- engine and daemon
 
+def pick_compose(given: list[str] | None) -> list[str]:
+    """The compose command: `given`, else Compose v1's `docker-compose` where installed, else `docker compose`
+    where that plugin answers, else `docker-compose` (for `ensure_packages` to install). A `docker` client
+    alone proves no plugin: one without it reads `docker compose -p ...` as an unknown flag."""
+    if given:
+        return given
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    if shutil.which("docker"):
+        try:
+            probe = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True, timeout=30)
+            if probe.returncode == 0:
+                return ["docker", "compose"]
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return ["docker-compose"]
+
+
 def ensure_packages(compose: list[str]) -> None:
     """Docker's engine, Compose v1 and debootstrap from Debian's packages, if any is missing."""
     missing = [b for b in ("dockerd", "debootstrap", compose[0]) if shutil.which(b) is None]
@@ -444,7 +462,7 @@ def no_clientapp_started(results: dict) -> bool:
 def run_compose_federation(tls: bool = False, rounds: int = 2, compose: list[str] | None = None,
                            undersized: bool = True, timeout_s: float = 1800, keep_stack: bool = False) -> dict:
     """Everything in the module docstring; returns the summary (its `problems` empty if all passed)."""
-    compose = compose or (["docker-compose"] if shutil.which("docker-compose") else ["docker", "compose"])
+    compose = pick_compose(compose)
     t0 = time.monotonic()
     summary: dict = {"tls": tls, "rounds": rounds, "compose": " ".join(compose), "problems": []}
     # Root runs what this cache holds (dockerd's images, a rootfs): refuse one we do not own (root_cache.py).
@@ -561,7 +579,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python scripts/compose_federation.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tls", action="store_true", help="add docker-compose.tls.yml (TLS + node auth), 4 nodes")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--compose", default=None, help='compose command (default: docker-compose, else "docker compose")')
+    parser.add_argument("--compose", default=None, help="compose command (default: docker-compose if installed, "
+                        "else \"docker compose\" if that plugin answers, else docker-compose, installed)")
     parser.add_argument("--no-undersized", action="store_true", help="without the under-sized fifth node")
     parser.add_argument("--keep-stack", action="store_true", help="leave the stack and the daemon running")
     parser.add_argument("--json", type=Path, help="write the summary here")

@@ -527,3 +527,21 @@ def test_compose_restarts_supernodes_that_exit_cleanly():
     services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
     nodes = {name: s for name, s in services.items() if name.startswith("supernode-")}
     assert nodes and all(s.get("restart") in ("always", "unless-stopped") for s in nodes.values())
+
+
+@pytest.mark.parametrize("installed, plugin_answers, expected", [
+    ({"docker-compose", "docker"}, True, ["docker-compose"]),
+    ({"docker"}, True, ["docker", "compose"]),
+    ({"docker"}, False, ["docker-compose"]),  # a bare docker client: Compose v1 gets installed, not used blind
+    (set(), False, ["docker-compose"]),
+])
+def test_the_compose_command_is_one_that_answers_or_the_one_to_install(monkeypatch, installed, plugin_answers,
+                                                                         expected):
+    """A machine with only a `docker` client (no compose plugin) once made the CI run `docker compose -p ...`,
+    which that client reads as an unknown flag, after installing Compose v1 it then did not use."""
+    import scripts.compose_federation as cf
+    monkeypatch.setattr(cf.shutil, "which", lambda name: f"/usr/bin/{name}" if name in installed else None)
+    monkeypatch.setattr(cf.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0 if plugin_answers
+                                                                                            else 1, "", ""))
+    assert cf.pick_compose(None) == expected
+    assert cf.pick_compose(["podman-compose"]) == ["podman-compose"]
