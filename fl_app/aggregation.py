@@ -295,7 +295,6 @@ def label_trust(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return max(0.0, min(1.0, float((log_p * target).sum()) / norm)) if norm > 0 else 0.0
 
 
-
 LABEL_CHECK_Z = 2.0  # fltrust:labels refuses a fall of the labels' probability beyond this many standard errors
 
 
@@ -308,9 +307,9 @@ def label_probability_change(before: torch.Tensor, after: torch.Tensor, labels: 
     8 rounds; mean / standard error): two label flippers -6 to -40 from round 2 on (near 0 in round 1,
     before the model has learned anything to unlearn); honest clients of FedAvg, HeteroFL and ProFL
     beside them and ExclusiveFL's clean run -6.4 to +35, below -2 once in 206 updates (FedAvg's clean
-    run: 3 of 80). A cosine between log-probability
-    changes and the one-hot labels was tried first: near convergence it follows the wrong classes'
-    large log-probability swings, and it refused every honest FedAvg update from round 5 on.
+    run: 3 of 80). A cosine between log-probability changes and the one-hot labels was tried first: near
+    convergence it follows the wrong classes' large log-probability swings, and it refused every honest
+    FedAvg update from round 5 on.
     (0, 0) for an empty set."""
     if len(labels) == 0:
         return 0.0, 0.0

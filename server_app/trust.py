@@ -14,7 +14,7 @@ probability (`label_shift`; our extension).
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -43,6 +43,7 @@ def scored_updates(strategy: Strategy, federation: Federation, tasks: dict[int, 
     scored, scores = [], {}
     labels = federation.public_labels()
     aggregation = Aggregation.parse(federation.config.aggregation)
+    root_set = RootSet.of(federation, labels) if aggregation.labels else None
     for update in updates:
         task = tasks[update.node_id]
         if task.job.returns == "logits":  # predictions on the root dataset itself: scored by its labels
@@ -56,10 +57,10 @@ def scored_updates(strategy: Strategy, federation: Federation, tasks: dict[int, 
                tuple(sorted((k, v.data_ptr()) for k, v in start.items())))
         if key not in roots:
             roots[key] = root_update(strategy, federation, task, start)
-            if aggregation.labels:  # the predictions every update of this job moves from
-                before[key] = root_set_logits(federation, task.job.model, start)
+            if root_set:  # the predictions every update of this job moves from
+                before[key] = root_set.logits(task.job.model, start)
         trust, tensors = trust_normalised(start, update.tensors, roots[key])
-        shift = label_shift(federation, task, start, update.tensors, before[key]) if aggregation.labels else None
+        shift = label_shift(root_set, task, device, start, update.tensors, before[key]) if root_set else None
         if shift is not None and label_refusal(shift):
             trust = 0.0
         scores[str(update.node_id)] = round(trust, 4)
@@ -67,16 +68,32 @@ def scored_updates(strategy: Strategy, federation: Federation, tasks: dict[int, 
     return scored, scores
 
 
-def label_shift(federation: Federation, task: TrainTask, start: dict[str, torch.Tensor],
+@dataclass(frozen=True)
+class RootSet:
+    """The root dataset as fltrust:labels evaluates on it, derived once per round: the public slice's
+    normalised inputs `x` [P, C, H, W] and its labels [P] (the order of `Federation.public_labels`)."""
+
+    x: torch.Tensor
+    labels: torch.Tensor
+
+    @classmethod
+    def of(cls, federation: Federation, labels: torch.Tensor) -> RootSet:
+        return cls(federation.dataset.normalize(federation.public_batches(labels).x), labels)
+
+    def logits(self, spec: ModelSpec, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The [P, classes] logits of the model `spec` at `weights` on the root set, in eval mode."""
+        return predict_logits(_built(spec, weights), self.x)
+
+
+def label_shift(root_set: RootSet, task: TrainTask, device: Device | None, start: dict[str, torch.Tensor],
                 sent: dict[str, torch.Tensor], before: torch.Tensor) -> tuple[float, float]:
     """fltrust:labels's measurement of one reply: (mean, standard error) of the change in the probability
     the job's submodel gives the root set's labels (`label_probability_change`), from `before` (its
-    [P, C] logits at `start`) to one local step along `sent` (`one_local_step`). ProFL's mimic jobs are
-    measured against the labels too: their target is the server's own teacher, whose predictions the
-    labels judge."""
-    step = one_local_step(task, start, sent, federation.device(task.node_id))
-    return label_probability_change(before, root_set_logits(federation, task.job.model, step),
-                                    federation.public_labels())
+    [P, C] logits at `start`) to one local step along `sent` (`one_local_step`; `device`: the node's, for
+    its verified example count). ProFL's mimic jobs are measured against the labels too: their target is
+    the server's own teacher, whose predictions the labels judge."""
+    step = one_local_step(task, start, sent, device)
+    return label_probability_change(before, root_set.logits(task.job.model, step), root_set.labels)
 
 
 def one_local_step(task: TrainTask, start: dict[str, torch.Tensor], update: dict[str, torch.Tensor],
@@ -92,13 +109,6 @@ def one_local_step(task: TrainTask, start: dict[str, torch.Tensor], update: dict
     moved = {k: (start[k].double() + share * (t.double() - start[k].double())).to(t.dtype)
              for k, t in update.items() if t.is_floating_point()}
     return {**start, **moved}
-
-
-def root_set_logits(federation: Federation, spec: ModelSpec, weights: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The [P, C] logits of the model `spec` at `weights` on the root dataset (the public slice, in the
-    order of `Federation.public_labels`), in eval mode."""
-    public = federation.public_batches(federation.public_labels())
-    return predict_logits(_built(spec, weights), federation.dataset.normalize(public.x))
 
 
 def label_refusal(shift: tuple[float, float]) -> bool:
