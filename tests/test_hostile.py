@@ -500,7 +500,7 @@ def test_the_attack_benchmarks_seed_table_pairs_each_cell_with_its_seeds_clean_r
     assert lines[header + 1].startswith("|---|")
     row = dict(zip(lines[header].split(" | "), lines[header + 2].split(" | ")))
     assert row["clean"] == "+1.0 (+0.0)" and row["signflip"] == "-5.5 (-10.0)" and row["replacement"] == "--"
-    assert row["adversarial-logits"] == "n/a" and lines[-1] == "cells ran at: abc1234 (6)"
+    assert row["adversarial-logits"] == "n/a" and lines[-1] == "cells ran at: abc1234 (6); on: unrecorded (6)"
     seed_table(["fltrust"], ["fedavg"], [0, 1, 2], tmp_path, markdown=True, scenarios=["signflip", "clean"])
     out = capsys.readouterr().out.splitlines()
     assert "| strategy | clean | signflip |" in out and "| fedavg | +1.0 (+0.0, 2 of 3 seeds) | " \
